@@ -1,0 +1,34 @@
+#pragma once
+// Backend entry points, one block per op. Schemas: csrc/registration.cpp.
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace adaptdiff {
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index);
+at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index);
+
+at::Tensor scatter_tokens_cpu(const at::Tensor& base, const at::Tensor& index, const at::Tensor& src);
+at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& index, const at::Tensor& src);
+
+void indexed_linear__cpu(at::Tensor& out, const at::Tensor& index, const at::Tensor& x,
+                         const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+void indexed_linear__cuda(at::Tensor& out, const at::Tensor& index, const at::Tensor& x,
+                          const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+at::Tensor patch_scores_cpu(const at::Tensor& v, int64_t patch, c10::string_view metric);
+at::Tensor patch_scores_cuda(const at::Tensor& v, int64_t patch, c10::string_view metric);
+
+at::Tensor rel_l1_cpu(const at::Tensor& a, const at::Tensor& b);
+at::Tensor rel_l1_cuda(const at::Tensor& a, const at::Tensor& b);
+
+at::Tensor cosine_cpu(const at::Tensor& a, const at::Tensor& b);
+at::Tensor cosine_cuda(const at::Tensor& a, const at::Tensor& b);
+
+at::Tensor lincomb_cpu(at::TensorList tensors, at::ArrayRef<double> coeffs);
+at::Tensor lincomb_cuda(at::TensorList tensors, at::ArrayRef<double> coeffs);
+
+}  // namespace adaptdiff

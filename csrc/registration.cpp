@@ -1,0 +1,45 @@
+// The only TORCH_LIBRARY(adaptdiff, ...) of the project: every schema, grouped by pillar.
+// Kernels live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; each op's fake kernel and
+// autograd in python/adaptdiff/ops/<op>.py, which set_python_module points torch to.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#define ADAPTDIFF_DEF(m, op, schema) \
+  m.set_python_module("adaptdiff.ops." op).def(schema, {at::Tag::pt2_compliant_tag})
+
+TORCH_LIBRARY(adaptdiff, m) {
+  // Training-free acceleration: token selection (RAS), cache refill, fused reductions.
+  ADAPTDIFF_DEF(m, "gather_tokens", "gather_tokens(Tensor x, Tensor index) -> Tensor");
+  ADAPTDIFF_DEF(m, "scatter_tokens",
+                "scatter_tokens(Tensor base, Tensor index, Tensor src) -> Tensor");
+  ADAPTDIFF_DEF(m, "indexed_linear_",
+                "indexed_linear_(Tensor(a!) out, Tensor index, Tensor x, Tensor weight, "
+                "Tensor? bias=None) -> ()");
+  ADAPTDIFF_DEF(m, "patch_scores",
+                "patch_scores(Tensor v, int patch, str metric=\"std\") -> Tensor");
+  ADAPTDIFF_DEF(m, "rel_l1", "rel_l1(Tensor a, Tensor b) -> Tensor");
+  ADAPTDIFF_DEF(m, "cosine", "cosine(Tensor a, Tensor b) -> Tensor");
+  ADAPTDIFF_DEF(m, "lincomb", "lincomb(Tensor[] tensors, float[] coeffs) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "adaptdiff native library: importing it registers torch.ops.adaptdiff.*";
+  m.def("build_info", [] {
+    py::dict d;
+    d["torch_version"] = ADAPTDIFF_TORCH_VERSION;
+#ifdef ADAPTDIFF_WITH_CUDA
+    d["with_cuda"] = true;
+#else
+    d["with_cuda"] = false;
+#endif
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    return d;
+  });
+}

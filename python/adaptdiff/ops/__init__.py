@@ -1,0 +1,28 @@
+"""The adaptdiff ops: typed wrappers over ``torch.ops.adaptdiff.*``.
+
+Each wrapper takes ``impl="auto" | "kernel" | "reference"``; ``torch.ops.adaptdiff.<op>``
+is the same op without the choice. Importing this package registers the fake kernels
+and autograd formulas. :mod:`adaptdiff.ops.reference` holds the pure-torch references.
+"""
+
+from . import reference
+from ._common import Impl
+from .cosine import cosine
+from .gather_tokens import gather_tokens
+from .indexed_linear_ import indexed_linear_
+from .lincomb import lincomb
+from .patch_scores import patch_scores
+from .rel_l1 import rel_l1
+from .scatter_tokens import scatter_tokens
+
+__all__ = [
+    "Impl",
+    "cosine",
+    "gather_tokens",
+    "indexed_linear_",
+    "lincomb",
+    "patch_scores",
+    "reference",
+    "rel_l1",
+    "scatter_tokens",
+]
