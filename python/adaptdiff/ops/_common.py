@@ -42,7 +42,8 @@ def use_kernel(op: str, impl: str, device: torch.device) -> bool:
             )
         return True
     if KERNELS_DISABLED or not available:
-        log.debug("adaptdiff::%s: running the reference on %s", op, device.type)
+        if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
+            log.debug("adaptdiff::%s: running the reference on %s", op, device.type)
         return False
     return True
 

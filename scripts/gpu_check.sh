@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (one H100/H200, Python 3.12, torch >= 2.11 with CUDA, nvcc,
+# cmake, ninja, pytest; no network). Builds adaptdiff for sm_90, runs the test suite with its
+# CUDA cases, the CUDA op tests under compute-sanitizer, and the kernel benchmarks.
+# Everything lands in $OUT (default ./gpu-out); a short summary is printed last.
+#   usage: OUT=/some/dir bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+PY=${PYTHON:-python3}
+SITE=${ADAPTDIFF_GPU_SITE:-/tmp/adaptdiff-site}
+mkdir -p "$OUT"
+SECONDS=0
+status() { printf '%-28s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+
+{
+  nvidia-smi || true
+  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+  nvcc --version | tail -2
+} > "$OUT/env.txt" 2>&1
+status "device" "$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null || echo 'no GPU visible')"
+
+# 1. Build (16 cores there): a plain install into a private folder, no deps, no network.
+export MAX_JOBS=${MAX_JOBS:-16} CMAKE_BUILD_PARALLEL_LEVEL=${MAX_JOBS:-16}
+rm -rf "$SITE"
+if ADAPTDIFF_CUDA=ON ADAPTDIFF_CUDA_ARCHS=${ADAPTDIFF_CUDA_ARCHS:-90} \
+   "$PY" -m pip install --no-build-isolation --no-deps --no-index -v \
+   -Cbuild-dir=build/gpu --target "$SITE" . > "$OUT/build.log" 2>&1; then
+  status "build (sm_90)" "ok in ${SECONDS}s"
+else
+  status "build (sm_90)" "FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1
+fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+(cd /tmp && "$PY" -m adaptdiff.info) > "$OUT/info.txt" 2>&1
+
+# 2. Tests: the whole suite (CUDA cases run here), bounded in time.
+t0=$SECONDS
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests -x --timeout=120 -o addopts="" \
+  > "$OUT/tests.log" 2>&1
+status "tests" "$(tail -1 "$OUT/tests.log") ($((SECONDS - t0))s)"
+
+# 3. compute-sanitizer on the CUDA op tests (memcheck, racecheck) when the machine allows it.
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck; do
+    t0=$SECONDS
+    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider tests/ops -m cuda -k "matches_reference" \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    rc=$?
+    case $rc in
+      0) verdict="clean" ;;
+      99) verdict="FINDINGS (see sanitizer_$tool.log)" ;;
+      124) verdict="timed out" ;;
+      *) verdict="exit $rc (see sanitizer_$tool.log)" ;;
+    esac
+    status "compute-sanitizer $tool" "$verdict ($((SECONDS - t0))s)"
+  done
+else
+  status "compute-sanitizer" "not installed"
+fi
+
+# 4. Kernel benchmarks on the GPU, against the pure-torch references in the same process.
+t0=$SECONDS
+timeout 180 "$PY" -m benchmarks --device cuda --json "$OUT/bench_cuda.jsonl" > "$OUT/bench_cuda.txt" 2>&1
+status "benchmarks (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_cuda.txt"
+
+echo
+cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
+echo
+echo "== summary (${SECONDS}s) =="
+cat "$OUT/summary.txt"
