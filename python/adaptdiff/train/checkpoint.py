@@ -1,0 +1,285 @@
+"""Crash-safe checkpoints: safetensors weights plus a training-state file, written atomically.
+
+A checkpoint is a directory::
+
+    <out_dir>/step_0001000/
+        model.safetensors   the model's state dict
+        ema.safetensors     the EMA copy's state dict (absent when there is no EMA)
+        state.pt            optimiser, scheduler, step, RNG states, config, and the size and
+                            sha256 of both weight files
+    <out_dir>/latest        the name of the newest complete checkpoint
+
+Writing is atomic at two levels. The files are written and fsynced inside a temporary
+directory next to the target, which is then renamed into place, and the parent directory is
+fsynced; ``latest`` is replaced the classic way (temporary file in the same directory, fsync,
+rename, fsync the directory). A crash or an exception at any point leaves the previous
+checkpoint and ``latest`` untouched. Loading checks sizes and hashes, the safetensors headers
+and the names, shapes and dtypes against the model before anything is copied, so a truncated,
+corrupted or mismatched checkpoint raises :class:`CheckpointError` and never half-loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted or does not match the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic file-system primitives
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp_path)``: temporary file in the same directory, fsync,
+    rename over ``path``, fsync the directory. On any error the temporary file is removed and
+    ``path`` keeps its old content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_path(path.parent)
+
+
+def _write_safetensors(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    save_file(dict(state_dict), str(path))
+
+
+def _write_torch(path: Path, obj: Any) -> None:
+    torch.save(obj, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _for_safetensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights, views); give every later
+    # alias its own copy. Loading copies into the model, so tied weights stay tied.
+    out, seen = {}, set()
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model_state: Mapping[str, torch.Tensor],
+    train_state: dict[str, Any],
+    ema_state: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically and point ``<parent>/latest`` at it.
+
+    ``train_state`` must load with ``torch.load(weights_only=True)`` (tensors, numbers,
+    strings, lists, tuples, dicts). If ``path`` already exists it is replaced; during the swap
+    the old copy briefly sits next to it under a hidden name.
+    """
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = None
+    try:
+        tmp.mkdir()
+        files = {MODEL_FILE: model_state}
+        if ema_state is not None:
+            files[EMA_FILE] = ema_state
+        digests = {}
+        for name, state_dict in files.items():
+            _write_safetensors(tmp / name, _for_safetensors(state_dict))
+            _fsync_path(tmp / name)
+            digests[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        state = dict(train_state, format_version=FORMAT_VERSION, files=digests)
+        _write_torch(tmp / STATE_FILE, state)
+        _fsync_path(tmp / STATE_FILE)
+        _fsync_path(tmp)
+        if path.exists():
+            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_path(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    atomic_write(parent / LATEST_FILE, lambda p: p.write_text(path.name + "\n"))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory ``<out_dir>/latest`` names, or None when there is none."""
+    pointer = Path(out_dir) / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not name or "/" in name or not (Path(out_dir) / name).is_dir():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory")
+    return Path(out_dir) / name
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a checkpoint directory, else the one its ``latest`` names."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"no checkpoint at {path}: expected a directory holding {STATE_FILE} "
+        f"or an output directory holding '{LATEST_FILE}'"
+    )
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path / STATE_FILE} is truncated or corrupted and cannot be read ({e})"
+        ) from e
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / STATE_FILE} is not an adaptdiff training state "
+            f"(format_version {FORMAT_VERSION} expected)"
+        )
+    return state
+
+
+def _load_weights_file(path: Path, name: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    expected = state["files"].get(name)
+    file = path / name
+    if expected is None:
+        raise CheckpointError(f"checkpoint {path} has no {name}")
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(
+            f"{file} is {size} bytes, {expected['bytes']} were written: truncated or corrupted"
+        )
+    if _sha256(file) != expected["sha256"]:
+        raise CheckpointError(f"{file} does not match the sha256 recorded at save: corrupted")
+    try:
+        return load_file(str(file))
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} cannot be read as safetensors ({e})") from e
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, ema: bool = True
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Read and verify a checkpoint: returns (directory, model_state, ema_state, train_state).
+
+    ``path`` is a checkpoint directory or an output directory (its ``latest`` is followed).
+    Nothing is applied to any model here; see :func:`check_matches` and :func:`load_weights`.
+    """
+    path = resolve_checkpoint(path)
+    state = _load_state(path)
+    model_state = _load_weights_file(path, MODEL_FILE, state)
+    ema_state = None
+    if ema and EMA_FILE in state["files"]:
+        ema_state = _load_weights_file(path, EMA_FILE, state)
+    return path, model_state, ema_state, state
+
+
+def check_matches(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, *, dtypes: bool = True
+) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the module's names and
+    shapes (and dtypes, when ``dtypes``). Lists the differences."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = []
+    for k, v in expected.items():
+        if k not in state_dict:
+            continue
+        got = state_dict[k]
+        if tuple(got.shape) != tuple(v.shape):
+            problems.append(f"{k}: checkpoint {list(got.shape)} vs model {list(v.shape)}")
+        elif dtypes and got.dtype != v.dtype:
+            problems.append(f"{k}: checkpoint {got.dtype} vs model {v.dtype}")
+
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    lines = []
+    if missing:
+        lines.append(f"missing from the checkpoint: {head(missing)}")
+    if unexpected:
+        lines.append(f"not in the model: {head(unexpected)}")
+    if problems:
+        lines.append(f"shape/dtype mismatches: {head(problems)}")
+    if lines:
+        raise CheckpointError(
+            f"{what} does not match the model (another architecture or config?); "
+            + "; ".join(lines)
+        )
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, *, which: str = "ema") -> nn.Module:
+    """Load the ``"ema"`` or ``"model"`` weights of a checkpoint into ``module`` (e.g. for
+    sampling), after verifying the files and the architecture. Falls back to nothing: asking for
+    ``"ema"`` from a checkpoint without EMA raises."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"load_weights: which must be 'ema' or 'model', got {which!r}")
+    path, model_state, ema_state, _ = load_checkpoint(path, ema=which == "ema")
+    state_dict = model_state if which == "model" else ema_state
+    if state_dict is None:
+        raise CheckpointError(f"checkpoint {path} holds no EMA weights")
+    name = EMA_FILE if which == "ema" else MODEL_FILE
+    check_matches(module, state_dict, str(path / name), dtypes=False)
+    module.load_state_dict(state_dict)
+    return module
