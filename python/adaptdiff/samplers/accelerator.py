@@ -69,8 +69,9 @@ class ModelStep:
     ``index`` is the solver step (0-based) and ``call`` the evaluation within it (Heun makes two
     per step: the second is at t = timesteps[index + 1]). ``t`` (0-d float32) is the time the
     model gets, ``alpha``/``sigma`` its scales, ``x`` [B, ...] the model input (one copy: the
-    guidance branches are batched only at the model call). ``history`` holds the last few
-    predictions (oldest first).
+    guidance branches are batched only at the model call). ``t_next`` is where this solver step
+    ends. ``history`` holds the last few final predictions (oldest first); ``x`` minus
+    ``history[-1].x`` is the last update of the state.
     """
 
     index: int
