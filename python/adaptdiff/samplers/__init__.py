@@ -1,0 +1,44 @@
+"""Schedules, parameterisations and samplers behind one call, :func:`sample`.
+
+- :mod:`.schedules`: :class:`VPSchedule` (DDPM) and :class:`FlowSchedule` (rectified flow).
+- :mod:`.parameterization`: eps / v / x0 / flow predictions to (x0, eps) and back.
+- :mod:`.solvers`: k-diffusion-style sampler functions, one signature (``SAMPLERS``).
+- :mod:`.accelerator`: the hook protocol accelerators implement.
+- :mod:`.sample`: the entry point, with classifier-free guidance.
+"""
+
+from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
+from .parameterization import PREDICTIONS, convert, eps_to_x0, target, to_x0_eps, x0_to_eps
+from .sample import denoiser, sample
+from .schedules import FlowSchedule, VPSchedule
+from .solvers import (
+    SAMPLERS,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
+
+__all__ = [
+    "PREDICTIONS",
+    "SAMPLERS",
+    "Accelerator",
+    "FlowSchedule",
+    "ModelStep",
+    "Prediction",
+    "SampleContext",
+    "VPSchedule",
+    "convert",
+    "denoiser",
+    "eps_to_x0",
+    "sample",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_heun",
+    "target",
+    "to_x0_eps",
+    "x0_to_eps",
+]

@@ -1,0 +1,112 @@
+"""The hook protocol through which training-free accelerators take part in :func:`sample`.
+
+An accelerator subclasses :class:`Accelerator` and overrides any of four no-op methods.
+``sample(..., accelerators=[a, b, ...])`` calls them in list order:
+
+- ``on_sample_start(ctx)`` once, before the first step: reset per-generation state here.
+- ``before_model(step)`` before each model call. Return a tensor to skip the call: it is used as
+  the (guided) prediction, in the model's parameterisation, and the first accelerator to return
+  one wins (later ones are not asked). It may also edit ``step`` for this call only:
+  drop ``"uncond"`` from ``step.branches`` (guidance off, one branch: adaptive guidance), put a
+  branch's prediction into ``step.branch_preds`` (that branch is not computed, the others are:
+  LinearAG), or change ``step.guidance_scale``.
+- ``after_model(step, pred) -> pred`` after every prediction, computed or supplied; it may return
+  a replacement (RAS merges cached velocities here). ``step.evaluated`` says whether the model ran,
+  ``step.branch_preds`` holds each branch's own prediction when it did.
+- ``on_sample_end(ctx)`` once, after the last step, also when sampling raised.
+
+Model-internal caches (block/feature caches) are installed on the model by ``adaptdiff.accel``
+and only use ``on_sample_start``/``on_sample_end`` to reset and read their state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .parameterization import to_x0_eps
+
+__all__ = ["Accelerator", "ModelStep", "Prediction", "SampleContext"]
+
+
+@dataclass
+class SampleContext:
+    """What one :func:`sample` call is doing; ``state`` is free scratch space for accelerators."""
+
+    model: Any
+    schedule: Any
+    prediction: str
+    method: str
+    timesteps: torch.Tensor  # float32, descending, ends at schedule.t_end
+    guidance_scale: float
+    cond: dict
+    uncond: dict | None
+    x: torch.Tensor  # the initial noise
+    state: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps) - 1
+
+
+@dataclass
+class Prediction:
+    """One past model prediction, as kept in :attr:`ModelStep.history`."""
+
+    index: int
+    t: torch.Tensor
+    x: torch.Tensor
+    pred: torch.Tensor
+
+
+@dataclass
+class ModelStep:
+    """One model evaluation of the solver, as seen by the accelerators.
+
+    ``index`` is the solver step (0-based) and ``call`` the evaluation within it (Heun makes two
+    per step: the second is at t = timesteps[index + 1]). ``t`` (0-d float32) is the time the
+    model gets, ``alpha``/``sigma`` its scales, ``x`` [B, ...] the model input (one copy: the
+    guidance branches are batched only at the model call). ``t_next`` is where this solver step
+    ends. ``history`` holds the last few final predictions (oldest first); ``x`` minus
+    ``history[-1].x`` is the last update of the state.
+    """
+
+    index: int
+    call: int
+    t: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    x: torch.Tensor
+    ctx: SampleContext
+    branches: list[str]
+    guidance_scale: float
+    history: deque
+    branch_preds: dict[str, torch.Tensor] = field(default_factory=dict)
+    evaluated: bool = False
+
+    @property
+    def t_next(self) -> torch.Tensor:
+        return self.ctx.timesteps[self.index + 1]
+
+    def to_x0_eps(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) of a prediction made at this step."""
+        return to_x0_eps(pred, self.x, self.alpha, self.sigma, self.ctx.prediction)
+
+
+class Accelerator:
+    """Base class: every method is a no-op, so a subclass overrides only what it needs."""
+
+    def on_sample_start(self, ctx: SampleContext) -> None:
+        pass
+
+    def before_model(self, step: ModelStep) -> torch.Tensor | None:
+        return None
+
+    def after_model(self, step: ModelStep, pred: torch.Tensor) -> torch.Tensor:
+        return pred
+
+    def on_sample_end(self, ctx: SampleContext) -> None:
+        pass
