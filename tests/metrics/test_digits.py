@@ -103,7 +103,9 @@ def test_cache_of_another_config_is_not_used(tmp_path):
 
 
 def test_evaluator_checks_its_inputs(tmp_path):
-    evaluator = DigitsEvaluator(16, cache_dir=tmp_path, config=TINY)
+    with torch.inference_mode():  # training at first use still works here
+        evaluator = DigitsEvaluator(16, cache_dir=tmp_path, config=TINY)
+    assert evaluator.trained
     with pytest.raises(ValueError, match=r"\[N, 1, 16, 16\]"):
         evaluator.fd(torch.zeros(4, 1, 32, 32))
     with pytest.raises(ValueError, match="labels"):

@@ -74,3 +74,36 @@ def test_bad_inputs(metric):
         metric(x, x, data_range=0.0)
     with pytest.raises(ValueError, match="device"):
         metric(x, x.to("meta"))
+
+
+def naive_ssim(a, b, data_range, window, sigma):
+    """Wang et al.'s formula window by window, in float64, as an independent oracle."""
+    a, b = a.double() + data_range / 2, b.double() + data_range / 2
+    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    w = torch.outer(g, g) / g.sum() ** 2
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    out = []
+    for i in range(a.shape[0]):
+        values = []
+        for c in range(a.shape[1]):
+            for r in range(a.shape[2] - window + 1):
+                for s in range(a.shape[3] - window + 1):
+                    p = a[i, c, r : r + window, s : s + window]
+                    q = b[i, c, r : r + window, s : s + window]
+                    mp, mq = (w * p).sum(), (w * q).sum()
+                    vp, vq = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum()
+                    cov = (w * (p - mp) * (q - mq)).sum()
+                    lum = (2 * mp * mq + c1) / (mp**2 + mq**2 + c1)
+                    values.append(lum * (2 * cov + c2) / (vp + vq + c2))
+        out.append(torch.stack(values).mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size, window", [(13, 11), (8, 7)])
+def test_ssim_matches_the_windowed_formula(size, window):
+    a = images(b=2, c=2, h=size, w=size)
+    b = (a + 0.3 * torch.randn_like(a)).clamp(-1, 1)
+    expected = naive_ssim(a, b, 2.0, window, 1.5)
+    torch.testing.assert_close(ssim(a.double(), b.double()), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ssim(a, b), expected.float(), rtol=1e-4, atol=1e-5)

@@ -117,11 +117,12 @@ def train_classifier(config: ClassifierConfig) -> DigitsClassifier:
 
     Runs single-threaded (tiny convolutions gain nothing from threads, and the weights then do
     not depend on the machine's thread count) and leaves the global RNG and thread count as
-    they were."""
+    they were; works when called under ``no_grad`` or ``inference_mode``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(config)
+        with torch.inference_mode(False), torch.enable_grad():
+            return _train(config)
     finally:
         torch.set_num_threads(threads)
 
