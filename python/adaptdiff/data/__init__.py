@@ -1,0 +1,7 @@
+"""Embedded data sets that need no download: scikit-learn's digits (images) and the Python
+standard library's pydoc topics (text)."""
+
+from .digits import batches, digits
+from .text import CharTokenizer, pydoc_corpus, text_windows
+
+__all__ = ["CharTokenizer", "batches", "digits", "pydoc_corpus", "text_windows"]
