@@ -1,4 +1,4 @@
-"""The ``adaptdiff`` command: demo, bench, info."""
+"""The ``adaptdiff`` command: demo, train, sample, bench, info."""
 
 from __future__ import annotations
 
@@ -6,13 +6,6 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    from .info import report
-
-    print(report())
-    return 0
 
 
 def _benchmarks():
@@ -37,21 +30,60 @@ def _benchmarks():
     return benchmarks
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .info import report
+
+    print(report())
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return _benchmarks().run(
-        args.ops,
-        quick=args.quick,
-        json_path=args.json,
-        device=args.device,
-        compiled=args.compiled,
+        args.ops, quick=args.quick, json_path=args.json, device=args.device, compiled=args.compiled
     )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    # Until the DiT/sampler spine lands, the main job is the kernel benchmark suite.
-    run = _benchmarks().run
-    print("adaptdiff demo: kernel benchmark suite (CPU kernels against pure-torch references)\n")
-    return run([], quick=args.quick, json_path=args.json, device="cpu")
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .demo import DigitsTrainConfig, train_digits
+
+    cfg = DigitsTrainConfig(
+        model=args.model,
+        image_size=args.image_size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out_dir=args.out,
+    )
+    train_digits(cfg)
+    print(f"checkpoints in {Path(args.out) / 'checkpoints'}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .demo import (
+        SamplingSetting,
+        evaluate_sampling,
+        format_table,
+        load_digits_model,
+        save_grid,
+    )
+
+    model = load_digits_model(args.out)
+    setting = SamplingSetting(args.method, args.steps, guidance_scale=args.guidance)
+    rows, images = evaluate_sampling(model, [setting], num_samples=args.num, seed=args.seed)
+    print(format_table(rows))
+    path = Path(args.grid or Path(args.out) / f"samples_{args.method}_{args.steps}.png")
+    save_grid(images[setting.name()][:100], path)
+    print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,22 +93,39 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="build and kernel availability")
     s.set_defaults(fn=_cmd_info)
 
-    for name, fn, helptext in (
-        ("bench", _cmd_bench, "kernel benchmarks against the pure-torch references"),
-        ("demo", _cmd_demo, "the main job (currently the kernel benchmark suite)"),
-    ):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-        s.add_argument("--json", default=None, help="append JSON lines to this file")
-        if name == "bench":
-            s.add_argument("ops", nargs="*", help="op families to run (default: all)")
-            s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-            s.add_argument(
-                "--compiled",
-                action="store_true",
-                help="also time the reference under torch.compile (slow to compile)",
-            )
-        s.set_defaults(fn=fn)
+    s = sub.add_parser("demo", help="train a tiny DiT on the digits, compare samplers")
+    s.add_argument("--out", default="adaptdiff-out", help="output folder")
+    s.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("train", help="train the digits DiT (flow matching); resumes in --out")
+    s.add_argument("--out", default="adaptdiff-out")
+    s.add_argument("--model", default="DiT-demo/2")
+    s.add_argument("--image-size", type=int, default=16, choices=[16, 32])
+    s.add_argument("--steps", type=int, default=2500)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("sample", help="sample a trained digits DiT and score it")
+    s.add_argument("--out", default="adaptdiff-out", help="the folder `adaptdiff train` wrote")
+    s.add_argument("--method", default="dpmpp_2m", choices=["euler", "heun", "dpmpp_2m", "ddim"])
+    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--guidance", type=float, default=2.0)
+    s.add_argument("--num", type=int, default=300, help="number of samples")
+    s.add_argument("--grid", default=None, help="PNG path for the sample grid")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_sample)
+
+    s = sub.add_parser("bench", help="kernel benchmarks against the pure-torch references")
+    s.add_argument("ops", nargs="*", help="op families or op names (default: all)")
+    s.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    s.add_argument("--json", default=None, help="append JSON lines to this file")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--compiled", action="store_true", help="also time the compiled reference")
+    s.set_defaults(fn=_cmd_bench)
     return p
 
 

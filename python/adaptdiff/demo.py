@@ -1,0 +1,315 @@
+"""`adaptdiff demo`: train a tiny class-conditional DiT on the embedded digits (flow matching,
+CPU), then sample it with several solvers and step counts and report speed beside quality.
+
+The pieces are reusable: :func:`train_digits` (also behind `adaptdiff train`),
+:func:`load_digits_model` and :func:`evaluate_sampling` (behind `adaptdiff sample`). Later
+techniques join the comparison as extra :class:`SamplingSetting` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import digits
+from .metrics.digits import DigitsEvaluator
+from .models import DiT, create_dit
+from .samplers import FlowSchedule, sample
+from .train import DiffusionObjective, TrainConfig, Trainer, load_weights
+
+MODEL_NAME = "DiT-demo/2"
+
+
+@dataclass
+class DigitsTrainConfig:
+    """The demo's model and training recipe (flow matching, EMA)."""
+
+    model: str = MODEL_NAME
+    image_size: int = 16
+    steps: int = 2500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    class_dropout_prob: float = 0.1
+    seed: int = 0
+    out_dir: str = "adaptdiff-out"
+    progress: bool = True
+
+
+@dataclass
+class SamplingSetting:
+    """One row of the comparison: a solver, a step count and (later) accelerators."""
+
+    method: str
+    steps: int
+    guidance_scale: float = 2.0
+    accelerators: tuple = ()
+    label: str = ""
+
+    def name(self) -> str:
+        return self.label or f"{self.method} {self.steps}"
+
+
+DEFAULT_SETTINGS = [
+    SamplingSetting("euler", 4),
+    SamplingSetting("euler", 8),
+    SamplingSetting("euler", 16),
+    SamplingSetting("euler", 32),
+    SamplingSetting("heun", 4),
+    SamplingSetting("heun", 8),
+    SamplingSetting("heun", 16),
+    SamplingSetting("dpmpp_2m", 4),
+    SamplingSetting("dpmpp_2m", 8),
+    SamplingSetting("dpmpp_2m", 16),
+]
+QUICK_SETTINGS = [SamplingSetting("euler", 8), SamplingSetting("dpmpp_2m", 8)]
+
+
+def build_model(cfg: DigitsTrainConfig) -> DiT:
+    # Flow times t in [0, 1] are scaled to the [0, 1000) range the timestep embedding expects.
+    return create_dit(
+        cfg.model,
+        input_size=cfg.image_size,
+        in_channels=1,
+        num_classes=10,
+        learn_sigma=False,
+        time_scale=1000.0,
+        class_dropout_prob=cfg.class_dropout_prob,
+    )
+
+
+def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
+    """Train (or resume) the demo model; returns the EMA model in eval mode and the trainer."""
+    torch.manual_seed(cfg.seed)
+    images, labels = digits(cfg.image_size, "train", seed=cfg.seed)
+    model = build_model(cfg)
+    objective = DiffusionObjective(FlowSchedule(), prediction="flow")
+
+    def loss_fn(m, batch):
+        x0, y = batch
+        return objective.loss(m, x0, cond={"y": y})
+
+    train_cfg = TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        min_lr=cfg.lr * 0.1,
+        warmup_steps=cfg.warmup_steps,
+        ema_decay=cfg.ema_decay,
+        grad_clip=1.0,
+        log_every=max(cfg.steps // 10, 1),
+        out_dir=str(Path(cfg.out_dir) / "checkpoints"),
+        keep_last=1,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    trainer = Trainer(model, loss_fn, (images, labels), train_cfg, device="cpu")
+    trainer.resume()  # continue a previous run in the same folder, if any
+    if trainer.step < cfg.steps:
+        trainer.fit()  # checkpoints into out_dir/checkpoints when it returns
+    _write_json(Path(cfg.out_dir) / "model.json", dataclasses.asdict(cfg))
+    ema = trainer.ema.module if trainer.ema is not None else trainer.model
+    return ema.eval(), trainer
+
+
+def load_digits_model(out_dir: str | os.PathLike) -> DiT:
+    """The EMA model of a finished `adaptdiff train`/`adaptdiff demo` run in ``out_dir``."""
+    out = Path(out_dir)
+    meta = out / "model.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta} not found: train first (adaptdiff train --out {out})")
+    known = {f.name for f in dataclasses.fields(DigitsTrainConfig)}
+    cfg = DigitsTrainConfig(**{k: v for k, v in json.loads(meta.read_text()).items() if k in known})
+    model = build_model(cfg)
+    load_weights(model, out / "checkpoints", which="ema")
+    return model.eval()
+
+
+def balanced_labels(n: int) -> torch.Tensor:
+    return torch.arange(n) % 10
+
+
+@torch.no_grad()
+def generate(model: DiT, setting: SamplingSetting, labels: torch.Tensor, seed: int = 0):
+    """Samples in [-1, 1] for ``labels``; returns (samples, info with nfe)."""
+    g = torch.Generator().manual_seed(seed)
+    null = torch.full_like(labels, model.null_label)
+    return sample(
+        model,
+        (len(labels), model.in_channels, model.config.input_size, model.config.input_size),
+        method=setting.method,
+        steps=setting.steps,
+        guidance_scale=setting.guidance_scale,
+        cond={"y": labels},
+        uncond={"y": null},
+        prediction="flow",
+        accelerators=setting.accelerators,
+        generator=g,
+        progress=False,
+        return_info=True,
+    )
+
+
+@dataclass
+class Row:
+    name: str
+    method: str
+    steps: int
+    nfe: int
+    seconds: float
+    fd: float
+    accuracy: float
+    extra: dict = field(default_factory=dict)
+
+
+def evaluate_sampling(
+    model: DiT,
+    settings: list[SamplingSetting],
+    *,
+    num_samples: int = 300,
+    seed: int = 0,
+    evaluator: DigitsEvaluator | None = None,
+) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    evaluator = evaluator or DigitsEvaluator(model.config.input_size)
+    labels = balanced_labels(num_samples)
+    generate(model, settings[0], labels[:20], seed)  # warm-up: first-call costs out of the timings
+    rows, images = [], {}
+    for s in settings:
+        t0 = time.perf_counter()
+        x, info = generate(model, s, labels, seed)
+        seconds = time.perf_counter() - t0
+        rows.append(
+            Row(
+                name=s.name(),
+                method=s.method,
+                steps=s.steps,
+                nfe=int(info["nfe"]),
+                seconds=seconds,
+                fd=evaluator.fd(x),
+                accuracy=evaluator.accuracy(x, labels),
+            )
+        )
+        images[s.name()] = x
+    return rows, images
+
+
+def format_table(rows: list[Row], reference_fd: float | None = None) -> str:
+    lines = [
+        f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'wall s':>7} {'digits-FD':>10} {'cond acc':>9}",
+        "-" * 56,
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.name:<16} {r.steps:>5} {r.nfe:>4} {r.seconds:>7.2f} {r.fd:>10.2f} "
+            f"{r.accuracy:>8.1%}"
+        )
+    if reference_fd is not None:
+        lines.append(f"{'real digits':<16} {'':>5} {'':>4} {'':>7} {reference_fd:>10.2f}")
+    return "\n".join(lines)
+
+
+def save_grid(x: torch.Tensor, path: Path, nrow: int = 10) -> None:
+    """Images in [-1, 1], [N, 1, H, W], as one PNG grid (N/nrow rows, upscaled 4x)."""
+    from PIL import Image
+
+    n, _, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((rows * (h + 2), nrow * (w + 2)), -1.0)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i, 0]
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels, mode="L").resize((pixels.shape[1] * 4, pixels.shape[0] * 4), 0).save(
+        path
+    )
+
+
+def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method in dict.fromkeys(r.method for r in rows):
+        pts = [r for r in rows if r.method == method]
+        ax.plot([r.seconds for r in pts], [r.fd for r in pts], "o-", label=method)
+        for r in pts:
+            ax.annotate(str(r.steps), (r.seconds, r.fd), textcoords="offset points", xytext=(4, 4))
+    if reference_fd is not None:
+        ax.axhline(reference_fd, color="gray", ls="--", label="real digits")
+    ax.set_xlabel("wall time for the sample set (s, CPU)")
+    ax.set_ylabel("digits-FD (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("adaptdiff demo: quality vs time (labels: steps)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def run_demo(out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int = 0) -> list[Row]:
+    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = DigitsTrainConfig(out_dir=str(out), seed=seed)
+    settings, num_samples = DEFAULT_SETTINGS, 300
+    if quick:
+        cfg = dataclasses.replace(cfg, steps=150, batch_size=64)
+        settings, num_samples = QUICK_SETTINGS, 100
+
+    print(f"[1/3] training {cfg.model} on digits {cfg.image_size}px for {cfg.steps} steps (CPU)")
+    t0 = time.perf_counter()
+    model, trainer = train_digits(cfg)
+    train_seconds = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"      {n_params / 1e6:.2f} M parameters, {train_seconds:.0f} s")
+
+    print(f"[2/3] sampling {num_samples} digits per setting (CFG scale 2, EMA weights)")
+    evaluator = DigitsEvaluator(cfg.image_size)
+    rows, images = evaluate_sampling(
+        model, settings, num_samples=num_samples, seed=seed, evaluator=evaluator
+    )
+    real, _ = digits(cfg.image_size, "train", seed=seed)
+    reference_fd = evaluator.fd(real[:num_samples])
+
+    print("[3/3] results\n")
+    table = format_table(rows, reference_fd)
+    print(table)
+    best = min(rows, key=lambda r: r.fd)
+    save_grid(images[best.name][:100], out / "samples.png")
+    save_plot(rows, out / "quality_vs_time.png", reference_fd)
+    _write_json(
+        out / "results.json",
+        dict(
+            train_seconds=train_seconds,
+            train_steps=cfg.steps,
+            num_samples=num_samples,
+            reference_fd=reference_fd,
+            classifier_test_accuracy=evaluator.test_accuracy,
+            rows=[dataclasses.asdict(r) for r in rows],
+        ),
+    )
+    (out / "results.txt").write_text(table + "\n")
+    print(
+        f"\nreal digits: digits-FD of {num_samples} real training digits against the held-out "
+        f"set (the floor); classifier test accuracy {evaluator.test_accuracy:.1%}"
+    )
+    print(
+        f"wrote {out / 'samples.png'} ({best.name}), {out / 'quality_vs_time.png'}, "
+        f"{out / 'results.json'}"
+    )
+    return rows

@@ -1,0 +1,32 @@
+import json
+
+import pytest
+
+from adaptdiff import cli
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_its_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADAPTDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    for name in ("samples.png", "quality_vs_time.png", "results.json", "results.txt"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("euler", 8), ("dpmpp_2m", 8)]
+    for r in rows:
+        assert r["nfe"] == 8  # a batched CFG call counts once; DPM-Solver++(2M) is one per step
+        assert r["fd"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "digits-FD" in printed and "euler 8" in printed
+
+    # `adaptdiff sample` reuses the trained run.
+    assert cli.main(["sample", "--out", str(out), "--method", "euler", "--steps", "4",
+                     "--num", "20"]) == 0  # fmt: skip
+    assert (out / "samples_euler_4.png").exists()
+
+
+def test_sample_without_a_run_explains(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train first"):
+        cli.main(["sample", "--out", str(tmp_path)])
