@@ -45,6 +45,8 @@ def patch_scores(v: torch.Tensor, patch: int, metric: str = "std") -> torch.Tens
         per_pixel = vf.norm(dim=1)
     else:
         raise ValueError(f"adaptdiff::patch_scores: metric must be 'std' or 'l2', got {metric!r}")
+    if per_pixel.shape[-1] == 0 or per_pixel.shape[-2] == 0:  # avg_pool2d rejects empty images
+        return per_pixel.new_zeros(per_pixel.shape[0], 0, dtype=torch.float32)
     return F.avg_pool2d(per_pixel.unsqueeze(1), patch).flatten(1).float()
 
 
