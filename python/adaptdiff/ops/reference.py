@@ -50,8 +50,14 @@ def patch_scores(v: torch.Tensor, patch: int, metric: str = "std") -> torch.Tens
     return F.avg_pool2d(per_pixel.unsqueeze(1), patch).flatten(1).float()
 
 
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
+    """``[B, ...]`` as ``[B, n]`` in the accumulation dtype (a 1-D ``[B]`` gives n = 1)."""
+    t = t.to(_acc_dtype(t))
+    return t.flatten(1) if t.dim() > 1 else t.unsqueeze(1)
+
+
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    af, bf = a.to(_acc_dtype(a)).flatten(1), b.to(_acc_dtype(b)).flatten(1)
+    af, bf = _per_sample(a), _per_sample(b)
     return ((af - bf).abs().sum(1) / bf.abs().sum(1).clamp_min(1e-12)).float()
 
 
@@ -59,7 +65,7 @@ COSINE_EPS = 1e-8
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    af, bf = a.to(_acc_dtype(a)).flatten(1), b.to(_acc_dtype(b)).flatten(1)
+    af, bf = _per_sample(a), _per_sample(b)
     dot = (af * bf).sum(1)
     norms = (af.square().sum(1) * bf.square().sum(1)).sqrt()
     return (dot / norms.clamp_min(COSINE_EPS)).float()
