@@ -61,8 +61,8 @@ def test_named_configs():
     assert DiTConfig() == DIT_CONFIGS["DiT-XL/2"]  # the defaults are DiT's
     tiny = create_dit("DiT-tiny/2")
     assert 2_000 < sum(p.numel() for p in tiny.parameters()) < 20_000
-    demo = DIT_CONFIGS["DiT-demo/2"]
-    assert (demo.input_size, demo.in_channels, demo.patch_size, demo.num_classes) == (16, 1, 2, 10)
+    demo = DIT_CONFIGS["DiT-demo/4"]
+    assert (demo.input_size, demo.in_channels, demo.patch_size, demo.num_classes) == (16, 1, 4, 10)
 
 
 def test_create_dit_overrides_and_leaves_the_named_config_alone():
