@@ -251,7 +251,6 @@ def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
         ax.axhline(reference_fd, color="gray", ls="--", label="real digits")
     ax.set_xlabel("wall time for the sample set (s, CPU)")
     ax.set_ylabel("digits-FD (lower is better)")
-    ax.set_yscale("log")
     ax.set_title("adaptdiff demo: quality vs time (labels: steps)")
     ax.legend()
     fig.tight_layout()
