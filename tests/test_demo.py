@@ -10,7 +10,8 @@ def test_demo_quick_writes_its_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADAPTDIFF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
-    for name in ("samples.png", "quality_vs_time.png", "results.json", "results.txt"):
+    names = ("samples.png", "quality_vs_time.png", "results.json", "results.txt")
+    for name in names + ("preview_000100.png",):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]

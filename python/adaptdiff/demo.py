@@ -43,6 +43,7 @@ class DigitsTrainConfig:
     class_dropout_prob: float = 0.1
     seed: int = 0
     out_dir: str = "adaptdiff-out"
+    preview_every: int = 500  # write out_dir/preview_<step>.png every N steps; 0: never
     progress: bool = True
 
 
@@ -111,10 +112,20 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
         log_every=max(cfg.steps // 10, 1),
         out_dir=str(Path(cfg.out_dir) / "checkpoints"),
         keep_last=1,
+        preview_every=cfg.preview_every,
         seed=cfg.seed,
         progress=cfg.progress,
     )
-    trainer = Trainer(model, loss_fn, (images, labels), train_cfg, device="cpu")
+    def preview(step: int, trainer: Trainer) -> None:
+        current = trainer.ema.module if trainer.ema is not None else trainer.model
+        was_training = current.training
+        x, _ = generate(current.eval(), SamplingSetting("euler", 8), balanced_labels(20), cfg.seed)
+        current.train(was_training)
+        save_grid(x, Path(cfg.out_dir) / f"preview_{step:06d}.png")
+
+    trainer = Trainer(
+        model, loss_fn, (images, labels), train_cfg, on_preview=preview, device="cpu"
+    )
     trainer.resume()  # continue a previous run in the same folder, if any
     if trainer.step < cfg.steps:
         trainer.fit()  # checkpoints into out_dir/checkpoints when it returns
@@ -270,7 +281,7 @@ def run_demo(out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int =
     cfg = DigitsTrainConfig(out_dir=str(out), seed=seed)
     settings, num_samples = DEFAULT_SETTINGS, 300
     if quick:
-        cfg = dataclasses.replace(cfg, steps=150, batch_size=64)
+        cfg = dataclasses.replace(cfg, steps=150, batch_size=64, preview_every=100)
         settings, num_samples = QUICK_SETTINGS, 100
 
     print(f"[1/3] training {cfg.model} on digits {cfg.image_size}px for {cfg.steps} steps (CPU)")
