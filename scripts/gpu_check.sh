@@ -65,8 +65,14 @@ t0=$SECONDS
 timeout 180 "$PY" -m benchmarks --device cuda --json "$OUT/bench_cuda.jsonl" > "$OUT/bench_cuda.txt" 2>&1
 status "benchmarks (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_cuda.txt"
 
+t0=$SECONDS
+timeout 90 "$PY" -m benchmarks.bench_sampling --device cuda --json "$OUT/bench_sampling_cuda.jsonl" \
+  > "$OUT/bench_sampling_cuda.txt" 2>&1
+status "sampling benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_sampling_cuda.txt"
+
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
+cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12
 echo
 echo "== summary (${SECONDS}s) =="
 cat "$OUT/summary.txt"

@@ -17,14 +17,8 @@ namespace adaptdiff {
 at::Tensor scatter_tokens_cpu(const at::Tensor& base, const at::Tensor& index,
                               const at::Tensor& src) {
   constexpr const char* op = "scatter_tokens";
-  check_floating(op, "base", base);
-  check_token_index(op, base, "base", index);
-  check_same_device(op, "src", src, "base", base);
-  check_same_dtype(op, "src", src, "base", base);
+  check_scatter_tokens_args(base, index, src);
   const int64_t B = base.size(0), N = base.size(1), D = base.size(2), K = index.size(1);
-  ADAPTDIFF_CHECK(src.dim() == 3 && src.size(0) == B && src.size(1) == K && src.size(2) == D, op,
-                  "src must have shape [B, K, D] = [", B, ", ", K, ", ", D, "], got ",
-                  src.sizes());
   const auto ic = index.contiguous();
   check_index_values_cpu(op, ic, N, /*unique=*/true);
 

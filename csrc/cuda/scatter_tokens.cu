@@ -24,15 +24,8 @@ struct ScatterTokensChecks {
 
 at::Tensor scatter_tokens_cuda(const at::Tensor& base, const at::Tensor& index,
                                const at::Tensor& src) {
-  constexpr const char* op = "scatter_tokens";
-  check_floating(op, "base", base);
-  check_token_index(op, base, "base", index);
-  check_same_device(op, "src", src, "base", base);
-  check_same_dtype(op, "src", src, "base", base);
+  check_scatter_tokens_args(base, index, src);
   const int64_t B = base.size(0), N = base.size(1), D = base.size(2), K = index.size(1);
-  ADAPTDIFF_CHECK(src.dim() == 3 && src.size(0) == B && src.size(1) == K && src.size(2) == D, op,
-                  "src must have shape [B, K, D] = [", B, ", ", K, ", ", D, "], got ",
-                  src.sizes());
   c10::cuda::CUDAGuard guard(base.device());
   auto out = at::empty({B, N, D}, base.options());
   if (out.numel() == 0) return out;
