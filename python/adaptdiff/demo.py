@@ -116,6 +116,7 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
         seed=cfg.seed,
         progress=cfg.progress,
     )
+
     def preview(step: int, trainer: Trainer) -> None:
         current = trainer.ema.module if trainer.ema is not None else trainer.model
         was_training = current.training
@@ -123,9 +124,7 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
         current.train(was_training)
         save_grid(x, Path(cfg.out_dir) / f"preview_{step:06d}.png")
 
-    trainer = Trainer(
-        model, loss_fn, (images, labels), train_cfg, on_preview=preview, device="cpu"
-    )
+    trainer = Trainer(model, loss_fn, (images, labels), train_cfg, on_preview=preview, device="cpu")
     trainer.resume()  # continue a previous run in the same folder, if any
     if trainer.step < cfg.steps:
         trainer.fit()  # checkpoints into out_dir/checkpoints when it returns
