@@ -1,12 +1,11 @@
-// gather_tokens: out[b, i] = x[b, index[b, i]]. A row copy, so no dtype dispatch: memcpy of
-// D elements per row, rows split across threads.
+// gather_tokens: out[b, i] = x[b, index[b, i]]. A row copy, so no dtype dispatch: D elements
+// per row, rows split across threads.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstring>
-
 #include "adaptdiff/ops.h"
+#include "adaptdiff/row_copy.h"
 #include "adaptdiff/token_checks.h"
 
 namespace adaptdiff {
@@ -30,7 +29,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index) {
   at::parallel_for(0, B * K, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / K;
-      std::memcpy(dst + r * row_bytes, src + (b * N + idx[r]) * row_bytes, row_bytes);
+      copy_row(dst + r * row_bytes, src + (b * N + idx[r]) * row_bytes, row_bytes);
     }
   });
   return out;

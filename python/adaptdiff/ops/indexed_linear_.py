@@ -58,6 +58,7 @@ def indexed_linear_(
 @torch.library.register_fake("adaptdiff::indexed_linear_")
 def _fake(out, index, x, weight, bias=None):
     check_floating(OP, "out", out)
+    check(out.is_contiguous(), OP, "out must be contiguous (it is written in place)")
     check_token_index(OP, out, "out", index)
     others = [("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
     for name, t in others:
