@@ -66,12 +66,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     y_sorted, sorted_src, weights = ctx.saved_tensors
     K = weights.shape[1]
+    if weights.numel() == 0:  # no assignments (grad_y[src // K] below would index nothing)
+        return torch.zeros_like(y_sorted), None, torch.zeros_like(weights)
     valid = (sorted_src >= 0).unsqueeze(1)
     src = sorted_src.clamp_min(0)
     grad_rows = grad_y[src // K]  # [P, D]
     w = weights.reshape(-1)[src].unsqueeze(1).to(grad_y.dtype)
     grad_y_sorted = torch.where(valid, grad_rows * w, torch.zeros_like(grad_rows))
-    per_row = (grad_rows.float() * y_sorted.float()).sum(1) * valid.squeeze(1)
+    # Pad rows are masked with where, not a product: their y_sorted may hold anything (inf).
+    acc = torch.float64 if y_sorted.dtype == torch.float64 else torch.float32
+    per_row = (grad_rows.to(acc) * y_sorted.to(acc)).sum(1)
+    per_row = torch.where(valid.squeeze(1), per_row, torch.zeros_like(per_row))
     grad_w = per_row.new_zeros(weights.numel()).index_add(0, src, per_row)
     return grad_y_sorted, None, grad_w.view_as(weights).to(weights.dtype)
 
