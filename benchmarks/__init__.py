@@ -2,7 +2,8 @@
 
 ``python -m benchmarks [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``, or
 ``adaptdiff bench``. Families: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_),
-``patch_scores``, ``reductions`` (rel_l1, cosine, lincomb); an op name selects that op only.
+``patch_scores``, ``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute,
+moe_unpermute); an op name selects that op only.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import sys
 
 import torch
 
-from . import bench_patch_scores, bench_reductions, bench_tokens
+from . import bench_moe_dispatch, bench_patch_scores, bench_reductions, bench_tokens
 from .harness import Options, Result, append_json, environment, header, run_case, table
 
 FAMILIES = {
     "tokens": bench_tokens,
     "patch_scores": bench_patch_scores,
     "reductions": bench_reductions,
+    "moe": bench_moe_dispatch,
 }
 OPS = {op: family for family, module in FAMILIES.items() for op in module.OPS}
 

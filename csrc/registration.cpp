@@ -9,6 +9,13 @@
   m.set_python_module("adaptdiff.ops." op).def(schema, {at::Tag::pt2_compliant_tag})
 
 TORCH_LIBRARY(adaptdiff, m) {
+  // MoE diffusion transformers: token dispatch by expert and the weighted combine back.
+  ADAPTDIFF_DEF(m, "moe_permute",
+                "moe_permute(Tensor x, Tensor experts, int num_experts, int align=1) -> "
+                "(Tensor x_sorted, Tensor sorted_src, Tensor offsets)");
+  ADAPTDIFF_DEF(m, "moe_unpermute",
+                "moe_unpermute(Tensor y_sorted, Tensor sorted_src, Tensor weights) -> Tensor");
+
   // Training-free acceleration: token selection (RAS), cache refill, fused reductions.
   ADAPTDIFF_DEF(m, "gather_tokens", "gather_tokens(Tensor x, Tensor index) -> Tensor");
   ADAPTDIFF_DEF(m, "scatter_tokens",

@@ -23,6 +23,8 @@ ALL_OPS = {
     "rel_l1",
     "cosine",
     "lincomb",
+    "moe_permute",
+    "moe_unpermute",
 }
 FIELDS = {
     "device",

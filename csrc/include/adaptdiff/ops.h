@@ -5,6 +5,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <tuple>
 
 namespace adaptdiff {
 
@@ -27,6 +28,19 @@ at::Tensor rel_l1_cuda(const at::Tensor& a, const at::Tensor& b);
 
 at::Tensor cosine_cpu(const at::Tensor& a, const at::Tensor& b);
 at::Tensor cosine_cuda(const at::Tensor& a, const at::Tensor& b);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cpu(const at::Tensor& x,
+                                                               const at::Tensor& experts,
+                                                               int64_t num_experts, int64_t align);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& x,
+                                                                const at::Tensor& experts,
+                                                                int64_t num_experts,
+                                                                int64_t align);
+
+at::Tensor moe_unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& sorted_src,
+                             const at::Tensor& weights);
+at::Tensor moe_unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& sorted_src,
+                              const at::Tensor& weights);
 
 at::Tensor lincomb_cpu(at::TensorList tensors, at::ArrayRef<double> coeffs);
 at::Tensor lincomb_cuda(at::TensorList tensors, at::ArrayRef<double> coeffs);

@@ -11,6 +11,8 @@ from .cosine import cosine
 from .gather_tokens import gather_tokens
 from .indexed_linear_ import indexed_linear_
 from .lincomb import lincomb
+from .moe_permute import moe_permute
+from .moe_unpermute import moe_unpermute
 from .patch_scores import patch_scores
 from .rel_l1 import rel_l1
 from .scatter_tokens import scatter_tokens
@@ -21,6 +23,8 @@ __all__ = [
     "gather_tokens",
     "indexed_linear_",
     "lincomb",
+    "moe_permute",
+    "moe_unpermute",
     "patch_scores",
     "reference",
     "rel_l1",

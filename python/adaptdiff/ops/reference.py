@@ -76,3 +76,46 @@ def lincomb(tensors: list[torch.Tensor], coeffs: list[float]) -> torch.Tensor:
     for t, c in zip(tensors, coeffs, strict=True):
         acc = acc + c * t.to(acc.dtype)
     return acc.to(tensors[0].dtype)
+
+
+def moe_permuted_rows(num_assignments: int, num_experts: int, align: int) -> int:
+    """Rows of ``moe_permute``'s output: T*K, plus room for each expert's padding when
+    align > 1 (a static bound, so no device-to-host sync is needed to allocate)."""
+    return num_assignments + (num_experts * (align - 1) if align > 1 else 0)
+
+
+def moe_permute(
+    x: torch.Tensor, experts: torch.Tensor, num_experts: int, align: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, K = experts.shape
+    flat = experts.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices  # assignments a = t*K + j, by expert, then a
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + align - 1) // align * align
+    zero = counts.new_zeros(1)
+    offsets = torch.cat([zero, padded.cumsum(0)])
+    starts = torch.cat([zero, counts.cumsum(0)])[:-1]
+    expert_of = flat[order]
+    rows = offsets[expert_of] + torch.arange(T * K, device=x.device) - starts[expert_of]
+    P = moe_permuted_rows(T * K, num_experts, align)
+    sorted_src = torch.full((P,), -1, dtype=torch.int64, device=x.device)
+    sorted_src[rows] = order
+    x_sorted = x.new_zeros(P, x.shape[1])
+    x_sorted[rows] = x[order // K]
+    return x_sorted, sorted_src, offsets
+
+
+def moe_unpermute(
+    y_sorted: torch.Tensor, sorted_src: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    T, K = weights.shape
+    valid = sorted_src >= 0
+    src = sorted_src[valid]
+    row_of = torch.empty(T * K, dtype=torch.int64, device=y_sorted.device)
+    row_of[src] = torch.nonzero(valid).flatten()
+    acc = _acc_dtype(y_sorted)
+    picked = y_sorted[row_of].to(acc).view(T, K, y_sorted.shape[1])  # [T, K, D]
+    y = torch.zeros(T, y_sorted.shape[1], dtype=acc, device=y_sorted.device)
+    for j in range(K):  # slot order, as the op sums
+        y = y + weights[:, j : j + 1].to(acc) * picked[:, j]
+    return y.to(y_sorted.dtype)
