@@ -114,7 +114,7 @@ def moe_unpermute(
     row_of = torch.empty(T * K, dtype=torch.int64, device=y_sorted.device)
     row_of[src] = torch.nonzero(valid).flatten()
     acc = _acc_dtype(y_sorted)
-    picked = y_sorted[row_of].to(acc).view(T, K, -1)  # [T, K, D]
+    picked = y_sorted[row_of].to(acc).view(T, K, y_sorted.shape[1])  # [T, K, D]
     y = torch.zeros(T, y_sorted.shape[1], dtype=acc, device=y_sorted.device)
     for j in range(K):  # slot order, as the op sums
         y = y + weights[:, j : j + 1].to(acc) * picked[:, j]
