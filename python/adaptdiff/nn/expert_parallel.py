@@ -11,9 +11,13 @@ Rank r of W holds experts ``[r*E/W, (r+1)*E/W)`` (E divisible by W) and a replic
 5. the reverse path: un-sort, the reverse all-to-all, ``moe_unpermute`` with the router weights.
 
 The exchange is an autograd function whose backward is the reverse exchange, so gradients reach
-x, the router and the local experts. Each rank's local expert gradients are complete (they already
-include every rank's tokens); the replicated router and shared weights get per-rank gradients that
-must be summed (all-reduced) like data-parallel gradients. ``aux`` covers this rank's tokens.
+x, the router and the local experts; every rank must run the backward (the exchanges are
+collectives). Each rank's local expert gradients are complete (they already include every rank's
+tokens); the replicated router and shared weights get per-rank gradients that must be summed
+(all-reduced) like data-parallel gradients. Under DDP, keep the expert weights out of its
+all-reduce (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``) and let it
+average the rest; then scale the expert gradients to match (DDP averages, so divide them by W).
+``aux`` covers this rank's tokens.
 
 Running on GPUs (NCCL), one process per GPU::
 
@@ -22,9 +26,10 @@ Running on GPUs (NCCL), one process per GPU::
     # train.py
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dense = MoEFeedForward(dim, 4 * dim, num_experts=16, top_k=2, num_shared_experts=1)
-    layer = ExpertParallelMoE.from_dense(dense).cuda()  # this rank's 2 experts
-    y = layer(x_local)  # x_local: this rank's tokens [..., dim]
+    torch.manual_seed(0)  # the same seed on every rank: identical router and shared weights
+    layer = ExpertParallelMoE(dim, 4 * dim, 16, 2, num_shared_experts=1, device="cuda")
+    y = layer(x_local)  # this rank's tokens [..., dim]; the layer holds 16/8 = 2 experts
+    # or: ExpertParallelMoE.from_dense(trained_moe_feed_forward) to shard an existing layer
 
 Tokens, counts and weights must be on the rank's current CUDA device for NCCL. Under gloo (CPU),
 the same code runs on CPU tensors; the test runs 2 CPU processes that way.

@@ -23,12 +23,12 @@ ROUTERS = ("softmax", "sigmoid")
 class MoEAux:
     """Routing statistics of one MoE call.
 
-    ``counts [E]`` int64: assignments per expert (sums to ``T*K``). ``mean_probs [E]`` float32:
-    ``P_i``, the mean router probability of expert i over the tokens. ``balance_loss``:
+    ``counts [E]`` int64: assignments per expert (sums to ``T*K``). ``mean_probs [E]``: ``P_i``,
+    the mean router probability of expert i over the tokens. ``balance_loss``:
     ``E * sum_i f_i P_i`` with ``f_i = counts_i / (T*K)`` (DiT-MoE / Switch; 1 for perfectly
     uniform routing; differentiable through ``P_i``). ``z_loss``: ``mean_t logsumexp(logits_t)^2``
-    (ST-MoE). Both losses are float32 scalars (float64 for float64 x), 0 for an empty batch; scale them (DiT-MoE uses
-    0.01 for the balance loss) and add them to the training loss.
+    (ST-MoE). All but the counts are float32 (float64 for float64 x); the losses are scalars, 0
+    for an empty batch. Scale them (DiT-MoE: 0.01 for the balance loss) and add them to the loss.
     """
 
     counts: torch.Tensor
@@ -118,16 +118,19 @@ def expert_swiglu(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
 ) -> torch.Tensor:
-    """Expert e's SwiGLU on rows ``offsets[e]:offsets[e+1]`` of ``x_sorted [P, D]`` (unpadded:
-    ``offsets[E] == P``); returns ``[P, D]``. ``torch._grouped_mm`` where it runs (CUDA SM80+,
-    bfloat16), else a loop over the E groups with a hand-written backward."""
+    """Expert e's SwiGLU on rows ``offsets[e]:offsets[e+1]`` of ``x_sorted [P, D]`` (moe_permute's
+    layout; zero pad rows give zero outputs); returns ``[P, D]``. ``torch._grouped_mm`` where it
+    runs (CUDA SM80+, bfloat16), else a loop over the E groups with a hand-written backward."""
     if _grouped_mm_supported(x_sorted, w_gate, w_up, w_down):
         return _expert_swiglu_grouped_mm(x_sorted, offsets, w_gate, w_up, w_down)
     return _GroupedSwiGLU.apply(x_sorted, offsets, w_gate, w_up, w_down)
 
 
 def _grouped_mm_supported(x, *weights) -> bool:
+    # bfloat16 only: _grouped_mm rejects float16 and float32 on CUDA.
     if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if x.shape[0] == 0:
         return False
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
@@ -161,6 +164,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             torch.mm(xe, w_gate[e].t(), out=gate[lo:hi])
             torch.mm(xe, w_up[e].t(), out=up[lo:hi])
             torch.mm(F.silu(gate[lo:hi]) * up[lo:hi], w_down[e].t(), out=y[lo:hi])
+        y[bounds[-1] :].zero_()  # rows past the last group (padding), if any
         ctx.save_for_backward(x_sorted, gate, up, w_gate, w_up, w_down)
         ctx.bounds = bounds
         return y
@@ -168,13 +172,15 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x_sorted, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        bounds = ctx.bounds
         need_x, _, need_gate, need_up, need_down = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x_sorted) if need_x else None
+        if need_x:
+            grad_x[bounds[-1] :].zero_()
         grad_gate = torch.empty_like(w_gate) if need_gate else None
         grad_up = torch.empty_like(w_up) if need_up else None
         grad_down = torch.empty_like(w_down) if need_down else None
-        bounds = ctx.bounds
         for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             if lo == hi:
                 for g in (grad_gate, grad_up, grad_down):
