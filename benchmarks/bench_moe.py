@@ -41,6 +41,7 @@ from adaptdiff.nn import moe_swiglu
 from .harness import Options, environment, time_fn
 
 IMPLS = ("adaptdiff", "dit-moe-mask", "gshard-capacity")
+LEAVES = ("grad x", "grad router_weight", "grad w_gate", "grad w_up", "grad w_down")
 CAPACITY_FACTOR = 1.25
 
 
@@ -143,14 +144,19 @@ def step_fn(impl: str, x, weights, grad_y, top_k):
 def run_config(label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1) -> list[dict]:
     x, weights, grad_y = make_inputs(T, D, H, E, opts.device, dtype)
     leaves = [x, *weights]
-    tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    # Guard against timing a wrong answer: the mask baseline computes the same layer exactly.
+    # Guard against timing a wrong answer: the mask baseline computes the same layer. Relative
+    # L2 errors, which tolerate bf16 GEMMs summing in another order.
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
     ours = step_fn("adaptdiff", x, weights, grad_y, K)().detach()
     ours_grads = [t.grad.clone() for t in leaves]
     theirs = step_fn("dit-moe-mask", x, weights, grad_y, K)().detach()
-    torch.testing.assert_close(theirs.float(), ours.float(), **tol)
-    for t, g in zip(leaves, ours_grads, strict=True):
-        torch.testing.assert_close(t.grad.float(), g.float(), **tol)
+    pairs = [("y", theirs, ours)]
+    pairs += [(n, t.grad, g) for n, t, g in zip(LEAVES, leaves, ours_grads, strict=True)]
+    for name, a, b in pairs:
+        error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+        if error > limit:
+            raise RuntimeError(f"bench_moe: adaptdiff and dit-moe-mask disagree on {name} "
+                               f"(relative error {error:.2g} > {limit:g})")  # fmt: skip
     with torch.no_grad():
         dropped = gshard_capacity(x, *weights, K)[1]
     # Rounds over the implementations in turn, so a slow spell on a shared machine hits them

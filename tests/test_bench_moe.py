@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from adaptdiff.nn import moe_swiglu
@@ -38,3 +39,11 @@ def test_baselines_compute_the_same_layer():
     assert dropped > 0
     full = moe_swiglu(x, router, *weights[1:], 2)[0]
     assert not torch.allclose(y, full)
+
+
+def test_a_disagreeing_baseline_is_not_timed(monkeypatch):
+    real = bench_moe.dit_moe_mask
+    monkeypatch.setattr(bench_moe, "dit_moe_mask", lambda *args: real(*args) * 1.01)
+    opts = bench_moe.Options(torch.device("cpu"), quick=True, min_run_time=0.001)
+    with pytest.raises(RuntimeError, match="disagree on y"):
+        bench_moe.run_config("tiny", 16, 8, 16, 4, 2, opts, torch.float32)

@@ -100,12 +100,21 @@ def seeded_construction_matches_dense(rank: int, world: int) -> bool:
     )
 
 
+def indivisible_experts_error() -> str:
+    try:
+        ExpertParallelMoE(8, 16, 3, 2)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {name: run_case(name, rank, world) for name in CASES}
     results["seeded"] = seeded_construction_matches_dense(rank, world)
+    results["indivisible"] = indivisible_experts_error()
     if rank == 0:
         results["world_size"] = world
         torch.save(results, out / "result.pt")

@@ -50,3 +50,11 @@ def test_two_processes_match_one(distributed_result, name):
 @pytest.mark.slow
 def test_seeded_ranks_hold_the_dense_layer(distributed_result):
     assert distributed_result["seeded"] is True
+
+
+@pytest.mark.slow
+def test_experts_must_divide_among_ranks(distributed_result):
+    assert (
+        "num_experts (3) must be divisible by the world size (2)"
+        in distributed_result["indivisible"]
+    )
