@@ -1,0 +1,132 @@
+"""``MoEFeedForward``: DiT-MoE's sparse feed-forward (top-k SwiGLU experts + a shared expert) as
+a plain ``nn.Module`` owning its weights in :func:`~adaptdiff.nn.functional.moe_swiglu`'s layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import ROUTERS, MoEAux, moe_swiglu
+
+
+def xavier_uniform_experts_(w: torch.Tensor) -> torch.Tensor:
+    """Xavier-uniform per expert matrix of a ``[E, out, in]`` stack (DiT initialises every
+    nn.Linear this way; ``nn.init.xavier_uniform_`` would count E into the fans)."""
+    fan_out, fan_in = w.shape[-2], w.shape[-1]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        return w.uniform_(-bound, bound)
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k mixture of bias-free SwiGLU experts, optionally plus always-on shared experts.
+
+    Parameters: ``router_weight [E, D]``, ``w_gate, w_up [E, H, D]``, ``w_down [E, D, H]`` and,
+    with shared experts, ``shared_gate, shared_up [S, D]``, ``shared_down [D, S]`` where
+    ``S = num_shared_experts * shared_hidden``: the shared experts are always on and summed, so
+    they are one SwiGLU of the concatenated width (DeepSeekMoE's fusion). DiT-MoE's layer is
+    ``hidden=4*dim, num_experts=8 or 16, top_k=2, num_shared_experts=1`` (its code says 2 shared
+    experts but builds one MLP of width ``2*dim``, the default ``shared_hidden``).
+
+    ``forward(x [..., D]) -> [..., D]``; the routing statistics of the last call are kept in
+    ``self.aux`` (a :class:`~adaptdiff.nn.functional.MoEAux`), read by :meth:`balance_loss` and
+    :meth:`z_loss`. Init (DiT-MoE): Xavier-uniform experts, Kaiming-uniform(a=sqrt 5) router.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        num_shared_experts: int = 0,
+        shared_hidden: int | None = None,
+        renormalize: bool = False,
+        router: str = "softmax",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts)):
+            if value < 1:
+                raise ValueError(f"MoEFeedForward: {name} must be >= 1, got {value}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"MoEFeedForward: top_k must be in [1, {num_experts}], got {top_k}")
+        if num_shared_experts < 0:
+            raise ValueError(
+                f"MoEFeedForward: num_shared_experts must be >= 0, got {num_shared_experts}"
+            )
+        if router not in ROUTERS:
+            raise ValueError(f"MoEFeedForward: router must be one of {ROUTERS}, got {router!r}")
+        if shared_hidden is None:
+            shared_hidden = 2 * dim
+        elif shared_hidden < 1:
+            raise ValueError(f"MoEFeedForward: shared_hidden must be >= 1, got {shared_hidden}")
+        self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
+        self.num_shared_experts, self.shared_hidden = num_shared_experts, shared_hidden
+        self.renormalize, self.router = renormalize, router
+        kw = dict(device=device, dtype=dtype)
+        self.router_weight = nn.Parameter(torch.empty(num_experts, dim, **kw))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
+        self.w_up = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
+        self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden, **kw))
+        if num_shared_experts:
+            width = num_shared_experts * shared_hidden
+            self.shared_gate = nn.Parameter(torch.empty(width, dim, **kw))
+            self.shared_up = nn.Parameter(torch.empty(width, dim, **kw))
+            self.shared_down = nn.Parameter(torch.empty(dim, width, **kw))
+        self.aux: MoEAux | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
+        for w in self.expert_weights() + list(self.shared_weights() or ()):
+            xavier_uniform_experts_(w)
+
+    def expert_weights(self) -> list[nn.Parameter]:
+        return [self.w_gate, self.w_up, self.w_down]
+
+    def shared_weights(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter] | None:
+        if not self.num_shared_experts:
+            return None
+        return self.shared_gate, self.shared_up, self.shared_down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"MoEFeedForward: x must be [..., {self.dim}], got {list(x.shape)}")
+        y, self.aux = moe_swiglu(
+            x.reshape(-1, self.dim),
+            self.router_weight,
+            *self.expert_weights(),
+            self.top_k,
+            renormalize=self.renormalize,
+            shared=self.shared_weights(),
+            router=self.router,
+        )
+        return y.view(x.shape)
+
+    def balance_loss(self) -> torch.Tensor:
+        """``E * sum_i f_i P_i`` of the last forward (DiT-MoE scales it by 0.01)."""
+        return self._last_aux().balance_loss
+
+    def z_loss(self) -> torch.Tensor:
+        """``mean logsumexp(router logits)^2`` of the last forward."""
+        return self._last_aux().z_loss
+
+    def _last_aux(self) -> MoEAux:
+        if self.aux is None:
+            raise RuntimeError("MoEFeedForward: no routing statistics yet; call forward first")
+        return self.aux
+
+    def extra_repr(self) -> str:
+        text = (
+            f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, router={self.router!r}, renormalize={self.renormalize}"
+        )
+        if self.num_shared_experts:
+            text += f", num_shared_experts={self.num_shared_experts}"
+            text += f", shared_hidden={self.shared_hidden}"
+        return text
