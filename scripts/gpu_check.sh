@@ -70,6 +70,11 @@ timeout 90 "$PY" -m benchmarks.bench_sampling --device cuda --json "$OUT/bench_s
   > "$OUT/bench_sampling_cuda.txt" 2>&1
 status "sampling benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_sampling_cuda.txt"
 
+t0=$SECONDS
+timeout 120 "$PY" -m benchmarks.bench_moe --device cuda --json "$OUT/bench_moe_cuda.jsonl" \
+  > "$OUT/bench_moe_cuda.txt" 2>&1
+status "MoE layer benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_moe_cuda.txt"
+
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
 cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12
