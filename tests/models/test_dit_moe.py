@@ -211,3 +211,22 @@ def test_upcycle_every_other_block_keeps_dense_mlps():
         torch.testing.assert_close(moe(x, t, y), dense(x, t, y), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="dense"):
         upcycle_to_moe(moe, 2)
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def test_digits_training_of_the_moe_demo_model_and_its_load_table(tmp_path):
+    from adaptdiff.cli import build_parser
+    from adaptdiff.demo import DigitsTrainConfig, expert_load_table, train_digits
+
+    cfg = DigitsTrainConfig(
+        model="DiT-MoE-demo/4", steps=2, batch_size=8, warmup_steps=1, out_dir=str(tmp_path),
+        progress=False,
+    )  # fmt: skip
+    model, trainer = train_digits(cfg)
+    assert isinstance(model.blocks[0].mlp, MoEFeedForward)
+    assert trainer.model.blocks[0].mlp.router_weight.grad is not None
+    text, load = expert_load_table(model, num_images=16)
+    assert load.shape == (4, 8) and text.count("\n") == 4 and "max/uniform" in text
+    assert build_parser().parse_args(["demo", "--moe"]).moe
