@@ -216,6 +216,7 @@ def test_upcycle_every_other_block_keeps_dense_mlps():
 # ------------------------------------------------------------------------------- demo
 
 
+@pytest.mark.slow
 def test_digits_training_of_the_moe_demo_model_and_its_load_table(tmp_path):
     from adaptdiff.cli import build_parser
     from adaptdiff.demo import DigitsTrainConfig, expert_load_table, train_digits
