@@ -3,9 +3,11 @@
 ``python -m benchmarks.bench_mode [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
 [--min-run-time S]``
 
-A DiT-S/2 with MoDE routing (``moe_routing="noise"``, 8 SwiGLU experts of width 4D, top-2, one
-shared expert of width 2D) evaluated at every step of a 10-step flow schedule (batch 8 at 32x32
-latents = 256 tokens per image, eval mode, no grad):
+A DiT-S with MoDE routing (``moe_routing="noise"``, 8 SwiGLU experts of width 4D, top-2, one
+shared expert of width 2D) evaluated at every step of a 10-step flow schedule (eval, no grad),
+at two sizes: patch 2 on 32x32 latents, batch 4 (256 tokens per image: expert GEMMs dominate)
+and patch 8, batch 1 (16 tokens: MoDE's few-token policy regime, where routing and dispatch
+overheads dominate):
 
 - ``routed``: each MoE layer runs its router MLP, ``moe_permute``, the expert GEMMs per group
   and ``moe_unpermute`` on every step.
@@ -14,7 +16,9 @@ latents = 256 tokens per image, eval mode, no grad):
   probabilities, plus the shared expert): no router, no permutation, three GEMMs.
 
 Both compute the same outputs (checked). ``speedup`` = routed median / fused median for the
-whole pass (attention and embeddings included, so the MoE layers' own gain is larger).
+whole pass (attention and embeddings included). The fusion removes no expert FLOPs (the fused
+MLP is as wide as the chosen experts together); it removes the router MLP, the permutation and
+the per-expert loop, so it pays where those dominate.
 """
 
 from __future__ import annotations
@@ -29,27 +33,29 @@ from adaptdiff.samplers import FlowSchedule
 
 from .harness import Options, environment, time_fn
 
+# (label, config, overrides, batch, steps): GEMM-bound images, then MoDE's few-token regime.
+CONFIGS = [
+    ("DiT-S/2 8E2A, 4 x 256 tokens", "DiT-S/2-8E2A", {}, 4, 10),
+    ("DiT-S/8 8E2A, 1 x 16 tokens", "DiT-S/2-8E2A", {"patch_size": 8}, 1, 10),
+]
+QUICK_CONFIGS = [("tiny", "DiT-MoE-tiny/2", {}, 2, 4)]
 
-def make_model(quick: bool, device, dtype):
-    if quick:
-        model = create_dit("DiT-MoE-tiny/2", moe_routing="noise", time_scale=1000.0)
-        batch, steps = 2, 4
-    else:
-        model = create_dit(
-            "DiT-S/2-8E2A", moe_routing="noise", num_classes=0, learn_sigma=False,
-            time_scale=1000.0,
-        )  # fmt: skip
-        batch, steps = 8, 10
+
+def make_model(name: str, overrides: dict, device, dtype):
+    model = create_dit(
+        name, moe_routing="noise", num_classes=0, learn_sigma=False, time_scale=1000.0,
+        **overrides,
+    )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random routers and gates, so routing varies with t and blocks act
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02 + p)
-    return model.to(device=device, dtype=dtype).eval(), batch, steps
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def run(quick: bool, opts: Options, dtype) -> list[dict]:
+def run(label, name, overrides, batch, steps, opts: Options, dtype) -> list[dict]:
     device = opts.device
-    model, batch, steps = make_model(quick, device, dtype)
+    model = make_model(name, overrides, device, dtype)
     cfg = model.config
     ts = FlowSchedule().timesteps(steps)[:-1].to(device)  # the times the model is called at
     g = torch.Generator().manual_seed(1)
@@ -71,7 +77,7 @@ def run(quick: bool, opts: Options, dtype) -> list[dict]:
     for a, b in zip(routed_out, fused_out, strict=True):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol)
     common = dict(
-        batch=batch, steps=len(ts), tokens=x.shape[-1] ** 2 // cfg.patch_size**2,
+        config=label, batch=batch, steps=len(ts), tokens=x.shape[-1] ** 2 // cfg.patch_size**2,
         D=cfg.hidden_size, E=cfg.num_experts, K=cfg.moe_top_k, depth=cfg.depth,
         expert_sets=fused.expert_sets, fused_params=fused.fused_params,
     )  # fmt: skip
@@ -102,16 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         f"adaptdiff MoDE expert fusion (one sampling pass, eval): {env['device']} "
         f"({env['threads']} threads), torch {env['torch']}, {str(dtype).removeprefix('torch.')}"
     )
-    rows = run(args.quick, opts, dtype)
-    r0 = rows[0]
-    print(
-        f"D={r0['D']} depth={r0['depth']} E={r0['E']} K={r0['K']} batch={r0['batch']} "
-        f"tokens={r0['tokens']} steps={r0['steps']}; distinct expert sets per layer "
-        f"{r0['expert_sets']}, fused weights {r0['fused_params'] / 1e6:.2f} M values\n"
-    )
-    print(f"{'impl':<8} {'pass ms':>10} {'speedup':>8}")
-    for r in rows:
-        print(f"{r['impl']:<8} {r['median_us'] / 1e3:>10.1f} {r['speedup']:>7.2f}x")
+    rows = []
+    for config in QUICK_CONFIGS if args.quick else CONFIGS:
+        new = run(*config, opts, dtype)
+        r0 = new[0]
+        print(
+            f"\n{r0['config']}: D={r0['D']} depth={r0['depth']} E={r0['E']} K={r0['K']} "
+            f"batch={r0['batch']} tokens={r0['tokens']} steps={r0['steps']}; distinct expert "
+            f"sets per layer {r0['expert_sets']}, fused weights "
+            f"{r0['fused_params'] / 1e6:.2f} M values"
+        )
+        print(f"{'impl':<8} {'pass ms':>10} {'speedup':>8}")
+        for r in new:
+            print(f"{r['impl']:<8} {r['median_us'] / 1e3:>10.1f} {r['speedup']:>7.2f}x")
+        rows += new
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
