@@ -46,7 +46,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe)
     return 0
 
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="adaptdiff-out", help="output folder")
     s.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--moe", action="store_true", help="also train DiT-MoE-demo/4 and add its rows")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("train", help="train the digits DiT (flow matching); resumes in --out")

@@ -25,6 +25,7 @@ from .samplers import FlowSchedule, sample
 from .train import DiffusionObjective, TrainConfig, Trainer, load_weights
 
 MODEL_NAME = "DiT-demo/4"
+MOE_MODEL_NAME = "DiT-MoE-demo/4"  # `adaptdiff demo --moe`: 8 experts, top-2, every block
 
 
 @dataclass
@@ -98,6 +99,8 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
 
     def loss_fn(m, batch):
         x0, y = batch
+        # For MoE models (DiT-MoE-demo/4) the objective adds moe_aux_loss(m): the router
+        # balance loss (weight 0.01) and z-loss (moe_z_loss_weight) of this forward.
         return objective.loss(m, x0, cond={"y": y})
 
     train_cfg = TrainConfig(
@@ -252,8 +255,12 @@ def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method in dict.fromkeys(r.method for r in rows):
-        pts = [r for r in rows if r.method == method]
+
+    def series(r: Row) -> str:
+        return f"MoE {r.method}" if r.name.startswith("MoE ") else r.method
+
+    for method in dict.fromkeys(series(r) for r in rows):
+        pts = [r for r in rows if series(r) == method]
         ax.plot([r.seconds for r in pts], [r.fd for r in pts], "o-", label=method)
         for r in pts:
             ax.annotate(str(r.steps), (r.seconds, r.fd), textcoords="offset points", xytext=(4, 4))
@@ -273,7 +280,31 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def run_demo(out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int = 0) -> list[Row]:
+@torch.no_grad()
+def expert_load_table(model: DiT, num_images: int = 512, seed: int = 0) -> tuple[str, torch.Tensor]:
+    """Per-layer token shares of each expert on noised training digits at uniform flow times
+    (``[L, E]``, rows sum to 1) and the table of them in percent."""
+    from .models import expert_load
+
+    images, labels = digits(model.config.input_size, "train", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x0, y = images[:num_images], labels[:num_images]
+    t = torch.rand(len(x0), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    alpha, sigma = FlowSchedule().alpha_sigma(t)
+    model(alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps, t, y)
+    load = expert_load(model)
+    L, E = load.shape
+    lines = ["block  " + " ".join(f"{f'e{e}':>6}" for e in range(E)) + "   max/uniform"]
+    for i, row in enumerate(load):
+        shares = " ".join(f"{100 * v:>5.1f}%" for v in row.tolist())
+        lines.append(f"{i:>5}  {shares}   {row.max().item() * E:>8.2f}x")
+    return "\n".join(lines), load
+
+
+def run_demo(
+    out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int = 0, moe: bool = False
+) -> list[Row]:
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +328,21 @@ def run_demo(out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int =
     )
     real, _ = digits(cfg.image_size, "train", seed=seed)
     reference_fd = evaluator.fd(real[:num_samples])
+    extra = {}
+    if moe:  # a DiT-MoE with the same recipe, its rows appended (prefixed "MoE ")
+        moe_cfg = dataclasses.replace(cfg, model=MOE_MODEL_NAME, out_dir=str(out / "moe"))
+        print(f"      + training {moe_cfg.model} with the same recipe (--moe)")
+        t0 = time.perf_counter()
+        moe_model, _ = train_digits(moe_cfg)
+        extra["moe_train_seconds"] = time.perf_counter() - t0
+        load_text, load = expert_load_table(moe_model, seed=seed)
+        extra["moe_expert_load"] = load.tolist()
+        print(f"      expert token shares (EMA model, noised training digits):\n{load_text}")
+        moe_settings = [dataclasses.replace(s, label=f"MoE {s.name()}") for s in settings]
+        moe_rows, moe_images = evaluate_sampling(
+            moe_model, moe_settings, num_samples=num_samples, seed=seed, evaluator=evaluator
+        )
+        rows, images = rows + moe_rows, {**images, **moe_images}
 
     print("[3/3] results\n")
     table = format_table(rows, reference_fd)
@@ -313,6 +359,7 @@ def run_demo(out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int =
             reference_fd=reference_fd,
             classifier_test_accuracy=evaluator.test_accuracy,
             rows=[dataclasses.asdict(r) for r in rows],
+            **extra,
         ),
     )
     (out / "results.txt").write_text(table + "\n")

@@ -1,4 +1,5 @@
-"""Diffusion models: :class:`DiT` with named configs (:data:`DIT_CONFIGS`, :func:`create_dit`)."""
+"""Diffusion models: :class:`DiT` with named configs (:data:`DIT_CONFIGS`, :func:`create_dit`),
+its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers."""
 
 from .dit import (
     DIT_CONFIGS,
@@ -11,7 +12,9 @@ from .dit import (
     get_2d_sincos_pos_embed,
     perturb_condition,
 )
+from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
+from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 
 __all__ = [
     "DIT_CONFIGS",
@@ -20,12 +23,19 @@ __all__ = [
     "DiTBlock",
     "DiTConfig",
     "FinalLayer",
+    "FusedExperts",
     "Mlp",
+    "NoiseRoutedMoE",
     "TimestepEmbedder",
     "create_dit",
     "dtr_masks",
+    "expert_load",
     "get_2d_sincos_pos_embed",
     "modulate",
+    "moe_aux_loss",
+    "moe_layers",
     "perturb_condition",
+    "precompute_experts",
     "timestep_embedding",
+    "upcycle_to_moe",
 ]

@@ -9,10 +9,19 @@ Options, each off by default:
   each block's sublayers see only the window of the block input, the residual stream is whole.
 - Condition-embedding perturbation (CEP; arXiv 2405.20494): during training the class
   embedding gets noise ``U(-g/sqrt(D), g/sqrt(D))`` or ``N(0, (g/sqrt(D))^2)``.
+- Mixture of experts (``num_experts > 0``): every ``moe_every``-th block's ``mlp`` is sparse.
+  ``moe_routing="token"`` is DiT-MoE (arXiv 2407.11633): an
+  :class:`~adaptdiff.nn.MoEFeedForward` of top-k SwiGLU experts of width ``mlp_ratio*D`` plus
+  shared experts of width 2D, each token routed on its own. ``"noise"`` is MoDE (arXiv
+  2412.12953): a :class:`~adaptdiff.models.mode.NoiseRoutedMoE` whose router sees only the
+  timestep embedding, so all tokens of a sample share their experts. The router losses of the
+  last forward are summed by :func:`adaptdiff.models.moe_aux_loss` (weights
+  ``moe_balance_weight``, ``moe_z_loss_weight``); ``DiffusionObjective`` adds them.
 
 Structure that hooks rely on (keep it): ``model.blocks`` is an ``nn.ModuleList`` of
 ``DiTBlock``. Each block has the submodules ``attn`` (``Attention``: ``qkv``, ``proj``,
-``num_heads``, ``scale`` handed to SDPA), ``mlp`` (``fc1``, ``fc2``), ``adaLN_modulation``
+``num_heads``, ``scale`` handed to SDPA), ``mlp`` (``fc1``, ``fc2``; or an MoE layer),
+``adaLN_modulation``
 and its two residual branches ``attn_branch`` and ``mlp_branch``. A branch is called as
 ``branch(x [B,N,D], c [B,D])`` and returns its gated update, and ``DiTBlock.forward`` is just::
 
@@ -37,7 +46,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn import MoEFeedForward
+from ..nn.functional import ACTIVATIONS
 from .layers import Attention, Mlp, TimestepEmbedder, modulate
+from .mode import NoiseRoutedMoE
+
+MOE_ROUTINGS = ("token", "noise")
 
 
 @dataclass
@@ -64,6 +78,17 @@ class DiTConfig:
     # Condition-embedding perturbation (training only): 0 turns it off.
     cep_gamma: float = 0.0
     cep_noise: str = "uniform"  # "uniform" or "gaussian"
+    # Mixture of experts: 0 experts is the dense DiT.
+    num_experts: int = 0
+    moe_top_k: int = 2
+    num_shared_experts: int = 1  # always-on SwiGLU experts of width 2D (DiT-MoE: one)
+    moe_every: int = 1  # block i is MoE when i % moe_every == moe_every - 1 (1: every block)
+    moe_routing: str = "token"  # "token" (DiT-MoE) or "noise" (MoDE, timestep-only router)
+    moe_renormalize: bool = False  # divide the top-k probabilities by their sum (MoDE: always)
+    moe_activation: str = "swiglu"  # "gelu_tanh": experts are DiT's Mlp (upcycling)
+    moe_expert_bias: bool = False  # biases in "gelu_tanh" experts (copies of fc1/fc2's)
+    moe_balance_weight: float = 0.01  # DiT-MoE's weight of E * sum_i f_i P_i
+    moe_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE, MoDE: 1e-3)
 
     def __post_init__(self):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth"):
@@ -110,6 +135,44 @@ class DiTConfig:
             )
         if self.cep_gamma > 0 and self.num_classes == 0:
             raise ValueError("DiTConfig: cep_gamma > 0 needs a class-conditional model")
+        self._check_moe()
+
+    def _check_moe(self):
+        if self.num_experts < 0:
+            raise ValueError(f"DiTConfig: num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts == 0:
+            return
+        if not 1 <= self.moe_top_k <= self.num_experts:
+            raise ValueError(
+                f"DiTConfig: moe_top_k must be in [1, num_experts={self.num_experts}], "
+                f"got {self.moe_top_k}"
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(
+                f"DiTConfig: num_shared_experts must be >= 0, got {self.num_shared_experts}"
+            )
+        if self.moe_every < 1:
+            raise ValueError(f"DiTConfig: moe_every must be >= 1, got {self.moe_every}")
+        if self.moe_routing not in MOE_ROUTINGS:
+            raise ValueError(
+                f"DiTConfig: moe_routing must be one of {MOE_ROUTINGS}, got {self.moe_routing!r}"
+            )
+        if self.moe_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"DiTConfig: moe_activation must be one of {ACTIVATIONS}, "
+                f"got {self.moe_activation!r}"
+            )
+        if self.moe_routing == "noise" and self.moe_activation != "swiglu":
+            raise ValueError("DiTConfig: moe_routing 'noise' supports moe_activation 'swiglu' only")
+        if self.moe_expert_bias and self.moe_activation != "gelu_tanh":
+            raise ValueError("DiTConfig: moe_expert_bias needs moe_activation 'gelu_tanh'")
+        for name in ("moe_balance_weight", "moe_z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DiTConfig: {name} must be >= 0, got {getattr(self, name)}")
+
+    def is_moe_block(self, index: int) -> bool:
+        """Whether block ``index`` (0-based) gets an MoE feed-forward."""
+        return self.num_experts > 0 and index % self.moe_every == self.moe_every - 1
 
     @property
     def out_channels(self) -> int:
@@ -214,12 +277,15 @@ class MLPBranch(_Branch):
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero conditioning (optionally DTR-routed)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp: nn.Module | None = None
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # mlp: any [B, N, D] -> [B, N, D] module (an MoE layer); default DiT's dense Mlp.
+        self.mlp = mlp if mlp is not None else Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.attn_branch = AttentionBranch(self)
         self.mlp_branch = MLPBranch(self)
@@ -274,10 +340,31 @@ class DiT(nn.Module):
         # Fixed sin-cos position embedding for the training grid (a buffer, not trained).
         self.register_buffer("pos_embed", torch.zeros(1, self.grid_size**2, D))
         self.blocks = nn.ModuleList(
-            DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+            DiTBlock(D, config.num_heads, config.mlp_ratio, self._moe_mlp(i))
+            for i in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()
+
+    def _moe_mlp(self, index: int) -> nn.Module | None:
+        """Block ``index``'s MoE feed-forward, or None for the dense Mlp."""
+        cfg = self.config
+        if not cfg.is_moe_block(index):
+            return None
+        D = cfg.hidden_size
+        hidden = int(D * cfg.mlp_ratio)  # DiT-MoE: every routed expert as wide as DiT's Mlp
+        kw = dict(num_shared_experts=cfg.num_shared_experts, shared_hidden=2 * D)
+        if cfg.moe_routing == "noise":
+            layer = NoiseRoutedMoE(D, hidden, cfg.num_experts, cfg.moe_top_k, **kw)
+        else:
+            layer = MoEFeedForward(
+                D, hidden, cfg.num_experts, cfg.moe_top_k, renormalize=cfg.moe_renormalize,
+                activation=cfg.moe_activation, expert_bias=cfg.moe_expert_bias, **kw,
+            )  # fmt: skip
+        # Read by adaptdiff.models.moe_aux_loss (which also finds them under DDP wrappers).
+        layer.balance_weight = cfg.moe_balance_weight
+        layer.z_loss_weight = cfg.moe_z_loss_weight
+        return layer
 
     @property
     def null_label(self) -> int | None:
@@ -365,8 +452,15 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.position_embedding(grid_h, grid_w)  # (B, N, D)
         c = self.embed_condition(t, y, force_drop_ids)  # (B, D)
         mask = self.dtr_masks(t).to(h.dtype) if self.config.dtr else None  # (B, D) or None
+        noise_routed = [b.mlp for b in self.blocks if isinstance(b.mlp, NoiseRoutedMoE)]
+        if noise_routed:  # MoDE: the routers see the timestep embedding alone
+            t_emb = self.t_embedder(t)  # (B, D)
+            for layer in noise_routed:
+                layer.noise_level = (t, t_emb)
         for block in self.blocks:
             h = block(h, c, mask)  # (B, N, D)
+        for layer in noise_routed:
+            layer.noise_level = None
         h = self.final_layer(h, c)  # (B, N, p*p*C_out)
         return self.unpatchify(h, grid_h, grid_w)  # (B, C_out, H, W)
 
@@ -449,6 +543,20 @@ DIT_CONFIGS["DiT-demo/4"] = DiTConfig(
     input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=4, num_heads=4,
     num_classes=10, learn_sigma=False,
 )  # fmt: skip
+
+# DiT-MoE's released configs (arXiv 2407.11633): "8E2A" = 8 experts, 2 active per token; every
+# block sparse, SwiGLU experts of width 4D, one shared expert of width 2D, balance loss 0.01.
+for _size, _experts in (("S", 8), ("S", 16), ("B", 8), ("XL", 8)):
+    DIT_CONFIGS[f"DiT-{_size}/2-{_experts}E2A"] = DiTConfig(
+        patch_size=2, num_experts=_experts, moe_top_k=2, **_PAPER_SIZES[_size]
+    )
+DIT_CONFIGS["DiT-MoE-tiny/2"] = dataclasses.replace(
+    DIT_CONFIGS["DiT-tiny/2"], num_experts=4, moe_top_k=2
+)
+# The demo's DiT with 8 experts, top-2, in every block (digits; `adaptdiff train --model ...`).
+DIT_CONFIGS["DiT-MoE-demo/4"] = dataclasses.replace(
+    DIT_CONFIGS["DiT-demo/4"], num_experts=8, moe_top_k=2
+)
 
 
 def create_dit(name: str, **overrides) -> DiT:

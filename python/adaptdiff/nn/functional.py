@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import ops
 
 ROUTERS = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu_tanh")
 
 
 @dataclass
@@ -48,6 +49,8 @@ def moe_swiglu(
     renormalize: bool = False,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     router: str = "softmax",
+    activation: str = "swiglu",
+    expert_bias: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, MoEAux]:
     """Top-k mixture of SwiGLU experts, dropless (no capacity, every assignment is computed).
 
@@ -64,15 +67,27 @@ def moe_swiglu(
         top_k: experts per token, ``1 <= top_k <= E``.
         shared: optional always-on dense SwiGLU ``(w_gate [Hs, D], w_up [Hs, D], w_down [D, Hs])``
             added to every token's output (DiT-MoE's shared expert).
+        activation: ``"gelu_tanh"`` makes every routed expert DiT's dense ``Mlp``,
+            ``w_down[e] gelu_tanh(w_up[e] x + b_up[e]) + b_down[e]`` (w_gate unused, may be None;
+            ``expert_bias=(b_up [E, H], b_down [E, D])`` optional): the layout that upcycling a
+            dense DiT copies exactly. The shared expert stays a SwiGLU.
 
     Returns:
         ``(y [T, D], aux)``, y in x's dtype, aux a :class:`MoEAux`. Differentiable in x and every
         weight (the router through the combine weights and the aux losses).
     """
-    E = _check_args(x, router_weight, w_gate, w_up, w_down, top_k, shared, router)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moe_swiglu: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    gelu = activation == "gelu_tanh"
+    E = _check_args(x, router_weight, w_up if gelu else w_gate, w_up, w_down, top_k, shared, router)
+    if expert_bias is not None:
+        _check_expert_bias(expert_bias, x, E, w_down.shape[2], gelu)
     logits, probs, top_p, top_idx = route(x, router_weight, top_k, renormalize, router)
     x_sorted, sorted_src, offsets = ops.moe_permute(x, top_idx, E)
-    y_sorted = expert_swiglu(x_sorted, offsets, w_gate, w_up, w_down)
+    if gelu:
+        y_sorted = expert_gelu_mlp(x_sorted, offsets, w_up, w_down, expert_bias)
+    else:
+        y_sorted = expert_swiglu(x_sorted, offsets, w_gate, w_up, w_down)
     y = ops.moe_unpermute(y_sorted, sorted_src, top_p)
     if shared is not None:
         y = y + swiglu(x, *shared)
@@ -124,6 +139,23 @@ def expert_swiglu(
     if _grouped_mm_supported(x_sorted, w_gate, w_up, w_down):
         return _expert_swiglu_grouped_mm(x_sorted, offsets, w_gate, w_up, w_down)
     return _GroupedSwiGLU.apply(x_sorted, offsets, w_gate, w_up, w_down)
+
+
+def expert_gelu_mlp(x_sorted, offsets, w_up, w_down, expert_bias=None) -> torch.Tensor:
+    """Expert e's ``w_down[e] gelu_tanh(w_up[e] x + b_up[e]) + b_down[e]`` on its rows of
+    ``x_sorted [P, D]`` (rows past the last group give zeros); a loop over the groups, autograd."""
+    bounds = offsets.tolist()
+    parts = []
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if lo == hi:
+            continue
+        b_up, b_down = (
+            (None, None) if expert_bias is None else (expert_bias[0][e], expert_bias[1][e])
+        )
+        h = F.gelu(F.linear(x_sorted[lo:hi], w_up[e], b_up), approximate="tanh")
+        parts.append(F.linear(h, w_down[e], b_down))
+    parts.append(x_sorted.new_zeros(x_sorted.shape[0] - bounds[-1], w_down.shape[1]))
+    return torch.cat(parts)
 
 
 def _grouped_mm_supported(x, *weights) -> bool:
@@ -252,6 +284,22 @@ def _check_args(
                 f"got {w.dtype}, {w.device}"
             )
     return E
+
+
+def _check_expert_bias(expert_bias, x, E: int, H: int, gelu: bool) -> None:
+    if not gelu:
+        raise ValueError("moe_swiglu: expert_bias needs activation='gelu_tanh'")
+    if not isinstance(expert_bias, (tuple, list)) or len(expert_bias) != 2:
+        raise ValueError("moe_swiglu: expert_bias must be a pair (b_up [E, H], b_down [E, D])")
+    b_up, b_down = expert_bias
+    D = x.shape[1]
+    if _shape(b_up) != [E, H] or _shape(b_down) != [E, D]:
+        raise ValueError(
+            f"moe_swiglu: expert_bias must be (b_up [E, H={H}], b_down [E, D={D}]), "
+            f"got {_shape(b_up)}, {_shape(b_down)}"
+        )
+    if any(b.dtype != x.dtype or b.device != x.device for b in expert_bias):
+        raise ValueError("moe_swiglu: expert_bias must have x's dtype and device")
 
 
 def check_expert_weights(w_gate, w_up, w_down, E: int, D: int, fn: str) -> int:

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .functional import ROUTERS, MoEAux, moe_swiglu
+from .functional import ACTIVATIONS, ROUTERS, MoEAux, moe_swiglu
 
 
 def xavier_uniform_experts_(w: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,10 @@ class MoEFeedForward(nn.Module):
     ``forward(x [..., D]) -> [..., D]``; the routing statistics of the last call are kept in
     ``self.aux`` (a :class:`~adaptdiff.nn.functional.MoEAux`), read by :meth:`balance_loss` and
     :meth:`z_loss`. Init (DiT-MoE): Xavier-uniform experts, Kaiming-uniform(a=sqrt 5) router.
+
+    ``activation="gelu_tanh"`` makes each routed expert DiT's dense ``Mlp`` (no ``w_gate``;
+    with ``expert_bias=True`` also ``b_up [E, H]``, ``b_down [E, D]``, zero-initialised), the
+    layout into which :func:`adaptdiff.models.upcycle_to_moe` copies a dense DiT's MLPs.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class MoEFeedForward(nn.Module):
         shared_hidden: int | None = None,
         renormalize: bool = False,
         router: str = "softmax",
+        activation: str = "swiglu",
+        expert_bias: bool = False,
         device=None,
         dtype=None,
     ):
@@ -61,6 +67,12 @@ class MoEFeedForward(nn.Module):
             )
         if router not in ROUTERS:
             raise ValueError(f"MoEFeedForward: router must be one of {ROUTERS}, got {router!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MoEFeedForward: activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
+        if expert_bias and activation != "gelu_tanh":
+            raise ValueError("MoEFeedForward: expert_bias needs activation='gelu_tanh'")
         if shared_hidden is None:
             shared_hidden = 2 * dim
         elif shared_hidden < 1:
@@ -68,11 +80,18 @@ class MoEFeedForward(nn.Module):
         self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
         self.num_shared_experts, self.shared_hidden = num_shared_experts, shared_hidden
         self.renormalize, self.router = renormalize, router
+        self.activation, self.expert_bias = activation, expert_bias
         kw = dict(device=device, dtype=dtype)
         self.router_weight = nn.Parameter(torch.empty(num_experts, dim, **kw))
-        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
+        if activation == "swiglu":
+            self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
+        else:
+            self.register_parameter("w_gate", None)
         self.w_up = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden, **kw))
+        if expert_bias:
+            self.b_up = nn.Parameter(torch.zeros(num_experts, hidden, **kw))
+            self.b_down = nn.Parameter(torch.zeros(num_experts, dim, **kw))
         if num_shared_experts:
             width = num_shared_experts * shared_hidden
             self.shared_gate = nn.Parameter(torch.empty(width, dim, **kw))
@@ -84,7 +103,11 @@ class MoEFeedForward(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
         for w in self.expert_weights() + list(self.shared_weights() or ()):
-            xavier_uniform_experts_(w)
+            if w is not None:
+                xavier_uniform_experts_(w)
+        if self.expert_bias:
+            nn.init.zeros_(self.b_up)
+            nn.init.zeros_(self.b_down)
 
     def expert_weights(self) -> list[nn.Parameter]:
         return [self.w_gate, self.w_up, self.w_down]
@@ -105,6 +128,8 @@ class MoEFeedForward(nn.Module):
             renormalize=self.renormalize,
             shared=self.shared_weights(),
             router=self.router,
+            activation=self.activation,
+            expert_bias=(self.b_up, self.b_down) if self.expert_bias else None,
         )
         return y.view(x.shape)
 
@@ -126,6 +151,8 @@ class MoEFeedForward(nn.Module):
             f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, router={self.router!r}, renormalize={self.renormalize}"
         )
+        if self.activation != "swiglu":
+            text += f", activation={self.activation!r}, expert_bias={self.expert_bias}"
         if self.num_shared_experts:
             text += f", num_shared_experts={self.num_shared_experts}"
             text += f", shared_hidden={self.shared_hidden}"

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..models.dit_moe import moe_aux_loss, moe_layers
 from ..samplers.parameterization import append_dims, check_prediction, target
 from ..samplers.schedules import randn
 
@@ -35,6 +36,8 @@ class DiffusionObjective:
         prediction: "eps", "v", "x0" or "flow" (velocity eps - x0).
         loss_weighting: None (plain MSE), "min_snr" (Min-SNR-5, for eps/v/x0) or a callable
             ``(alpha [B], sigma [B], t [B]) -> weight [B]`` applied to each sample's mean error.
+        moe_aux: add :func:`adaptdiff.models.moe_aux_loss` (the weighted router balance and
+            z-losses of this forward) when the model has MoE layers (DiT-MoE, MoDE).
 
     ``loss(model, x0, cond=..., generator=...)`` draws t from ``schedule.sample_t`` and eps from the
     generator, forms x_t = alpha x0 + sigma eps and calls ``model(x_t, t, **cond)``. A model that
@@ -47,6 +50,7 @@ class DiffusionObjective:
         schedule,
         prediction: str = "eps",
         loss_weighting: str | Callable | None = None,
+        moe_aux: bool = True,
     ):
         check_prediction(prediction)
         if loss_weighting == "min_snr":
@@ -60,6 +64,7 @@ class DiffusionObjective:
         self.schedule = schedule
         self.prediction = prediction
         self.loss_weighting = loss_weighting
+        self.moe_aux = moe_aux
 
     def loss(
         self,
@@ -86,4 +91,7 @@ class DiffusionObjective:
         per_sample = (out.float() - goal.float()).pow(2).reshape(b, -1).mean(1)
         if self.loss_weighting is not None:
             per_sample = per_sample * self.loss_weighting(alpha, sigma, t).to(per_sample)
-        return per_sample.mean()
+        loss = per_sample.mean()
+        if self.moe_aux and moe_layers(model):
+            loss = loss + moe_aux_loss(model)
+        return loss
