@@ -75,6 +75,10 @@ timeout 120 "$PY" -m benchmarks.bench_moe --device cuda --json "$OUT/bench_moe_c
   > "$OUT/bench_moe_cuda.txt" 2>&1
 status "MoE layer benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_moe_cuda.txt"
 
+t0=$SECONDS
+timeout 60 "$PY" -m benchmarks.bench_mode --device cuda > "$OUT/bench_mode_cuda.txt" 2>&1
+status "MoDE fusion benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_mode_cuda.txt"
+
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
 cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12
