@@ -31,3 +31,14 @@ def test_demo_quick_writes_its_files(tmp_path, monkeypatch, capsys):
 def test_sample_without_a_run_explains(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         cli.main(["sample", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_demo_quick_moe_adds_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--quick", "--moe", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names == ["euler 8", "dpmpp_2m 8", "MoE euler 8", "MoE dpmpp_2m 8"]
+    assert (out / "moe" / "preview_000100.png").exists()

@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="train a tiny DiT on the digits, compare samplers")
     s.add_argument("--out", default="adaptdiff-out", help="output folder")
-    s.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    s.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of the pipeline (300 steps, under a minute; too short to learn)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--moe", action="store_true", help="also train DiT-MoE-demo/4 and add its rows")
     s.set_defaults(fn=_cmd_demo)

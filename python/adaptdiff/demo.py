@@ -236,6 +236,7 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int = 10) -> None:
     """Images in [-1, 1], [N, 1, H, W], as one PNG grid (N/nrow rows, upscaled 4x)."""
     from PIL import Image
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     n, _, h, w = x.shape
     rows = math.ceil(n / nrow)
     grid = torch.full((rows * (h + 2), nrow * (w + 2)), -1.0)
@@ -311,7 +312,7 @@ def run_demo(
     cfg = DigitsTrainConfig(out_dir=str(out), seed=seed)
     settings, num_samples = DEFAULT_SETTINGS, 300
     if quick:
-        cfg = dataclasses.replace(cfg, steps=150, batch_size=64, preview_every=100)
+        cfg = dataclasses.replace(cfg, steps=300, batch_size=64, ema_decay=0.98, preview_every=100)
         settings, num_samples = QUICK_SETTINGS, 100
 
     print(f"[1/3] training {cfg.model} on digits {cfg.image_size}px for {cfg.steps} steps (CPU)")
