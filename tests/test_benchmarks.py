@@ -15,17 +15,9 @@ import benchmarks
 from adaptdiff import cli
 from benchmarks import bench_reductions, bench_tokens, harness
 
-ALL_OPS = {
-    "gather_tokens",
-    "scatter_tokens",
-    "indexed_linear_",
-    "patch_scores",
-    "rel_l1",
-    "cosine",
-    "lincomb",
-    "moe_permute",
-    "moe_unpermute",
-}
+from .ops.support import CONTRACT_OPS
+
+ALL_OPS = CONTRACT_OPS
 FIELDS = {
     "device",
     "device_type",

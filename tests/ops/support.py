@@ -9,6 +9,21 @@ import adaptdiff
 
 HAS_CUDA = torch.cuda.is_available()
 
+# The ops of the contract (DESIGN.md §3) that this build implements.
+CONTRACT_OPS = frozenset(
+    {
+        "gather_tokens",
+        "scatter_tokens",
+        "indexed_linear_",
+        "patch_scores",
+        "rel_l1",
+        "cosine",
+        "lincomb",
+        "moe_permute",
+        "moe_unpermute",
+    }
+)
+
 
 def devices(op: str) -> list:
     """``cpu`` always; ``cuda`` when a GPU is present and the op has a CUDA kernel."""
