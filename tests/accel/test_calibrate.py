@@ -16,8 +16,22 @@ from .support import run, tiny_dit
 
 def _cli(tmp_path, method, *extra):
     out = tmp_path / f"{method}.json"
-    rc = main(["calibrate", "--method", method, "--model", "DiT-tiny/2", "--steps", "6",
-               "--runs", "2", "--out", str(out), *extra])  # fmt: skip
+    rc = main(
+        [
+            "calibrate",
+            "--method",
+            method,
+            "--model",
+            "DiT-tiny/2",
+            "--steps",
+            "6",
+            "--runs",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )  # fmt: skip; later flags win
     assert rc == 0
     return out
 
@@ -47,6 +61,26 @@ def test_magcache_calibration_cli(tmp_path):
     model = random_dit("DiT-tiny/2", seed=0)
     handle = accel.apply(model, MagCacheConfig(mag_ratios=str(path), threshold=0.5))
     assert torch.isfinite(run(model, [handle], steps=6)).all()
+
+
+def test_schedule_searches_write_loadable_schedules(tmp_path):
+    from adaptdiff.accel import Schedule
+    from adaptdiff.accel.cli import random_dit
+
+    model = random_dit("DiT-tiny/2", seed=0)
+    bac = Schedule.load(_cli(tmp_path, "bac", "--option", "budget=3"), model=model)
+    assert bac.num_steps == 6 and bac.meta["method"] == "bac"
+    assert bac.compute_fraction() < 1
+    path = _cli(tmp_path, "ecad", "--option", "pop=4", "--option", "generations=1",
+                "--option", "target=0.9", "--sampler", "heun", "--steps", "3")  # fmt: skip
+    ecad = Schedule.load(path, model=model)
+    assert ecad.num_steps == 5 and ecad.compute_fraction() <= 0.9
+    assert ecad.meta["front"] and ecad.meta["sampling"]["calls"] == 5
+    handle = accel.apply(model, accel.ScheduleConfig(str(path)))
+    run(model, [handle], steps=3, method="heun")
+    assert accel.summary(model)["default"]["hits"] > 0
+    with pytest.raises(ValueError, match="not a float"):
+        _cli(tmp_path, "bac", "--option", "budget=lots")
 
 
 def test_calibration_validation(tmp_path):

@@ -165,7 +165,7 @@ def test_bac_and_ecad_on_diffusers_model(name):
     assert torch.isfinite(out).all() and accel.summary(model)["cond"]["hits"] > 0
     accel.remove(model)
 
-    def sample_once():
+    def sample_once(accelerators):  # a pipeline loop: ecad_search resets the handle itself
         return _loop(model, x, inputs, ("cond",))
 
     schedules, _ = ecad_search(model, sample_once, STEPS, pop_size=4, generations=1,

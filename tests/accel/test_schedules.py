@@ -179,7 +179,7 @@ def test_nsga2_returns_a_non_dominated_front():
 def test_ecad_search_on_tiny_dit():
     model = tiny_dit(depth=2)
     schedules, front = ecad_search(
-        model, lambda: run(model, steps=4), 4, pop_size=6, generations=2, progress=False
+        model, lambda accs: run(model, accs, steps=4), 4, pop_size=6, generations=2, progress=False
     )
     assert schedules and all(s.num_steps == 4 for s in schedules)
     fractions = [s.meta["compute_fraction"] for s in schedules]

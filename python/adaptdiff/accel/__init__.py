@@ -36,7 +36,9 @@ static schedules (:mod:`.schedule`) ``ScheduleConfig(Schedule | path)``, with pr
 :mod:`.producers` (``interval_schedule``, ``asdm_schedule``, ``bac_schedule``) and
 :mod:`.ecad` (``nsga2``, ``ecad_search``). Calibration (:mod:`.calibration`):
 ``register_calibrator(name)`` adds ``adaptdiff calibrate --method name``; ``load_calibration``
-validates the JSON (format, version, method, model class / blocks / parameters).
+validates the JSON (format, version, method, model class / blocks / parameters). The methods
+``teacache`` and ``magcache`` write calibrations; ``bac`` and ``ecad`` (:mod:`.searches`) write
+schedules.
 """
 
 from .api import apply, context, get_handle, register_config, remove, reset, summary
@@ -50,6 +52,7 @@ from .calibration import (
 )
 from .hooks import AccelHandle, ContextState, Hook, find_blocks, find_components, layout
 from .schedule import Schedule, ScheduleConfig
+from .searches import calibrate_bac, calibrate_ecad  # noqa: F401  (registers bac, ecad)
 
 __all__ = [
     "CALIBRATORS",

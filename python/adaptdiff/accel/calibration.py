@@ -37,7 +37,6 @@ __all__ = [
     "record_stack",
     "register_calibrator",
     "run_calibration",
-    "save_calibration",
 ]
 
 
@@ -48,19 +47,6 @@ def model_signature(model: nn.Module) -> dict:
         "blocks": len(find_blocks(model)),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-
-
-def save_calibration(path, method: str, model: nn.Module, fields: dict, sampling: dict) -> dict:
-    doc = {
-        "format": FORMAT,
-        "version": VERSION,
-        "method": method,
-        "model": model_signature(model),
-        "sampling": sampling,
-        **fields,
-    }
-    Path(path).write_text(json.dumps(doc, indent=1))
-    return doc
 
 
 def load_calibration(source, method: str, model: nn.Module | None = None) -> dict:
@@ -150,10 +136,18 @@ def register_calibrator(name: str, help: str = ""):
 
 
 def run_calibration(method: str, setup: CalibrationSetup, out=None) -> dict:
-    """Run a registered calibrator and (with ``out``) write its JSON; returns the document."""
+    """Run a registered calibrator and (with ``out``) write its JSON; returns the document.
+
+    A calibrator's fields go under the calibration header, unless they are a whole document
+    of another format (a ``"format"`` key: e.g. the schedules of ``bac`` and ``ecad``).
+    """
     if method not in CALIBRATORS:
         raise ValueError(f"method must be one of {sorted(CALIBRATORS)}, got {method!r}")
     fields = CALIBRATORS[method].fn(setup)
+    if "format" in fields:
+        if out is not None:
+            Path(out).write_text(json.dumps(fields, indent=1))
+        return fields
     doc = {
         "format": FORMAT,
         "version": VERSION,

@@ -51,8 +51,11 @@ def calibration_setup(model, *, method="euler", steps=20, runs=4, batch=2, guida
             progress=False,
         )  # fmt: skip
 
-    sampling = {"method": method, "steps": steps, "runs": runs, "batch": batch,
-                "guidance": guidance, "seed": seed, "prediction": "flow"}  # fmt: skip
+    from .hooks import model_calls
+
+    sampling = {"method": method, "steps": steps, "calls": model_calls(method, steps),
+                "runs": runs, "batch": batch, "guidance": guidance, "seed": seed,
+                "prediction": "flow"}  # fmt: skip
     return CalibrationSetup(model, draw, runs, sampling, dict(options or {}))
 
 
@@ -90,7 +93,7 @@ def add_calibrate_parser(sub) -> None:
     methods = "; ".join(f"{k}: {v.help}" for k, v in sorted(CALIBRATORS.items()))
     s = sub.add_parser(
         "calibrate",
-        help="fit cache coefficients (TeaCache, MagCache, ...) from exact sampling runs",
+        help="fit cache coefficients (TeaCache, MagCache) or search schedules (BAC, ECAD)",
         description=f"Methods: {methods}",
     )
     s.add_argument("--method", required=True, help=f"one of {sorted(CALIBRATORS)}")

@@ -200,7 +200,7 @@ def component_costs(model: nn.Module, components, blocks=None) -> list[list[floa
 
 def ecad_search(
     model: nn.Module,
-    run: Callable[[], torch.Tensor],
+    run: Callable[[list], torch.Tensor],
     steps: int,
     *,
     fitness: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
@@ -213,8 +213,9 @@ def ecad_search(
 ) -> tuple[list[Schedule], ParetoFront]:
     """NSGA-II over schedules of ``steps`` model calls for ``model``.
 
-    ``run()`` draws the calibration samples (same noise every time); it is called once plain
-    for the reference and once per candidate with the schedule applied. ``fitness(samples,
+    ``run(accelerators)`` draws the calibration samples (same noise every time; pass the
+    accelerators to ``sample``); it is called once plain for the reference and once per
+    candidate with the schedule applied (and its handle in ``accelerators``). ``fitness(samples,
     reference) -> loss`` (default ``-PSNR``) is the quality objective; compute is the second.
     Seeds the population with all-compute and interval schedules (ECAD's heuristic seeds).
     """
@@ -225,14 +226,14 @@ def ecad_search(
     comps = layout(model, blocks)
     costs = component_costs(model, comps, blocks)
     loss = fitness or (lambda x, ref: -psnr(x, ref))
-    reference = run()
+    reference = run([])
 
     def evaluate(bits):
         sched = Schedule.from_genome(comps, steps, bits)
         handle = apply(model, ScheduleConfig(sched), blocks=blocks)
         try:
             handle.reset()
-            out = run()
+            out = run([handle])
         finally:
             remove(model)
         return loss(out, reference), sched.compute_fraction(costs)
