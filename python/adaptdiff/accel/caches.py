@@ -153,10 +153,6 @@ def _sub(a, b):
     return None if a is None or b is None else a - b
 
 
-def _shape(t):
-    return None if t is None else tuple(t.shape)
-
-
 class StackCache(Hook):
     """Executor shared by the whole-stack caches; subclasses decide per step."""
 
@@ -225,22 +221,24 @@ class StackCache(Hook):
             out = inner(*args, **kwargs)
             if i == self.first_blocks - 1:
                 hidden = split_output(out)[0]
-                st["plan"] = self._decide_head(hidden - st.pop("head_in"))
+                st["plan"] = self._decide_head(hidden - st.pop("head_in"), hidden)
             return out
 
         return head
 
     @torch.compiler.disable
-    def _decide_head(self, head_residual):
-        return self._plan(self.decide_head(head_residual))
+    def _decide_head(self, head_residual, hidden):
+        return self._plan(self.decide_head(head_residual), hidden)
 
     @torch.compiler.disable
-    def _decide_start(self, inner, block, args, kwargs):
-        return self._plan(self.decide_start(inner, block, args, kwargs))
+    def _decide_start(self, inner, block, args, kwargs, hidden):
+        return self._plan(self.decide_start(inner, block, args, kwargs), hidden)
 
-    def _plan(self, skip: bool):
+    def _plan(self, skip: bool, hidden: torch.Tensor):
         st = self.state
-        if not skip or st["residual"] is None:
+        cached = st["residual"]
+        # nothing cached yet, or cached for another batch (e.g. guidance was turned off)
+        if not skip or cached is None or cached[0].shape != hidden.shape:
             st["consecutive"] = 0
             return None
         res = self.forecast()
@@ -258,9 +256,7 @@ class StackCache(Hook):
                 if self.first_blocks:
                     plan = st.pop("plan", None)
                 else:
-                    plan = self._decide_start(inner, block, args, kwargs)
-                if plan is not None and _shape(plan[0]) != _shape(io.hidden):
-                    plan = None  # the batch changed (e.g. guidance turned off): recompute
+                    plan = self._decide_start(inner, block, args, kwargs, io.hidden)
                 st["skip"] = plan
                 if plan is None:
                     st["mid_in"] = (io.hidden, BlockIO.of_call(sig, args, kwargs, True).encoder)
