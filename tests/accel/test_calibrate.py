@@ -98,6 +98,8 @@ def test_calibration_validation(tmp_path):
         load_calibration(doc, "magcache", tiny_dit(depth=2))
     with pytest.raises(ValueError, match="'mag_ratios' must be a list"):
         load_calibration({**doc, "mag_ratios": [1.0]}, "magcache")
+    with pytest.raises(ValueError, match="'mag_ratios' has 4 values but 'calls' is 3"):
+        load_calibration({**doc, "calls": 3}, "magcache")
     path = tmp_path / "m.json"
     path.write_text(json.dumps({**doc, "model": {**doc["model"], "parameters": 1}}))
     with pytest.raises(ValueError, match="parameters=1"):

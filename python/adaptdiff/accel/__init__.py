@@ -16,6 +16,8 @@ API (for users and for other acceleration modules):
   ``blocks`` names the block lists if they are not ``blocks`` / ``transformer_blocks`` /
   ``single_transformer_blocks``. Raises if the model is already hooked.
 - ``remove(model)``, ``reset(model)``, ``summary(model) -> dict``, ``get_handle(model)``.
+  Remove the hooks before ``copy.deepcopy`` of a model: a copy's wrappers would call the
+  original's modules.
 - ``context(model, name)`` (or ``handle.context(name)``): a ``with`` block whose model calls
   use context ``name``'s state (e.g. "cond"/"uncond" when a pipeline calls the branches
   separately). Calls outside any context use ``"default"``. Each context has its own step

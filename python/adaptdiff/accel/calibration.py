@@ -90,9 +90,18 @@ def _check_float_list(doc, key, where, min_len=1):
         raise ValueError(f"{where}: {key!r} must be a list of >= {min_len} numbers, got {v!r}")
 
 
+def _check_magcache(doc, where):
+    _check_float_list(doc, "mag_ratios", where, 2)
+    if "calls" in doc and doc["calls"] != len(doc["mag_ratios"]):
+        raise ValueError(
+            f"{where}: 'mag_ratios' has {len(doc['mag_ratios'])} values but 'calls' is "
+            f"{doc['calls']}"
+        )
+
+
 _FIELD_CHECKS = {
     "teacache": lambda d, w: _check_float_list(d, "coefficients", w),
-    "magcache": lambda d, w: _check_float_list(d, "mag_ratios", w, 2),
+    "magcache": _check_magcache,
 }
 
 
