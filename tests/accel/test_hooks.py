@@ -6,6 +6,7 @@ import torch
 from adaptdiff import accel
 from adaptdiff.accel import FirstBlockCacheConfig, Schedule, ScheduleConfig
 from adaptdiff.accel.producers import interval_schedule
+from adaptdiff.samplers import sample
 
 from .support import run, tiny_dit
 
@@ -152,6 +153,7 @@ def test_bad_configs():
         accel.apply(model, ScheduleConfig(Schedule.full([["attn"]] * 4, 3)))
 
 
+@pytest.mark.slow
 def test_compiled_hooked_block_breaks_only_at_decisions():
     model = tiny_dit(depth=2)
     comps = accel.layout(model)
@@ -176,3 +178,24 @@ def test_compiled_hooked_block_breaks_only_at_decisions():
     for i in range(3):
         handle.ctx.step += 1
         torch.testing.assert_close(compiled(x, c), eager[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_with_first_block_cache_matches_eager():
+    model = tiny_dit()
+    handle = accel.apply(model, FirstBlockCacheConfig(threshold=0.5))
+    eager = run(model, [handle])
+    summary = accel.summary(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    labels = torch.tensor([1, 2])
+    # counters and step numbers live outside the graph: no recompilation per step
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        out = sample(
+            compiled, (2, 4, 8, 8), method="euler", steps=8, guidance_scale=1.5,
+            cond={"y": labels}, uncond={"y": torch.full_like(labels, model.null_label)},
+            prediction="flow", accelerators=[handle], generator=torch.Generator().manual_seed(0),
+            progress=False,
+        )  # fmt: skip
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    assert accel.summary(model) == summary and summary["default"]["cached_steps"]

@@ -235,22 +235,24 @@ class StackCache(Hook):
         return self._plan(self.decide_start(inner, block, args, kwargs), hidden)
 
     def _plan(self, skip: bool, hidden: torch.Tensor):
-        st = self.state
+        st, ctx = self.state, self.handle.ctx
         cached = st["residual"]
         # nothing cached yet, or cached for another batch (e.g. guidance was turned off)
-        if not skip or cached is None or cached[0].shape != hidden.shape:
+        skip = skip and cached is not None and cached[0].shape == hidden.shape
+        for i in self.middle:  # counted here, outside the graph, not in the block wrappers
+            ctx.count(("block", i), skip)
+        if not skip:
             st["consecutive"] = 0
             return None
-        res = self.forecast()
         st["consecutive"] += 1
-        st["cached_steps"].append(self.handle.ctx.step)
-        return res
+        st["cached_steps"].append(ctx.step)
+        return self.forecast()
 
     def _middle_wrapper(self, i, sig, block):
         first_mid, last_mid = self.middle[0], self.middle[-1]
 
         def middle(inner, *args, **kwargs):
-            st, ctx = self.state, self.handle.ctx
+            st = self.state
             io = BlockIO.of_call(sig, args, kwargs, st["pair"])
             if i == first_mid:
                 if self.first_blocks:
@@ -261,7 +263,6 @@ class StackCache(Hook):
                 if plan is None:
                     st["mid_in"] = (io.hidden, BlockIO.of_call(sig, args, kwargs, True).encoder)
             plan = st["skip"]
-            ctx.count(("block", i), plan is not None)
             if plan is not None:
                 if i != first_mid:
                     return io.output(io.hidden, io.encoder)  # pass through
