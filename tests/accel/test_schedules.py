@@ -9,7 +9,13 @@ import torch
 
 from adaptdiff import accel
 from adaptdiff.accel import Schedule, ScheduleConfig
-from adaptdiff.accel.ecad import dominates, ecad_search, non_dominated_sort, nsga2
+from adaptdiff.accel.ecad import (
+    dominates,
+    ecad_search,
+    feature_fitness,
+    non_dominated_sort,
+    nsga2,
+)
 from adaptdiff.accel.producers import (
     asdm_schedule,
     asdm_steps,
@@ -186,3 +192,10 @@ def test_ecad_search_on_tiny_dit():
     losses = [s.meta["quality_loss"] for s in schedules]
     assert losses == sorted(losses) and fractions == sorted(fractions, reverse=True)
     assert all(f < 1 for f in fractions)  # the constraint: every schedule reuses something
+    # a pluggable fitness: distance of (here) per-image means instead of PSNR
+    fitness = feature_fitness(lambda x: x.mean((1, 2, 3)))
+    schedules, _ = ecad_search(
+        model, lambda accs: run(model, accs, steps=4), 4, fitness=fitness, pop_size=4,
+        generations=1, progress=False,
+    )  # fmt: skip
+    assert all(s.meta["quality_loss"] >= 0 for s in schedules)

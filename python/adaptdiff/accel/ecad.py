@@ -21,7 +21,15 @@ from .hooks import find_blocks
 from .producers import interval_schedule
 from .schedule import Schedule, ScheduleConfig
 
-__all__ = ["ParetoFront", "crowding_distance", "ecad_search", "non_dominated_sort", "nsga2"]
+__all__ = [
+    "ParetoFront",
+    "crowding_distance",
+    "ecad_search",
+    "feature_fitness",
+    "non_dominated_sort",
+    "nsga2",
+    "psnr_fitness",
+]
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -190,6 +198,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(data_range**2 / mse)).item()
 
 
+def psnr_fitness(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """The default quality loss: ``-PSNR`` of all samples against the exact ones."""
+    return -psnr(samples, reference)
+
+
+def feature_fitness(extract: Callable[[torch.Tensor], torch.Tensor]):
+    """A quality loss from a feature extractor: the mean squared distance between the
+    features of the samples and of the exact ones, e.g.
+    ``feature_fitness(DigitsEvaluator().features)`` for the digits."""
+    memo: dict = {}
+
+    def loss(samples: torch.Tensor, reference: torch.Tensor) -> float:
+        if memo.get("ref") is not reference:  # the reference is the same every call
+            memo["ref"], memo["feat"] = reference, extract(reference).double()
+        return float((extract(samples).double() - memo["feat"]).square().mean())
+
+    return loss
+
+
 def component_costs(model: nn.Module, components, blocks=None) -> list[list[float]]:
     """Parameters of each component: proportional to its MACs per token for linear layers."""
     out = []
@@ -216,7 +243,8 @@ def ecad_search(
     ``run(accelerators)`` draws the calibration samples (same noise every time; pass the
     accelerators to ``sample``); it is called once plain for the reference and once per
     candidate with the schedule applied (and its handle in ``accelerators``). ``fitness(samples,
-    reference) -> loss`` (default ``-PSNR``) is the quality objective; compute is the second.
+    reference) -> loss`` (default :func:`psnr_fitness`; or :func:`feature_fitness`) is the
+    quality objective; the computed share of the components' parameters is the second.
     Seeds the population with all-compute and interval schedules (ECAD's heuristic seeds).
     """
     from .hooks import layout
@@ -225,7 +253,7 @@ def ecad_search(
         raise ValueError("ecad_search: remove the model's adaptdiff.accel hooks first")
     comps = layout(model, blocks)
     costs = component_costs(model, comps, blocks)
-    loss = fitness or (lambda x, ref: -psnr(x, ref))
+    loss = fitness or psnr_fitness
     reference = run([])
 
     def evaluate(bits):
