@@ -106,6 +106,8 @@ def test_calibration_validation(tmp_path):
         accel.apply(tiny_dit(), MagCacheConfig(mag_ratios=str(path)))
     with pytest.raises(ValueError, match="not found"):
         load_calibration(tmp_path / "nope.json", "teacache")
+    handle = accel.apply(model, MagCacheConfig(mag_ratios=doc))  # a loaded document works too
+    assert torch.isfinite(run(model, [handle], steps=4)).all()
 
 
 def test_registry_is_extensible(tmp_path):

@@ -15,6 +15,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,11 +77,12 @@ class TeaCacheConfig:
     The indicator is the relative L1 change of the input of block 0's first attention (its
     AdaLN-modulated input); ``coefficients`` (highest degree first, as ``numpy.polyval``) rescale
     it to an estimate of the output change, or a path to the JSON of
-    ``adaptdiff calibrate --method teacache``. None: the identity (raw indicator).
+    ``adaptdiff calibrate --method teacache`` (or that JSON loaded). None: the identity (the
+    raw indicator).
     """
 
     threshold: float = 0.1
-    coefficients: Sequence[float] | str | None = None
+    coefficients: Sequence[float] | str | Path | dict | None = None
     warmup_steps: int = 1
     final_steps: int = 1
     max_consecutive: int | None = None
@@ -99,9 +101,10 @@ class MagCacheConfig:
     residual-magnitude ratios stays <= ``threshold``, at most ``max_skip_steps`` in a row and
     never in the first ``retention_ratio`` of the calls. ``mag_ratios``: one ratio per model
     call of the calibration run (resampled to the current call count), or the path of
-    ``adaptdiff calibrate --method magcache``'s JSON. Decisions need no device sync."""
+    ``adaptdiff calibrate --method magcache``'s JSON (or that JSON loaded). Decisions need no
+    device sync."""
 
-    mag_ratios: Sequence[float] | str | None = None
+    mag_ratios: Sequence[float] | str | Path | dict | None = None
     threshold: float = 0.06
     max_skip_steps: int = 3
     retention_ratio: float = 0.2
@@ -346,7 +349,7 @@ class TeaCache(StackCache):
 
     def install(self):
         coeffs = self.config.coefficients
-        if isinstance(coeffs, str):
+        if isinstance(coeffs, (str, Path, dict)):
             coeffs = load_calibration(coeffs, "teacache", self.handle.model)["coefficients"]
         self.coefficients = [1.0, 0.0] if coeffs is None else [float(c) for c in coeffs]
         super().install()
@@ -396,7 +399,7 @@ class MagCache(StackCache):
 
     def install(self):
         ratios = self.config.mag_ratios
-        if isinstance(ratios, str):
+        if isinstance(ratios, (str, Path, dict)):
             ratios = load_calibration(ratios, "magcache", self.handle.model)["mag_ratios"]
         self.ratios = [float(r) for r in ratios]
         _check(len(self.ratios) >= 2, "MagCacheConfig: mag_ratios needs at least two values")
