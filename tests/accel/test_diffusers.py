@@ -14,7 +14,12 @@ from adaptdiff.accel import (
     TeaCacheConfig,
 )
 from adaptdiff.accel.ecad import ecad_search
-from adaptdiff.accel.producers import asdm_schedule, bac_schedule, collect_features
+from adaptdiff.accel.producers import (
+    asdm_schedule,
+    bac_schedule,
+    collect_features,
+    interval_schedule,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -127,7 +132,9 @@ def _methods(model):
         "teacache": TeaCacheConfig(threshold=10.0),
         "magcache": MagCacheConfig(mag_ratios=[1.0] * STEPS, retention_ratio=0.2),
         "taylorseer": TaylorSeerConfig(interval=2, warmup_steps=2),
-        "asdm": ScheduleConfig(asdm_schedule(comps, STEPS, "layer", "alternate", targets=[1])),
+        "asdm_block": ScheduleConfig(asdm_schedule(comps, STEPS, "block", "alternate")),
+        "asdm_unit": ScheduleConfig(asdm_schedule(comps, STEPS, "unit", "late", targets=[0, 2])),
+        "interval": ScheduleConfig(interval_schedule(comps, STEPS, 2)),
     }
 
 

@@ -85,14 +85,15 @@ def asdm_steps(steps: int, mode: str) -> list[int]:
 
 def asdm_schedule(
     components, steps: int, granularity: str = "layer", mode: str = "alternate",
-    targets: Sequence | None = None, groups: int = 4, units: Sequence[str] | None = None,
+    targets: Sequence | None = None, groups: int | None = None, units: Sequence[str] | None = None,
 ) -> Schedule:  # fmt: skip
     """A-SDM feature inheritance: on the calls of ``mode`` (see :func:`asdm_steps`) the chosen
     units reuse ("inherit") their features from the previous call.
 
     granularity:
-    - ``"block"``: the blocks form ``groups`` contiguous groups (a UNet's down/up blocks; a
-      DiT's runs of layers); ``targets`` are group indices (default: all but the first and last).
+    - ``"block"``: the blocks form ``groups`` contiguous groups (default min(4, blocks); a
+      UNet's down/up blocks, a DiT's runs of layers); ``targets`` are group indices (default:
+      all but the first and last).
     - ``"layer"``: ``targets`` are block indices (default: the middle half); every component.
     - ``"unit"``: ``targets`` are block indices (default: the middle half) and ``units`` the
       component names that inherit (default: each block's first, its attention).
@@ -101,6 +102,7 @@ def asdm_schedule(
     inherit = asdm_steps(steps, mode)
     mid = list(range(n // 4, n - n // 4)) or list(range(n))
     if granularity == "block":
+        groups = min(4, n) if groups is None else groups
         if not 1 <= groups <= n:
             raise ValueError(f"groups must be in [1, {n}], got {groups}")
         bounds = [round(g * n / groups) for g in range(groups + 1)]
