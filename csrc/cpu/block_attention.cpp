@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <bit>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -52,12 +53,115 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-ADAPTDIFF_CPU_CLONES float scale_max(float* __restrict s, int64_t n, float scale) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] *= scale;
-    m = s[j] > m ? s[j] : m;
+#ifdef ADAPTDIFF_X86_F16C
+// AVX2 + FMA versions of the row loops (GCC does not vectorise a float sum or max without
+// -ffast-math, nor the masked exp). Picked at run time; the polynomial is exp_nonpositive's.
+// ADAPTDIFF_NO_AVX2=1 forces the portable loops (the tests use it to cover them).
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("ADAPTDIFF_NO_AVX2") == nullptr;
+  return has;
+}
+
+#define ADAPTDIFF_AVX2 __attribute__((target("avx2,fma")))
+
+ADAPTDIFF_AVX2 inline __m256 exp256_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f), magic = _mm256_set1_ps(12582912.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  const __m256i ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 two_n =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, two_n));
+}
+
+ADAPTDIFF_AVX2 inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+ADAPTDIFF_AVX2 inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+ADAPTDIFF_AVX2 float scale_max_avx2(float* s, int64_t n, float scale) {
+  const __m256 a = _mm256_set1_ps(scale);
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), a);
+    _mm256_storeu_ps(s + j, x);
+    m = _mm256_max_ps(m, x);
   }
+  float mx = hmax(m);
+  for (; j < n; ++j) mx = std::max(mx, s[j] *= scale);
+  return mx;
+}
+
+ADAPTDIFF_AVX2 float exp_shift_sum_avx2(float* s, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; j < n; ++j) sum += (s[j] = exp_nonpositive(s[j] - m));
+  return sum;
+}
+
+ADAPTDIFF_AVX2 void probs_avx2(float* s, int64_t n, float scale, float lse) {
+  const __m256 a = _mm256_set1_ps(scale), l = _mm256_set1_ps(lse);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_fmsub_ps(_mm256_loadu_ps(s + j), a, l);
+    _mm256_storeu_ps(s + j, exp256_nonpositive(x));
+  }
+  for (; j < n; ++j) s[j] = exp_nonpositive(s[j] * scale - lse);
+}
+
+ADAPTDIFF_AVX2 void probs_grad_cols_avx2(float* p, float* dp, int64_t n, float scale,
+                                         const float* lse, const float* delta) {
+  const __m256 a = _mm256_set1_ps(scale);
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8) {
+    const __m256 x = _mm256_fmsub_ps(_mm256_loadu_ps(p + r), a, _mm256_loadu_ps(lse + r));
+    const __m256 e = exp256_nonpositive(x);
+    _mm256_storeu_ps(p + r, e);
+    const __m256 g = _mm256_sub_ps(_mm256_loadu_ps(dp + r), _mm256_loadu_ps(delta + r));
+    _mm256_storeu_ps(dp + r, _mm256_mul_ps(e, g));
+  }
+  for (; r < n; ++r) {
+    p[r] = exp_nonpositive(p[r] * scale - lse[r]);
+    dp[r] = p[r] * (dp[r] - delta[r]);
+  }
+}
+#endif
+
+float scale_max(float* __restrict s, int64_t n, float scale) {
+#ifdef ADAPTDIFF_X86_F16C
+  if (cpu_has_avx2_fma()) return scale_max_avx2(s, n, scale);
+#endif
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j] *= scale);
   return m;
 }
 
@@ -68,7 +172,10 @@ double scale_max(double* s, int64_t n, double scale) {
 }
 
 // s[j] = exp(s[j] - m), returns the sum.
-ADAPTDIFF_CPU_CLONES float exp_shift_sum(float* __restrict s, int64_t n, float m) {
+float exp_shift_sum(float* __restrict s, int64_t n, float m) {
+#ifdef ADAPTDIFF_X86_F16C
+  if (cpu_has_avx2_fma()) return exp_shift_sum_avx2(s, n, m);
+#endif
   float sum = 0.0f;
   for (int64_t j = 0; j < n; ++j) {
     s[j] = exp_nonpositive(s[j] - m);
@@ -84,7 +191,10 @@ double exp_shift_sum(double* s, int64_t n, double m) {
 }
 
 // p[j] = exp(s[j] * scale - lse) (the probabilities from the saved log-sum-exp).
-ADAPTDIFF_CPU_CLONES void probs(float* __restrict s, int64_t n, float scale, float lse) {
+void probs(float* __restrict s, int64_t n, float scale, float lse) {
+#ifdef ADAPTDIFF_X86_F16C
+  if (cpu_has_avx2_fma()) return probs_avx2(s, n, scale, lse);
+#endif
   for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] * scale - lse);
 }
 
@@ -104,9 +214,11 @@ void softmax_grad(const double* p, double* dp, int64_t n, double delta) {
 
 // The transposed tile of the dK/dV pass: one key's row over n queries, each with its own
 // log-sum-exp and delta. p = exp(s * scale - lse), dp = p * (dp - delta).
-ADAPTDIFF_CPU_CLONES void probs_grad_cols(float* __restrict p, float* __restrict dp, int64_t n,
-                                          float scale, const float* __restrict lse,
-                                          const float* __restrict delta) {
+void probs_grad_cols(float* __restrict p, float* __restrict dp, int64_t n, float scale,
+                     const float* __restrict lse, const float* __restrict delta) {
+#ifdef ADAPTDIFF_X86_F16C
+  if (cpu_has_avx2_fma()) return probs_grad_cols_avx2(p, dp, n, scale, lse, delta);
+#endif
   for (int64_t r = 0; r < n; ++r) {
     const float e = exp_nonpositive(p[r] * scale - lse[r]);
     p[r] = e;
@@ -194,7 +306,8 @@ struct ForwardTile {
       : spec(sp), d(dims), scale(sc), s(kQ * kK), kt(dims.D * kK), acc(kQ * dims.D), m(kQ),
         l(kQ), rows(kQ) {}
 
-  // q: the tile's first query row; k, v: the head's keys. Writes out [nq, D] and lse [nq].
+  // q: the tile's first query row; k, v: the head's keys. Writes out [nq, D] and lse [nq];
+  // with out = nullptr only lse (the backward's recomputation: no P V product).
   void run(const T* q, const T* k, const T* v, int64_t q0, T* out, T* lse) {
     const int64_t D = d.D, nq = std::min(kQ, d.Lq - q0);
     const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -226,22 +339,18 @@ struct ForwardTile {
         const T m_new = std::max(m[r], mx);
         const T alpha = m[r] == neg_inf ? T(0) : std::exp(m[r] - m_new);
         const T sum = exp_shift_sum(sr, nk, m_new);
-        if (alpha != T(1)) scale_row(acc.data() + r * D, D, alpha);
+        if (out != nullptr && alpha != T(1)) scale_row(acc.data() + r * D, D, alpha);
         l[r] = l[r] * alpha + sum;
         m[r] = m_new;
       }
-      gemm(nq, D, nk, s.data(), nk, v + k0 * D, D, acc.data(), D, /*add=*/true);
+      if (out != nullptr) gemm(nq, D, nk, s.data(), nk, v + k0 * D, D, acc.data(), D, true);
     }
     for (int64_t r = 0; r < nq; ++r) {
+      lse[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf;  // -inf: no key at all (Lk = 0)
+      if (out == nullptr) continue;
       T* o = out + r * D;
-      if (l[r] > T(0)) {
-        const T inv = T(1) / l[r];
-        for (int64_t c = 0; c < D; ++c) o[c] = acc[r * D + c] * inv;
-        lse[r] = m[r] + std::log(l[r]);
-      } else {  // no key at all (only when Lk = 0)
-        std::fill(o, o + D, T(0));
-        lse[r] = neg_inf;
-      }
+      const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+      for (int64_t c = 0; c < D; ++c) o[c] = acc[r * D + c] * inv;
     }
   }
 };
@@ -270,7 +379,7 @@ void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T*
   const int64_t nqt = d.q_tiles(), tasks = d.B * d.H * nqt, D = d.D;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     ForwardTile<T> fwd(spec, d, scale);
-    std::vector<T> o(kQ * D), s(kQ * kK), dp(kQ * kK), kt(D * kK);
+    std::vector<T> s(kQ * kK), dp(kQ * kK), kt(D * kK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqt, q0 = (task % nqt) * kQ, nq = std::min(kQ, d.Lq - q0);
       const int64_t b = bh / d.H, h = bh % d.H, bhk = b * d.Hk + h / d.group();
@@ -281,7 +390,7 @@ void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T*
       T* lse_t = lse + bh * d.Lq + q0;
       T* delta_t = delta + bh * d.Lq + q0;
       T* dq = gq + (bh * d.Lq + q0) * D;
-      fwd.run(q, k, v, q0, o.data(), lse_t);
+      fwd.run(q, k, v, q0, nullptr, lse_t);
       const T* ot = out + (bh * d.Lq + q0) * D;  // the saved output, as autograd saw it
       for (int64_t r = 0; r < nq; ++r) {
         T acc = 0;
