@@ -371,15 +371,58 @@ void forward(const Spec& spec, const Dims& d, T scale, Views<T> in, T* out, T* l
 
 // ----------------------------------------------------------------------------- backward
 
-// Pass 1, per query tile: the log-sum-exp (recomputed: the public op returns only out),
-// delta = rowsum(dO * O), then dQ = scale * sum_tiles dS K with dS = P (dP - delta).
+// Per query tile: the log-sum-exp (recomputed, without the P V product: the public op returns
+// only out) and delta = rowsum(dO * O).
 template <typename T>
-void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T* out,
-                 const T* gout, T* lse, T* delta, T* gq) {
+void backward_stats(const Spec& spec, const Dims& d, T scale, Views<T> in, const T* out,
+                    const T* gout, T* lse, T* delta) {
   const int64_t nqt = d.q_tiles(), tasks = d.B * d.H * nqt, D = d.D;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     ForwardTile<T> fwd(spec, d, scale);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nqt, q0 = (task % nqt) * kQ, nq = std::min(kQ, d.Lq - q0);
+      const int64_t b = bh / d.H, h = bh % d.H, bhk = b * d.Hk + h / d.group();
+      const int64_t row0 = bh * d.Lq + q0;
+      fwd.run(in.q + row0 * D, in.k + bhk * d.Lk * D, in.v + bhk * d.Lk * D, q0, nullptr,
+              lse + row0);
+      const T* go = gout + row0 * D;
+      const T* o = out + row0 * D;  // the saved output, as autograd saw it
+      for (int64_t r = 0; r < nq; ++r) {
+        T acc = 0;
+        for (int64_t c = 0; c < D; ++c) acc += go[r * D + c] * o[r * D + c];
+        delta[row0 + r] = acc;
+      }
+    }
+  });
+}
+
+// Probabilities and dS = P (dP - delta) of one [nq, nk] tile, in place of s and dp.
+template <typename T>
+void tile_grads(const Row* rows, int64_t nq, int64_t k0, int64_t nk, T scale, const T* lse_t,
+                const T* delta_t, T* s, T* dp) {
+  for (int64_t r = 0; r < nq; ++r) {
+    T* sr = s + r * nk;
+    T* dr = dp + r * nk;
+    const Row& row = rows[r];
+    if (!row.touches(k0, k0 + nk)) {
+      std::fill(sr, sr + nk, T(0));
+      std::fill(dr, dr + nk, T(0));
+      continue;
+    }
+    probs(sr, nk, scale, lse_t[r]);
+    if (!row.covers(k0, k0 + nk)) mask_row(sr, nk, row, k0, T(0));
+    softmax_grad(sr, dr, nk, delta_t[r]);
+  }
+}
+
+// Two-pass backward, pass 1 (per query tile): dQ = scale * sum_tiles dS K.
+template <typename T>
+void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T* gout,
+                 const T* lse, const T* delta, T* gq) {
+  const int64_t nqt = d.q_tiles(), tasks = d.B * d.H * nqt, D = d.D;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kQ * kK), dp(kQ * kK), kt(D * kK);
+    std::vector<Row> rows(kQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqt, q0 = (task % nqt) * kQ, nq = std::min(kQ, d.Lq - q0);
       const int64_t b = bh / d.H, h = bh % d.H, bhk = b * d.Hk + h / d.group();
@@ -387,16 +430,10 @@ void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T*
       const T* k = in.k + bhk * d.Lk * D;
       const T* v = in.v + bhk * d.Lk * D;
       const T* go = gout + (bh * d.Lq + q0) * D;
-      T* lse_t = lse + bh * d.Lq + q0;
-      T* delta_t = delta + bh * d.Lq + q0;
+      const T* lse_t = lse + bh * d.Lq + q0;
+      const T* delta_t = delta + bh * d.Lq + q0;
       T* dq = gq + (bh * d.Lq + q0) * D;
-      fwd.run(q, k, v, q0, nullptr, lse_t);
-      const T* ot = out + (bh * d.Lq + q0) * D;  // the saved output, as autograd saw it
-      for (int64_t r = 0; r < nq; ++r) {
-        T acc = 0;
-        for (int64_t c = 0; c < D; ++c) acc += go[r * D + c] * ot[r * D + c];
-        delta_t[r] = acc;
-      }
+      for (int64_t r = 0; r < nq; ++r) rows[r] = spec.row(q0 + r);
       std::fill(dq, dq + nq * D, T(0));
       const Row env = spec.envelope(q0, q0 + nq);
       int64_t t0, t1;
@@ -408,18 +445,7 @@ void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T*
         gemm(nq, nk, D, q, D, kt.data(), nk, s.data(), nk, false);
         transpose(v + k0 * D, kt.data(), nk, D);
         gemm(nq, nk, D, go, D, kt.data(), nk, dp.data(), nk, false);
-        for (int64_t r = 0; r < nq; ++r) {
-          T* sr = s.data() + r * nk;
-          T* dr = dp.data() + r * nk;
-          const Row row = spec.row(q0 + r);
-          if (!row.touches(k0, k0 + nk)) {
-            std::fill(dr, dr + nk, T(0));
-            continue;
-          }
-          probs(sr, nk, scale, lse_t[r]);
-          if (!row.covers(k0, k0 + nk)) mask_row(sr, nk, row, k0, T(0));
-          softmax_grad(sr, dr, nk, delta_t[r]);
-        }
+        tile_grads(rows.data(), nq, k0, nk, scale, lse_t, delta_t, s.data(), dp.data());
         gemm(nq, D, nk, dp.data(), nk, k + k0 * D, D, dq, D, true);
       }
       scale_row(dq, nq * D, scale);
@@ -427,7 +453,7 @@ void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T*
   });
 }
 
-// Pass 2, per key tile of each K/V head: dV = sum P^T dO and dK = scale * sum dS^T Q over the
+// Two-pass backward, pass 2, per key tile of each K/V head: dV = sum P^T dO and dK = scale * sum dS^T Q over the
 // query tiles (of every head of the GQA group) that see the key tile.
 template <typename T>
 void backward_dkv(const Spec& spec, const Dims& d, T scale, Views<T> in, const T* gout,
@@ -480,6 +506,59 @@ void backward_dkv(const Spec& spec, const Dims& d, T scale, Views<T> in, const T
         }
       }
       scale_row(dk, nk * D, scale);
+    }
+  });
+}
+
+// One pass per (batch, K/V head), used when there are at least as many of those as threads:
+// each visited (query tile, key tile) pair computes S and dP once and feeds dQ, dK and dV (5
+// products per pair instead of the two passes' 7). Sequential within a task: deterministic.
+template <typename T>
+void backward_fused(const Spec& spec, const Dims& d, T scale, Views<T> in, const T* gout,
+                    const T* lse, const T* delta, T* gq, T* gk, T* gv) {
+  const int64_t nqt = d.q_tiles(), nkt = d.k_tiles(), D = d.D, G = d.group();
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(D * kK), vt(D * kK), s(kQ * kK), dp(kQ * kK), tr(kK * kQ);
+    std::vector<Row> rows(kQ);
+    for (int64_t bhk = begin; bhk < end; ++bhk) {
+      const int64_t b = bhk / d.Hk, hk = bhk % d.Hk;
+      const T* k = in.k + bhk * d.Lk * D;
+      const T* v = in.v + bhk * d.Lk * D;
+      T* dk = gk + bhk * d.Lk * D;
+      T* dv = gv + bhk * d.Lk * D;
+      T* dq_group = gq + (b * d.H + hk * G) * d.Lq * D;  // the group's heads are adjacent
+      std::fill(dk, dk + d.Lk * D, T(0));
+      std::fill(dv, dv + d.Lk * D, T(0));
+      std::fill(dq_group, dq_group + G * d.Lq * D, T(0));
+      for (int64_t t = 0; t < nqt; ++t) {
+        const int64_t q0 = t * kQ, nq = std::min(kQ, d.Lq - q0);
+        for (int64_t r = 0; r < nq; ++r) rows[r] = spec.row(q0 + r);
+        const Row env = spec.envelope(q0, q0 + nq);
+        int64_t t0, t1;
+        block_mask::tile_span(env, kK, nkt, &t0, &t1);
+        for (int64_t u = t0; u < t1; ++u) {
+          const int64_t k0 = u * kK, nk = std::min(kK, d.Lk - k0);
+          if (!env.touches(k0, k0 + nk)) continue;
+          transpose(k + k0 * D, kt.data(), nk, D);
+          transpose(v + k0 * D, vt.data(), nk, D);
+          for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+            const int64_t row0 = (b * d.H + h) * d.Lq + q0;
+            const T* q = in.q + row0 * D;
+            const T* go = gout + row0 * D;
+            gemm(nq, nk, D, q, D, kt.data(), nk, s.data(), nk, false);
+            gemm(nq, nk, D, go, D, vt.data(), nk, dp.data(), nk, false);
+            tile_grads(rows.data(), nq, k0, nk, scale, lse + row0, delta + row0, s.data(),
+                       dp.data());
+            transpose(s.data(), tr.data(), nq, nk);  // P^T [nk, nq]
+            gemm(nk, D, nq, tr.data(), nq, go, D, dv + k0 * D, D, true);
+            transpose(dp.data(), tr.data(), nq, nk);  // dS^T
+            gemm(nk, D, nq, tr.data(), nq, q, D, dk + k0 * D, D, true);
+            gemm(nq, D, nk, dp.data(), nk, k + k0 * D, D, gq + row0 * D, D, true);
+          }
+        }
+      }
+      scale_row(dk, d.Lk * D, scale);
+      scale_row(dq_group, G * d.Lq * D, scale);
     }
   });
 }
@@ -543,11 +622,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
   auto delta = at::empty({d.B, d.H, d.Lq}, qc.options());
   auto run = [&]<typename T>(T) {
     const auto in = views<T>(qc, kc, vc);
-    backward_dq<T>(a.spec, d, T(a.scale), in, oc.const_data_ptr<T>(), gc.const_data_ptr<T>(),
-                   lse.mutable_data_ptr<T>(), delta.mutable_data_ptr<T>(),
-                   gq.mutable_data_ptr<T>());
-    backward_dkv<T>(a.spec, d, T(a.scale), in, gc.const_data_ptr<T>(), lse.const_data_ptr<T>(),
-                    delta.const_data_ptr<T>(), gk.mutable_data_ptr<T>(), gv.mutable_data_ptr<T>());
+    const T sc = T(a.scale);
+    const T* go = gc.const_data_ptr<T>();
+    backward_stats<T>(a.spec, d, sc, in, oc.const_data_ptr<T>(), go, lse.mutable_data_ptr<T>(),
+                      delta.mutable_data_ptr<T>());
+    const T *l = lse.const_data_ptr<T>(), *dl = delta.const_data_ptr<T>();
+    T *dq = gq.mutable_data_ptr<T>(), *dk = gk.mutable_data_ptr<T>(), *dv = gv.mutable_data_ptr<T>();
+    if (d.B * d.Hk >= at::get_num_threads()) {
+      backward_fused<T>(a.spec, d, sc, in, go, l, dl, dq, dk, dv);
+    } else {  // too few heads to keep every thread busy: parallel over tiles
+      backward_dq<T>(a.spec, d, sc, in, go, l, dl, dq);
+      backward_dkv<T>(a.spec, d, sc, in, go, l, dl, dk, dv);
+    }
   };
   if (ct == at::kDouble) {
     run(0.0);

@@ -194,6 +194,27 @@ def test_gradients_match_reference(device, layout, bs):
         torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("layout", ["bd3", "block_causal"])
+def test_both_backward_schedules(threads, layout):
+    """One pass per (batch, K/V head) when they are at least the thread count, else two passes
+    over tiles: B * Hk = 2 against 1 and 3 threads takes each once."""
+    Lq, Lk = lengths(layout, 70)
+    q, k, v = make(2, 4, 1, Lq, Lk, 16, seed=threads)
+    grad = torch.randn_like(q)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    reference.block_attention(*ref, 5, layout).backward(grad.double())
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kern = [t.clone().requires_grad_() for t in (q, k, v)]
+        ops.block_attention(*kern, 5, layout, impl="kernel").backward(grad)
+    finally:
+        torch.set_num_threads(saved)
+    for got, want in zip(kern, ref, strict=True):
+        torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradients(dtype):
     q, k, v = make(1, 2, 1, 2 * 70, 2 * 70, 32, dtype)
