@@ -118,6 +118,7 @@ def configs(quick: bool, device: str) -> list[tuple]:
         ("bd3", 1024, 16, 64, False),
         ("context_causal", 1024, 16, 64, False),
         ("block_causal", 1024, 16, 64, True),
+        ("block_causal", 2048, 16, 64, True),
         ("bd3", 1024, 16, 64, True),
     ]
 
