@@ -250,11 +250,13 @@ void mask_row(T* s, int64_t n, const Row& row, int64_t k0, T fill) {
   }
 }
 
-// dst[d][j] = src[j][d]: a [rows, D] tile (row stride D) as [D, rows].
+// dst[d][j] = src[j][d]: a [rows, D] tile (row stride ld, default D) as [D, rows].
 template <typename T>
-void transpose(const T* __restrict src, T* __restrict dst, int64_t rows, int64_t D) {
+void transpose(const T* __restrict src, T* __restrict dst, int64_t rows, int64_t D,
+               int64_t ld = 0) {
+  if (ld == 0) ld = D;
   for (int64_t j = 0; j < rows; ++j) {
-    for (int64_t d = 0; d < D; ++d) dst[d * rows + j] = src[j * D + d];
+    for (int64_t d = 0; d < D; ++d) dst[d * rows + j] = src[j * ld + d];
   }
 }
 
@@ -286,9 +288,16 @@ struct Dims {
   int64_t k_tiles() const { return (Lk + kK - 1) / kK; }
 };
 
+// [B, H(k), L, D] inputs in the compute type, the head dim contiguous: strides of B, H, L. The
+// forward reads them in place (a slice of a KV cache is not copied); the backward takes
+// contiguous copies.
 template <typename T>
-struct Views {  // contiguous [B, H(k), L, D] buffers of the compute type
+struct Views {
   const T *q, *k, *v;
+  int64_t qs[3], ks[3], vs[3];
+  const T* q_at(int64_t b, int64_t h, int64_t l) const { return q + b * qs[0] + h * qs[1] + l * qs[2]; }
+  const T* k_at(int64_t b, int64_t h) const { return k + b * ks[0] + h * ks[1]; }
+  const T* v_at(int64_t b, int64_t h) const { return v + b * vs[0] + h * vs[1]; }
 };
 
 // ------------------------------------------------------------------------------ forward
@@ -306,9 +315,10 @@ struct ForwardTile {
       : spec(sp), d(dims), scale(sc), s(kQ * kK), kt(dims.D * kK), acc(kQ * dims.D), m(kQ),
         l(kQ), rows(kQ) {}
 
-  // q: the tile's first query row; k, v: the head's keys. Writes out [nq, D] and lse [nq];
-  // with out = nullptr only lse (the backward's recomputation: no P V product).
-  void run(const T* q, const T* k, const T* v, int64_t q0, T* out, T* lse) {
+  // q: the tile's first query row; k, v: the head's keys; ld*: their row strides. Writes
+  // out [nq, D] and lse [nq]; with out = nullptr only lse (the backward's recomputation).
+  void run(const T* q, int64_t ldq, const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t q0,
+           T* out, T* lse) {
     const int64_t D = d.D, nq = std::min(kQ, d.Lq - q0);
     const T neg_inf = -std::numeric_limits<T>::infinity();
     for (int64_t r = 0; r < nq; ++r) rows[r] = spec.row(q0 + r);
@@ -321,8 +331,8 @@ struct ForwardTile {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = t * kK, nk = std::min(kK, d.Lk - k0);
       if (!env.touches(k0, k0 + nk)) continue;  // masked for every row of the tile: skipped
-      transpose(k + k0 * D, kt.data(), nk, D);
-      gemm(nq, nk, D, q, D, kt.data(), nk, s.data(), nk, /*add=*/false);
+      transpose(k + k0 * ldk, kt.data(), nk, D, ldk);
+      gemm(nq, nk, D, q, ldq, kt.data(), nk, s.data(), nk, /*add=*/false);
       for (int64_t r = 0; r < nq; ++r) {
         T* sr = s.data() + r * nk;
         const Row& row = rows[r];
@@ -343,7 +353,7 @@ struct ForwardTile {
         l[r] = l[r] * alpha + sum;
         m[r] = m_new;
       }
-      if (out != nullptr) gemm(nq, D, nk, s.data(), nk, v + k0 * D, D, acc.data(), D, true);
+      if (out != nullptr) gemm(nq, D, nk, s.data(), nk, v + k0 * ldv, ldv, acc.data(), D, true);
     }
     for (int64_t r = 0; r < nq; ++r) {
       lse[r] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf;  // -inf: no key at all (Lk = 0)
@@ -362,8 +372,8 @@ void forward(const Spec& spec, const Dims& d, T scale, Views<T> in, T* out, T* l
     ForwardTile<T> tile(spec, d, scale);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqt, q0 = (task % nqt) * kQ;
-      const int64_t b = bh / d.H, h = bh % d.H, bhk = b * d.Hk + h / d.group();
-      tile.run(in.q + (bh * d.Lq + q0) * d.D, in.k + bhk * d.Lk * d.D, in.v + bhk * d.Lk * d.D,
+      const int64_t b = bh / d.H, h = bh % d.H, hk = h / d.group();
+      tile.run(in.q_at(b, h, q0), in.qs[2], in.k_at(b, hk), in.ks[2], in.v_at(b, hk), in.vs[2],
                q0, out + (bh * d.Lq + q0) * d.D, lse + bh * d.Lq + q0);
     }
   });
@@ -383,8 +393,8 @@ void backward_stats(const Spec& spec, const Dims& d, T scale, Views<T> in, const
       const int64_t bh = task / nqt, q0 = (task % nqt) * kQ, nq = std::min(kQ, d.Lq - q0);
       const int64_t b = bh / d.H, h = bh % d.H, bhk = b * d.Hk + h / d.group();
       const int64_t row0 = bh * d.Lq + q0;
-      fwd.run(in.q + row0 * D, in.k + bhk * d.Lk * D, in.v + bhk * d.Lk * D, q0, nullptr,
-              lse + row0);
+      fwd.run(in.q + row0 * D, D, in.k + bhk * d.Lk * D, D, in.v + bhk * d.Lk * D, D, q0,
+              nullptr, lse + row0);
       const T* go = gout + row0 * D;
       const T* o = out + row0 * D;  // the saved output, as autograd saw it
       for (int64_t r = 0; r < nq; ++r) {
@@ -567,7 +577,20 @@ void backward_fused(const Spec& spec, const Dims& d, T scale, Views<T> in, const
 
 template <typename T>
 Views<T> views(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  return {q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>()};
+  return {q.const_data_ptr<T>(),
+          k.const_data_ptr<T>(),
+          v.const_data_ptr<T>(),
+          {q.stride(0), q.stride(1), q.stride(2)},
+          {k.stride(0), k.stride(1), k.stride(2)},
+          {v.stride(0), v.stride(1), v.stride(2)}};
+}
+
+// t itself when it already has the compute type, a contiguous head dim and rows at least D
+// apart (what the tile products need), else a contiguous copy in the compute type.
+at::Tensor in_place_or_copy(const at::Tensor& t, at::ScalarType ct) {
+  const int64_t D = t.size(3);
+  const bool usable = t.scalar_type() == ct && (t.stride(3) == 1 || D <= 1) && t.stride(2) >= D;
+  return usable ? t : t.to(ct).contiguous();
 }
 
 at::ScalarType compute_type(const at::Tensor& q) {
@@ -587,7 +610,8 @@ at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
   const Dims d = dims_of(a);
   if (q.numel() == 0) return at::zeros(q.sizes(), q.options());
   const auto ct = compute_type(q);
-  const auto qc = q.to(ct).contiguous(), kc = k.to(ct).contiguous(), vc = v.to(ct).contiguous();
+  const auto qc = in_place_or_copy(q, ct), kc = in_place_or_copy(k, ct);
+  const auto vc = in_place_or_copy(v, ct);
   auto out = at::empty(q.sizes(), qc.options());
   auto lse = at::empty({d.B, d.H, d.Lq}, qc.options());
   if (ct == at::kDouble) {

@@ -147,18 +147,19 @@ __global__ void __launch_bounds__(kThreads)
 
 // ----------------------------------------------------------------------------- backward
 
-// delta[row] = sum_d dO * O, one warp per row.
+// delta[row] = sum_d dO * O, one warp per row (grid-stride over rows).
 template <typename T>
 __global__ void delta_kernel(const T* __restrict__ gout, const T* __restrict__ out,
                              float* __restrict__ delta, int64_t rows, int64_t D) {
-  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
-  if (warp >= rows) return;
-  float acc = 0.0f;
-  for (int64_t d = lane; d < D; d += 32) acc += load(gout + warp * D + d) * load(out + warp * D + d);
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; w < rows; w += warps) {
+    float acc = 0.0f;
+    for (int64_t d = lane; d < D; d += 32) acc += load(gout + w * D + d) * load(out + w * D + d);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) delta[warp] = acc;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) delta[w] = acc;
+  }
 }
 
 // dQ per query tile: dS = P (dP - delta), dQ = scale * sum_j dS_j K_j.
@@ -319,6 +320,8 @@ Geometry geometry(const BlockAttentionArgs& a) {
 }
 
 dim3 grid(int64_t length, int64_t heads) {
+  ADAPTDIFF_CHECK(heads <= 65535, "block_attention", "q must have B * H <= 65535 on CUDA, got ",
+                  heads);
   return dim3(static_cast<unsigned>((length + kRows - 1) / kRows), static_cast<unsigned>(heads));
 }
 

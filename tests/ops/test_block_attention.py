@@ -176,6 +176,20 @@ def test_portable_loops_without_avx2():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("device", devices(OP))
+def test_strided_views_of_a_cache(device):
+    """Slices of a KV cache, [B, L, H, D] storage seen as [B, H, L, D] and expanded heads: read
+    in place on the CPU, same values as contiguous copies."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 2, 90, 16, generator=g).to(device)
+    k = cache[:, :, :61]
+    v = torch.randn(2, 61, 2, 16, generator=g).to(device).transpose(1, 2)
+    q = torch.randn(2, 1, 5, 16, generator=g).to(device).expand(2, 4, 5, 16)
+    out = ops.block_attention(q, k, v, 5, "decode", impl="kernel")
+    want = oracle(q.contiguous(), k.contiguous(), v.contiguous(), 5, "decode")
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
 # -------------------------------------------------------------------------- gradients
 
 
