@@ -1,4 +1,5 @@
-// block_attention on the CPU: flash-style tiles of kQ queries x kK keys. The forward keeps a
+// block_attention on the CPU ("decode", which masks nothing, forwards to ATen's attention):
+// flash-style tiles of kQ queries x kK keys. The forward keeps a
 // running max and sum per query row (online softmax) and visits only the key tiles the layout
 // allows (block_mask.h); only tiles cut by the mask get an element mask. The backward recomputes
 // the probabilities per tile from the log-sum-exp, in two deterministic passes: dQ per query
@@ -8,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -608,7 +610,12 @@ at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k, const a
                                std::optional<double> scale) {
   const auto a = check_block_attention_args("block_attention", q, k, v, block_size, layout, scale);
   const Dims d = dims_of(a);
-  if (q.numel() == 0) return at::zeros(q.sizes(), q.options());
+  if (q.numel() == 0 || k.numel() == 0) return at::zeros(q.sizes(), q.options());
+  if (a.spec.layout == block_mask::Layout::Decode) {
+    // No mask, nothing to skip: ATen's attention has less per-call overhead for a few queries.
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, a.scale, d.H != d.Hk)
+        .contiguous();
+  }
   const auto ct = compute_type(q);
   const auto qc = in_place_or_copy(q, ct), kc = in_place_or_copy(k, ct);
   const auto vc = in_place_or_copy(v, ct);

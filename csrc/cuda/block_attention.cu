@@ -4,10 +4,12 @@
 // online softmax in float32 (exp2 domain). The backward recomputes the probabilities per tile
 // from the log-sum-exp: one kernel for dQ per query tile, one for dK/dV per key tile that sums
 // the GQA group's heads in order (deterministic, no atomics). Head dims up to 128 (templates
-// 64 and 128, smaller dims zero-padded); any sequence length.
+// 64 and 128, smaller dims zero-padded); any sequence length. "decode" (no mask) forwards to
+// ATen's attention.
 // Status: compiled, not yet run on a GPU. Scalar FMA (SIMT) math; a tensor-core version is
 // future work.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -347,7 +349,11 @@ at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
   constexpr const char* op = "block_attention";
   const auto a = check_block_attention_args(op, q, k, v, block_size, layout, scale);
   c10::cuda::CUDAGuard guard(q.device());
-  if (q.numel() == 0) return at::zeros(q.sizes(), q.options());
+  if (q.numel() == 0 || k.numel() == 0) return at::zeros(q.sizes(), q.options());
+  if (a.spec.layout == block_mask::Layout::Decode) {  // no mask: ATen's flash attention
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, a.scale, a.H != a.Hk)
+        .contiguous();
+  }
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto out = at::empty(q.sizes(), qc.options());
   launch_forward(op, qc, kc, vc, a, out, nullptr);

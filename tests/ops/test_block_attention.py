@@ -156,6 +156,7 @@ def test_empty_and_noncontiguous(device):
     )
 
 
+@pytest.mark.slow
 def test_portable_loops_without_avx2():
     """The non-AVX2 row loops (ADAPTDIFF_NO_AVX2=1), forward and backward, in a fresh process."""
     code = (
