@@ -297,7 +297,9 @@ template <typename T>
 struct Views {
   const T *q, *k, *v;
   int64_t qs[3], ks[3], vs[3];
-  const T* q_at(int64_t b, int64_t h, int64_t l) const { return q + b * qs[0] + h * qs[1] + l * qs[2]; }
+  const T* q_at(int64_t b, int64_t h, int64_t l) const {
+    return q + b * qs[0] + h * qs[1] + l * qs[2];
+  }
   const T* k_at(int64_t b, int64_t h) const { return k + b * ks[0] + h * ks[1]; }
   const T* v_at(int64_t b, int64_t h) const { return v + b * vs[0] + h * vs[1]; }
 };
@@ -465,8 +467,8 @@ void backward_dq(const Spec& spec, const Dims& d, T scale, Views<T> in, const T*
   });
 }
 
-// Two-pass backward, pass 2, per key tile of each K/V head: dV = sum P^T dO and dK = scale * sum dS^T Q over the
-// query tiles (of every head of the GQA group) that see the key tile.
+// Two-pass backward, pass 2, per key tile of each K/V head: dV = sum P^T dO and
+// dK = scale * sum dS^T Q over the query tiles (of every head of the GQA group) that see it.
 template <typename T>
 void backward_dkv(const Spec& spec, const Dims& d, T scale, Views<T> in, const T* gout,
                   const T* lse, const T* delta, T* gk, T* gv) {
@@ -658,7 +660,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
     backward_stats<T>(a.spec, d, sc, in, oc.const_data_ptr<T>(), go, lse.mutable_data_ptr<T>(),
                       delta.mutable_data_ptr<T>());
     const T *l = lse.const_data_ptr<T>(), *dl = delta.const_data_ptr<T>();
-    T *dq = gq.mutable_data_ptr<T>(), *dk = gk.mutable_data_ptr<T>(), *dv = gv.mutable_data_ptr<T>();
+    T* dq = gq.mutable_data_ptr<T>();
+    T* dk = gk.mutable_data_ptr<T>();
+    T* dv = gv.mutable_data_ptr<T>();
     if (d.B * d.Hk >= at::get_num_threads()) {
       backward_fused<T>(a.spec, d, sc, in, go, l, dl, dq, dk, dv);
     } else {  // too few heads to keep every thread busy: parallel over tiles

@@ -32,6 +32,7 @@ constexpr int kRows = kThreads / kTPR;     // query rows (forward, dQ) or keys (
 constexpr int kTile = 32;                  // keys (forward, dQ) or queries (dK/dV) per smem tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr const char kName[] = "block_attention";  // the dtype dispatch's name (a constant)
 
 struct Geometry {
   Spec spec;
@@ -144,7 +145,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t d = c * kTPR + part;
     if (d < g.D) out[(bh * spec.Lq + i) * g.D + d] = static_cast<T>(o[c] * inv);
   }
-  if (part == 0 && lse != nullptr) lse[bh * spec.Lq + i] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  if (part == 0 && lse != nullptr) {
+    lse[bh * spec.Lq + i] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  }
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -230,14 +233,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The envelope of every kTile-row query tile (the dK/dV kernel's test for skipping one).
+__global__ void envelope_kernel(Spec spec, Row* __restrict__ envs, int64_t num_tiles) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < num_tiles) {
+    envs[t] = spec.envelope(t * kTile, block_mask::min64(spec.Lq, t * kTile + kTile));
+  }
+}
+
 // dK, dV per key tile of a K/V head: over every head of the GQA group and every query tile
 // that sees the keys, dV += P^T dO and dK += scale * dS^T Q.
 template <typename T, int DM>
 __global__ void __launch_bounds__(kThreads)
     dkv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ gout, const float* __restrict__ lse,
-               const float* __restrict__ delta, T* __restrict__ gk, T* __restrict__ gv,
-               Geometry g) {
+               const float* __restrict__ delta, const Row* __restrict__ envs,
+               T* __restrict__ gk, T* __restrict__ gv, Geometry g) {
   constexpr int DPT = DM / kTPR;
   __shared__ float qs[kTile][DM];
   __shared__ float gos[kTile][DM];
@@ -262,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t num_q_tiles = (spec.Lq + kTile - 1) / kTile;
   for (int64_t t = 0; t < num_q_tiles; ++t) {
     const int64_t i0 = t * kTile, nq = block_mask::min64(kTile, spec.Lq - i0);
-    if (!spec.envelope(i0, i0 + nq).touches(k0, k1)) continue;  // uniform over the block
+    if (!envs[t].touches(k0, k1)) continue;  // uniform over the block
     for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
       const int64_t bh = b * g.H + h;
       __syncthreads();
@@ -332,7 +343,7 @@ void launch_forward(const char* op, const at::Tensor& q, const at::Tensor& k, co
                     const BlockAttentionArgs& a, at::Tensor& out, float* lse) {
   const Geometry g = geometry(a);
   with_head_dim(op, a.D, [&]<int DM>() {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_attention", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kName, [&] {
       forward_kernel<scalar_t, DM><<<grid(a.spec.Lq, a.B * a.H), kThreads, 0, cuda::stream()>>>(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), lse, g);
@@ -385,8 +396,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
   auto gv = at::empty(v.sizes(), vc.options());
   const Geometry g = geometry(a);
   const int64_t rows = a.B * a.H * a.spec.Lq;
+  const int64_t q_tiles = (a.spec.Lq + kTile - 1) / kTile;
+  static_assert(sizeof(Row) == 4 * sizeof(int64_t), "Row is four int64");
+  auto envs = at::empty({q_tiles, 4}, q.options().dtype(at::kLong));
+  Row* env_ptr = reinterpret_cast<Row*>(envs.mutable_data_ptr<int64_t>());
+  envelope_kernel<<<cuda::blocks_for(q_tiles, 128), 128, 0, cuda::stream()>>>(a.spec, env_ptr,
+                                                                              q_tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   with_head_dim(op, a.D, [&]<int DM>() {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "block_attention", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kName, [&] {
       delta_kernel<scalar_t><<<cuda::blocks_for(rows * 32, kThreads), kThreads, 0,
                                cuda::stream()>>>(gc.const_data_ptr<scalar_t>(),
                                                  oc.const_data_ptr<scalar_t>(),
@@ -401,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
       dkv_kernel<scalar_t, DM><<<grid(a.spec.Lk, a.B * a.Hk), kThreads, 0, cuda::stream()>>>(
           qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
           vc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-          lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+          lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), env_ptr,
           gk.mutable_data_ptr<scalar_t>(), gv.mutable_data_ptr<scalar_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
