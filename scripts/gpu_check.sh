@@ -79,9 +79,15 @@ t0=$SECONDS
 timeout 60 "$PY" -m benchmarks.bench_mode --device cuda > "$OUT/bench_mode_cuda.txt" 2>&1
 status "MoDE fusion benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_mode_cuda.txt"
 
+t0=$SECONDS
+timeout 300 "$PY" -m benchmarks.bench_block_attention --device cuda \
+  --json "$OUT/bench_block_attention_cuda.jsonl" > "$OUT/bench_block_attention_cuda.txt" 2>&1
+status "block attention (cuda)" "exit $? ($((SECONDS - t0))s), vs SDPA and FlexAttention in bench_block_attention_cuda.txt"
+
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
 cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12
+cat "$OUT/bench_block_attention_cuda.txt" 2>/dev/null | tail -10
 echo
 echo "== summary (${SECONDS}s) =="
 cat "$OUT/summary.txt"

@@ -97,7 +97,7 @@ def test_reference_rows_are_timed_with_consistent_bandwidth(quick_suite):
         assert r["status"] == "ok" and r["ratio"] == 1.0
         assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_us"] * 1e3), rel=1e-2)
-        assert (r["tflops"] is not None) == (r["op"] == "indexed_linear_")
+        assert (r["tflops"] is not None) == (r["op"] in ("indexed_linear_", "block_attention"))
 
 
 def test_kernel_rows_are_timed_only_where_a_kernel_exists(quick_suite):
