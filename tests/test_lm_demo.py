@@ -1,11 +1,13 @@
 import json
 
+import pytest
 import torch
 
 from adaptdiff.cli import main
 from adaptdiff.lm_demo import format_lm_table
 
 
+@pytest.mark.slow
 def test_lm_demo_quick_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

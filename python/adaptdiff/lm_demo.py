@@ -28,29 +28,32 @@ from .train import BlockLMLoss, TrainConfig, Trainer, text_dataset
 
 @dataclass
 class LMDemoConfig:
-    seq_len: int = 128
+    model: str = "BlockLM-demo"
+    seq_len: int = 64
     batch_size: int = 32
-    ar_steps: int = 800
-    convert_steps: int = 600
+    ar_steps: int = 400
+    convert_steps: int = 250
     ar_lr: float = 3e-3
     convert_lr: float = 1e-3
     block_size: int = 4
     curriculum: tuple[int, ...] = (1, 2, 4)
     num_prompts: int = 20
-    prompt_len: int = 48
-    new_tokens: int = 64
+    prompt_len: int = 24
+    new_tokens: int = 40  # prompt + continuation = the training length, RoPE stays in range
     thresholds: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
     seed: int = 0
 
     @classmethod
     def quick(cls) -> LMDemoConfig:
+        """A smoke run of every stage in seconds (too short to learn anything)."""
         return cls(
+            model="BlockLM-tiny",
             seq_len=32,
-            batch_size=16,
-            ar_steps=30,
-            convert_steps=20,
-            num_prompts=3,
-            prompt_len=16,
+            batch_size=8,
+            ar_steps=12,
+            convert_steps=8,
+            num_prompts=2,
+            prompt_len=8,
             new_tokens=16,
             thresholds=(0.5,),
         )
@@ -75,7 +78,7 @@ def _train(model, loss_fn, data, steps, lr, batch_size, seed) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model, recipe: str, data: torch.Tensor, block_size: int, batches=8) -> float:
+def validation_loss(model, recipe: str, data: torch.Tensor, block_size: int, batches=4) -> float:
     """Mean loss on held-out windows: AR exact NLL, or the diffusion bound (nats/char)."""
     loss_fn = BlockLMLoss(recipe, block_size=block_size) if recipe != "ar" else BlockLMLoss("ar")
     model.eval()
@@ -145,14 +148,14 @@ def run_lm_demo(out_dir: str | Path | None = None, *, quick: bool = False, seed:
     tok = CharTokenizer()
     train_text, val_text = pydoc_corpus("train"), pydoc_corpus("val")
     if quick:
-        train_text = train_text[:20_000]
+        train_text, val_text = train_text[:20_000], val_text[:20_000]
     train = text_dataset(tok.encode(train_text), cfg.seq_len)
     val_tokens = tok.encode(val_text)
     val = text_dataset(val_tokens, cfg.seq_len)
     bs = cfg.block_size
 
     t0 = time.perf_counter()
-    ar = create_block_lm("BlockLM-demo", tok.vocab_size)
+    ar = create_block_lm(cfg.model, tok.vocab_size)
     print(
         f"[lm demo] AR pre-training: {ar.num_parameters() / 1e6:.2f}M params, {cfg.ar_steps} steps"
     )

@@ -157,11 +157,11 @@ def test_recipes_reduce_their_loss_on_the_corpus(recipe):
     model = tiny(vocab=tok.vocab_size)
     kwargs = {} if recipe == "ar" else dict(block_size=4)
     if recipe == "nbdiff":
-        kwargs = dict(curriculum=(2, 4), total_steps=60)
+        kwargs = dict(curriculum=(2, 4), total_steps=40)
     loss_fn = BlockLMLoss(recipe, **kwargs)
     eval_fn = BlockLMLoss(recipe, block_size=4) if recipe == "nbdiff" else loss_fn
     before = _eval(model, eval_fn, data)
-    cfg = TrainConfig(steps=60, batch_size=32, lr=3e-3, ema_decay=None, log_every=0, progress=False)
+    cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, ema_decay=None, log_every=0, progress=False)
     trainer = Trainer(model, loss_fn, data, cfg, device="cpu")
     loss_fn.trainer = trainer
     trainer.fit()
