@@ -16,6 +16,16 @@ TORCH_LIBRARY(adaptdiff, m) {
   ADAPTDIFF_DEF(m, "moe_unpermute",
                 "moe_unpermute(Tensor y_sorted, Tensor sorted_src, Tensor weights) -> Tensor");
 
+  // Block-diffusion language models: attention under a block mask, tiles skipped, never dense.
+  // The backward is its own op (the autograd formula of block_attention calls it).
+  ADAPTDIFF_DEF(m, "block_attention",
+                "block_attention(Tensor q, Tensor k, Tensor v, int block_size, str layout, "
+                "float? scale=None) -> Tensor");
+  ADAPTDIFF_DEF(m, "block_attention",
+                "block_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+                "Tensor out, int block_size, str layout, float? scale=None) -> "
+                "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
   // Training-free acceleration: token selection (RAS), cache refill, fused reductions.
   ADAPTDIFF_DEF(m, "gather_tokens", "gather_tokens(Tensor x, Tensor index) -> Tensor");
   ADAPTDIFF_DEF(m, "scatter_tokens",

@@ -21,6 +21,7 @@ CONTRACT_OPS = frozenset(
         "lincomb",
         "moe_permute",
         "moe_unpermute",
+        "block_attention",
     }
 )
 

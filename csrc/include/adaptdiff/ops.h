@@ -42,6 +42,21 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y_sorted, const at::Tensor& sorte
 at::Tensor moe_unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& sorted_src,
                               const at::Tensor& weights);
 
+at::Tensor block_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               int64_t block_size, c10::string_view layout,
+                               std::optional<double> scale);
+at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                int64_t block_size, c10::string_view layout,
+                                std::optional<double> scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, int64_t block_size, c10::string_view layout,
+    std::optional<double> scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, int64_t block_size, c10::string_view layout,
+    std::optional<double> scale);
+
 at::Tensor lincomb_cpu(at::TensorList tensors, at::ArrayRef<double> coeffs);
 at::Tensor lincomb_cuda(at::TensorList tensors, at::ArrayRef<double> coeffs);
 

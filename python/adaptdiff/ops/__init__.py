@@ -7,6 +7,7 @@ and autograd formulas. :mod:`adaptdiff.ops.reference` holds the pure-torch refer
 
 from . import reference
 from ._common import Impl
+from .block_attention import block_attention
 from .cosine import cosine
 from .gather_tokens import gather_tokens
 from .indexed_linear_ import indexed_linear_
@@ -19,6 +20,7 @@ from .scatter_tokens import scatter_tokens
 
 __all__ = [
     "Impl",
+    "block_attention",
     "cosine",
     "gather_tokens",
     "indexed_linear_",

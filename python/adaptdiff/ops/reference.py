@@ -119,3 +119,52 @@ def moe_unpermute(
     for j in range(K):  # slot order, as the op sums
         y = y + weights[:, j : j + 1].to(acc) * picked[:, j]
     return y.to(y_sorted.dtype)
+
+
+BLOCK_LAYOUTS = ("block_causal", "bd3", "context_causal", "decode")
+
+
+def block_mask(
+    layout: str, Lq: int, Lk: int, block_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``[Lq, Lk]`` bool, True where query i may attend to key j under ``layout``.
+
+    Training layouts (``bd3``, ``context_causal``) take ``Lq = Lk = 2n``: positions < n are the
+    noisy copy x_t, >= n the clean copy x_0, blocks counted within each half. Written straight
+    from the rules of DESIGN.md §3, independently of the kernels' interval arithmetic.
+    """
+    i = torch.arange(Lq, device=device).unsqueeze(1)
+    j = torch.arange(Lk, device=device).unsqueeze(0)
+    bs = block_size
+    if layout == "block_causal":
+        return j // bs <= i // bs
+    if layout == "decode":
+        return torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if layout not in ("bd3", "context_causal"):
+        raise ValueError(
+            f"adaptdiff::block_attention: layout must be one of {BLOCK_LAYOUTS}, got {layout!r}"
+        )
+    n = Lq // 2
+    qi_noisy, kj_noisy = i < n, j < n
+    qb, kb = torch.where(qi_noisy, i, i - n) // bs, torch.where(kj_noisy, j, j - n) // bs
+    noisy_noisy = qi_noisy & kj_noisy & (qb == kb)
+    noisy_clean = qi_noisy & ~kj_noisy & (kb < qb)
+    if layout == "bd3":
+        clean_clean = ~qi_noisy & ~kj_noisy & (kb <= qb)
+    else:
+        clean_clean = ~qi_noisy & ~kj_noisy & (j <= i)
+    return noisy_noisy | noisy_clean | clean_clean
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+    layout: str,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA with the layout's dense boolean mask (the oracle, and the baseline to beat)."""
+    mask = block_mask(layout, q.shape[-2], k.shape[-2], block_size, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,276 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptdiff import ops
+from adaptdiff.ops import reference
+
+from .support import assert_error, devices, noncontiguous, skip_unsupported
+
+OP = "block_attention"
+LAYOUTS = ("block_causal", "bd3", "context_causal", "decode")
+TRAINING = ("bd3", "context_causal")
+# Output tolerances against a float64 oracle: the kernel accumulates in float32 and rounds once.
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=2e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+def make(B, H, Hk, Lq, Lk, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, Lq), (Hk, Lk), (Hk, Lk)))
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def oracle(q, k, v, bs, layout, scale=None):
+    """SDPA in float64 under the reference's dense mask, rounded to q's dtype."""
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    return reference.block_attention(q64, k64, v64, bs, layout, scale).to(q.dtype)
+
+
+def lengths(layout, L):
+    """(Lq, Lk) of a case: the decode layout attends a block to a longer cache + block."""
+    if layout in TRAINING:
+        return 2 * L, 2 * L
+    if layout == "decode":
+        return L, 3 * L + 5
+    return L, L
+
+
+# ----------------------------------------------------------------------------- the mask
+
+
+def test_mask_pictures_of_the_spec():
+    """research/dllm.md §2: 2 blocks x 3 tokens, rows queries, columns keys."""
+    bd3 = [
+        "111000000000",
+        "111000000000",
+        "111000000000",
+        "000111111000",
+        "000111111000",
+        "000111111000",
+        "000000111000",
+        "000000111000",
+        "000000111000",
+        "000000111111",
+        "000000111111",
+        "000000111111",
+    ]
+    cc = bd3[:6] + [
+        "000000100000",
+        "000000110000",
+        "000000111000",
+        "000000111100",
+        "000000111110",
+        "000000111111",
+    ]
+    for layout, picture in (("bd3", bd3), ("context_causal", cc)):
+        mask = reference.block_mask(layout, 12, 12, 3)
+        got = ["".join("1" if x else "0" for x in row) for row in mask.tolist()]
+        assert got == picture, layout
+    bc = reference.block_mask("block_causal", 5, 5, 2).int().tolist()
+    assert bc == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1] * 5]
+
+
+# ------------------------------------------------------------------------ the kernel
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bs", [1, 3, 4, 16, 64])
+@pytest.mark.parametrize("L", [1, 7, 77])
+def test_matches_reference(device, layout, bs, L):
+    Lq, Lk = lengths(layout, L)
+    q, k, v = make(2, 4, 2, Lq, Lk, 16, device=device, seed=L * 100 + bs)
+    out = ops.block_attention(q, k, v, bs, layout, impl="kernel")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, oracle(q, k, v, bs, layout), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_and_long_sequences(device, layout, dtype):
+    """Several tiles per row (ragged last tile), head dim 64, every dtype."""
+    skip_unsupported(device, dtype)
+    Lq, Lk = lengths(layout, 97)
+    q, k, v = make(1, 2, 1, Lq, Lk, 64, dtype, device)
+    out = ops.block_attention(q, k, v, 16, layout, impl="kernel")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, oracle(q, k, v, 16, layout), **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("D", [1, 7, 128])
+def test_head_dims_and_scale(device, D):
+    q, k, v = make(1, 3, 3, 70, 70, D, device=device)
+    out = ops.block_attention(q, k, v, 5, "block_causal", scale=0.3, impl="kernel")
+    torch.testing.assert_close(out, oracle(q, k, v, 5, "block_causal", 0.3), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_block_size_one_is_causal_and_whole_sequence_is_full(device):
+    q, k, v = make(2, 2, 1, 75, 75, 8, device=device)
+    kw = dict(enable_gqa=True)
+    causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+    full = F.scaled_dot_product_attention(q, k, v, **kw)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(ops.block_attention(q, k, v, 1, "block_causal"), causal, **tol)
+    for bs in (75, 1000, 2**62):
+        torch.testing.assert_close(ops.block_attention(q, k, v, bs, "block_causal"), full, **tol)
+    torch.testing.assert_close(ops.block_attention(q, k, v, 1, "decode"), full, **tol)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_clean_half_of_bd3_is_block_causal_prefill(device):
+    """The clean half of the training layout computes exactly the prefill K/V context."""
+    n = 40
+    q, k, v = make(1, 2, 2, 2 * n, 2 * n, 16, device=device)
+    train = ops.block_attention(q, k, v, 8, "bd3")[:, :, n:]
+    prefill = ops.block_attention(q[:, :, n:], k[:, :, n:], v[:, :, n:], 8, "block_causal")
+    torch.testing.assert_close(train, prefill, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_empty_and_noncontiguous(device):
+    for shape in [(0, 2, 2, 4, 4, 8), (1, 0, 0, 4, 4, 8), (1, 2, 2, 0, 0, 8)]:
+        B, H, Hk, Lq, Lk, D = shape
+        q, k, v = make(B, H, Hk, Lq, Lk, D, device=device)
+        out = ops.block_attention(q, k, v, 2, "block_causal", impl="kernel")
+        assert out.shape == q.shape
+    q, k, v = make(1, 2, 2, 3, 0, 8, device=device)  # decode against nothing: zeros
+    assert (ops.block_attention(q, k, v, 2, "decode", impl="kernel") == 0).all()
+    q, k, v = make(2, 4, 2, 30, 30, 16, device=device)
+    qn, kn = noncontiguous(q), k.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(
+        ops.block_attention(qn, kn, v, 4, "bd3", impl="kernel"),
+        oracle(q, k, v, 4, "bd3"),
+        **TOL[torch.float32],
+    )
+
+
+# -------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bs", [1, 3, 4, 64])
+def test_gradients_match_reference(device, layout, bs):
+    Lq, Lk = lengths(layout, 45)
+    q, k, v = make(2, 4, 2, Lq, Lk, 16, device=device, seed=bs)
+    grad = torch.randn_like(q)
+    args = [t.double().requires_grad_() for t in (q, k, v)]
+    reference.block_attention(*args, bs, layout).backward(grad.double())
+    kern = [t.clone().requires_grad_() for t in (q, k, v)]
+    ops.block_attention(*kern, bs, layout, impl="kernel").backward(grad)
+    for got, want in zip(kern, args, strict=True):
+        torch.testing.assert_close(got.grad, want.grad.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients(dtype):
+    q, k, v = make(1, 2, 1, 2 * 70, 2 * 70, 32, dtype)
+    grad = torch.randn_like(q)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    reference.block_attention(*ref, 16, "context_causal").backward(grad.double())
+    kern = [t.clone().requires_grad_() for t in (q, k, v)]
+    ops.block_attention(*kern, 16, "context_causal", impl="kernel").backward(grad)
+    for got, want in zip(kern, ref, strict=True):
+        assert got.grad.dtype == dtype
+        torch.testing.assert_close(got.grad, want.grad.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck(layout):
+    Lq, Lk = lengths(layout, 3)
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 1, Lq, Lk, 4, torch.float64))
+    fn = lambda q, k, v: ops.block_attention(q, k, v, 2, layout, 0.7, impl="kernel")  # noqa: E731
+    torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_double_backward_raises():
+    q, k, v = (t.requires_grad_() for t in make(1, 1, 1, 4, 4, 2, torch.float64))
+    out = ops.block_attention(q, k, v, 2, "block_causal", impl="kernel")
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="adaptdiff::block_attention_backward: has no backward"):
+        gq.sum().backward()
+
+
+# ----------------------------------------------------------------- opcheck and compile
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("layout", ["block_causal", "bd3", "decode"])
+def test_opcheck(device, layout):
+    Lq, Lk = lengths(layout, 6)
+    q, k, v = make(1, 2, 1, Lq, Lk, 8, device=device)
+    torch.library.opcheck(torch.ops.adaptdiff.block_attention.default, (q, k, v, 4, layout, None))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.adaptdiff.block_attention.default, (q, k, v, 4, layout, 0.5))
+    g, o = torch.randn_like(q), torch.randn_like(q)
+    torch.library.opcheck(
+        torch.ops.adaptdiff.block_attention_backward.default,
+        (g, q.detach(), k.detach(), v.detach(), o, 4, layout, None),
+    )
+
+
+def test_compile_forward_backward():
+    q, k, v = make(2, 4, 2, 2 * 20, 2 * 20, 8)
+
+    def f(q, k, v):
+        return ops.block_attention(q, k, v, 4, "bd3").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    comp_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    f(*eager_in).backward()
+    compiled(*comp_in).backward()
+    for a, b in zip(comp_in, eager_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_bad_inputs(impl):
+    q, k, v = make(1, 4, 2, 8, 8, 4)
+
+    def call(*args, **kw):
+        return lambda: ops.block_attention(*args, **kw, impl=impl)
+
+    assert_error(call(q, k[:, :, :6], v[:, :, :6], 2, "block_causal"), OP, "Lk")
+    assert_error(call(q, k[:, :, :6], v[:, :, :6], 2, "bd3"), OP, "Lk")
+    odd = make(1, 4, 2, 7, 7, 4)
+    assert_error(call(*odd, 2, "bd3"), OP, "even length")
+    assert_error(call(*odd, 2, "context_causal"), OP, "even length")
+    assert_error(call(q, k, v, 0, "block_causal"), OP, "block_size")
+    assert_error(call(q, k, v, -3, "decode"), OP, "block_size")
+    three = make(1, 4, 3, 8, 8, 4)
+    assert_error(call(*three, 2, "block_causal"), OP, "Hk")
+    assert_error(call(q, k, v, 2, "causal"), OP, "layout")
+    assert_error(call(q.long(), k, v, 2, "decode"), OP, "q")
+    assert_error(call(q, k.double(), v, 2, "decode"), OP, "k")
+    assert_error(call(q, k, v.half(), 2, "decode"), OP, "v")
+    assert_error(call(q[0], k, v, 2, "decode"), OP, "q")
+    assert_error(call(q, k[0], v, 2, "decode"), OP, "k")
+    assert_error(call(q, k, v[:, :, :5], 2, "decode"), OP, "v")
+    assert_error(call(q, k[..., :3], v[..., :3], 2, "decode"), OP, "k")
+    assert_error(call(q, k.to("meta"), v, 2, "decode"), OP, "k")
+
+
+def test_bad_backward_inputs():
+    q, k, v = make(1, 2, 2, 8, 8, 4)
+    bwd = torch.ops.adaptdiff.block_attention_backward.default
+    op = "block_attention_backward"
+    assert_error(lambda: bwd(q[..., :2], q, k, v, q, 2, "bd3", None), op, "grad_out")
+    assert_error(lambda: bwd(q, q, k, v, q.half(), 2, "bd3", None), op, "out")
+    assert_error(lambda: bwd(q, q, k, v, q, 2, "nope", None), op, "layout")
+
+
+def test_reference_rejects_unknown_layout_in_mask():
+    with pytest.raises(ValueError, match="layout"):
+        reference.block_mask("causal", 4, 4, 2)
