@@ -35,7 +35,6 @@ def configs(quick: bool) -> list[tuple[str, int, int, int, int]]:
         ("BlockLM-demo", 1, 48, 128, 8),
         ("BlockLM-demo", 16, 48, 128, 8),
         ("BlockLM-S", 1, 128, 128, 8),
-        ("BlockLM-S", 8, 128, 128, 8),
     ]
 
 

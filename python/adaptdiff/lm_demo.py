@@ -1,6 +1,6 @@
 """``adaptdiff demo --lm``: AR -> block-diffusion conversion of a tiny char model on the CPU.
 
-The plan of research note ``dllm.md`` §9: train a ~0.7M-parameter char-level AR model on the
+The plan of research note ``dllm.md`` §9: train a 0.81M-parameter char-level AR model on the
 Python help topics (``pydoc_data``, no download), convert copies of it by the SDAR recipe
 (unshifted, ``bd3`` layout, B=4) and the NBDiff recipe (shifted, ``context_causal``, AR aux
 loss, block curriculum 1 -> 2 -> 4), then continue held-out prompts with AR + KV cache and with
@@ -192,6 +192,7 @@ def run_lm_demo(out_dir: str | Path | None = None, *, quick: bool = False, seed:
     samples = {"AR": tok.decode(out.sequences[0][cfg.prompt_len :])}
     settings = [("static", None, True), ("static", None, False)]
     settings += [("threshold", t, True) for t in cfg.thresholds]
+    settings += [("threshold", 0.5, False)]
     settings += [("entropy", 1.0, True), ("margin", 0.5, True)]
     for name, shifted in (("SDAR", False), ("NBDiff", True)):
         model = models[name]

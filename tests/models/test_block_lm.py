@@ -149,3 +149,40 @@ def test_explicit_positions_and_state_dict_round_trip(model):
     copy = BlockDiffusionLM(model.config)
     copy.load_state_dict(model.state_dict())
     torch.testing.assert_close(copy(x), model(x))
+
+
+def test_every_attention_goes_through_block_attention(model, monkeypatch):
+    import adaptdiff.models.block_lm as block_lm
+
+    calls = []
+    real = block_lm.block_attention
+
+    def spy(q, k, v, block_size, layout, scale=None):
+        calls.append((layout, block_size, q.shape[2], k.shape[2]))
+        return real(q, k, v, block_size, layout, scale)
+
+    monkeypatch.setattr(block_lm, "block_attention", spy)
+    layers = model.config.n_layers
+    model(ids(1, 8), layout="bd3", block_size=2)
+    assert calls == [("bd3", 2, 8, 8)] * layers
+    calls.clear()
+    model(ids(1, 6), layout="causal")
+    assert calls == [("block_causal", 1, 6, 6)] * layers
+    calls.clear()
+    cache = KVCache(model, 1, 16)
+    model(ids(1, 8), layout="block_causal", block_size=4, cache=cache)
+    cache.commit(8)
+    model(ids(1, 4), layout="block_causal", block_size=4, cache=cache)  # a peek
+    model(ids(1, 4), layout="causal", cache=cache)  # a causal commit: one decode call per token
+    assert (
+        calls
+        == [("block_causal", 4, 8, 8)] * layers
+        + [("decode", 4, 4, 12)] * layers
+        + [
+            ("decode", 1, 1, 9),
+            ("decode", 1, 1, 10),
+            ("decode", 1, 1, 11),
+            ("decode", 1, 1, 12),
+        ]
+        * layers
+    )

@@ -34,28 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # TEMPORARY until h/blockattn is merged
-    from ..ops import block_attention
-except ImportError:
-
-    def block_attention(q, k, v, block_size, layout, scale=None):
-        lq, lk = q.shape[2], k.shape[2]
-        i = torch.arange(lq, device=q.device)[:, None]
-        j = torch.arange(lk, device=q.device)[None, :]
-        if layout == "decode":
-            allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        elif layout == "block_causal":
-            allowed = j // block_size <= i // block_size
-        else:
-            n = lq // 2
-            qn, kn = i < n, j < n
-            qb, kb = (i % n) // block_size, (j % n) // block_size
-            clean = (j <= i) if layout == "context_causal" else (kb <= qb)
-            allowed = (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & clean)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-
+from ..ops import block_attention
 
 LAYOUTS = ("causal", "block_causal", "bd3", "context_causal")
 
@@ -105,11 +84,11 @@ class BlockLMConfig:
 
 
 BLOCK_LM_CONFIGS: dict[str, dict] = {
-    # ~0.2M parameters: unit tests.
+    # ~0.09M parameters: unit tests.
     "BlockLM-tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128),
-    # ~0.7M parameters: the CPU demo (research note §9: 4 layers, d=128, 4 heads).
+    # ~0.81M parameters: the CPU demo (research note §9: 4 layers, d=128, 4 heads).
     "BlockLM-demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384),
-    # ~25M parameters: a small word-piece model.
+    # ~24M parameters: a small word-piece model.
     "BlockLM-S": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408),
 }
 
