@@ -189,11 +189,11 @@ class _Decoder:
         self.row_forwards = torch.zeros(b, dtype=torch.long)
         self.trajectory = [[] for _ in range(b)] if record else None
 
-    def forward(self, start, end, rows, block_size, commit, causal_prefix=False) -> Tensor:
-        """Logits of positions ``start..end-1`` for ``rows`` (indices into the active rows; None:
-        all); ``start`` must be the committed length; commits ``commit`` tokens."""
+    def forward(self, start, end, rows, block_size, commit, last, causal_prefix=False) -> Tensor:
+        """Runs positions ``start..end-1`` of ``rows`` (indices into the active rows; None: all)
+        and returns the logits of the ``last`` positions (the LM head never sees a long prefill);
+        ``start`` must be the committed length; commits ``commit`` tokens."""
         assert start == self.committed
-        rows_t = None if rows is None else rows
         ids_rows = self.active if rows is None else self.active[rows]
         m = self.model
         if self.use_cache:
@@ -202,7 +202,7 @@ class _Decoder:
                 layout="block_causal",
                 block_size=block_size,
                 cache=self.cache,
-                rows=rows_t,
+                rows=rows,
                 return_hidden=True,
             )
             self.cache.commit(commit)
@@ -228,7 +228,7 @@ class _Decoder:
         self.committed += commit
         self.forwards += 1
         self.row_forwards[ids_rows.cpu()] += 1
-        logits = m.logits(h).float()
+        logits = m.logits(h[:, h.shape[1] - last :]).float()
         logits[..., self.mask_id] = -math.inf  # never generate the mask token
         return logits
 
@@ -318,7 +318,8 @@ def block_decode(
     record: bool = False,
     generator: torch.Generator | None = None,
 ) -> DecodeOutput:
-    """Block-diffusion decoding of ``prompt [batch, P]`` (see the module docstring).
+    """Block-diffusion decoding of ``prompt [batch, P]`` (see the module docstring); the rows of
+    a batch share the prompt length (block boundaries and cache length are common to all rows).
     ``steps`` (default: the sub-block size) sets the static schedule k_s."""
     _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p)
     if rule not in RULES:
@@ -383,28 +384,29 @@ def block_decode(
         return (span == d.mask_id).any(1).nonzero().squeeze(1)
 
     if shifted:  # causal prefill; its last logit is the first generated token
-        d.place(d.forward(0, p, None, 1, p, causal_prefix=True)[:, -1], p)
+        d.place(d.forward(0, p, None, 1, p, 1, causal_prefix=True)[:, -1], p)
         d.drop_finished()
     start = first
     while start < end and len(d.active):
         sub_index[:] = -1
         if shifted:
             while len(rows := masked_rows(start, 1)):
-                logits = d.forward(start, start + block_size, rows, block_size, 0, True)
+                logits = d.forward(start, start + block_size, rows, block_size, 0, block_size, True)
                 unmask(logits[:, :-1], rows, start, 1)
             d.drop_finished()
             if start + block_size < end and len(d.active):  # causal commit -> next block's first
-                logits = d.forward(start, start + block_size, None, 1, block_size, True)[:, -1]
+                logits = d.forward(start, start + block_size, None, 1, block_size, 1, True)[:, -1]
                 d.place(logits, start + block_size)
                 d.drop_finished()
         else:
             if not fuse and d.committed < start:  # prefill / commit of the previous block
-                d.forward(d.committed, start, None, block_size, start - d.committed)
+                d.forward(d.committed, start, None, block_size, start - d.committed, 1)
             rows = None  # the first peek runs every row (and carries a fused commit)
             while rows is None or len(rows):
                 commit = start - d.committed
-                logits = d.forward(d.committed, start + block_size, rows, block_size, commit)
-                unmask(logits[:, -block_size:], rows, start, 0)
+                last = block_size
+                logits = d.forward(d.committed, start + last, rows, block_size, commit, last)
+                unmask(logits, rows, start, 0)
                 rows = masked_rows(start, 0)
             d.drop_finished()
         start += block_size
@@ -432,11 +434,11 @@ def ar_decode(
     d = _Decoder(
         model, prompt, max_new_tokens, p + max_new_tokens, eos_id, use_cache, False, sampling
     )
-    logits = d.forward(0, p, None, 1, p, causal_prefix=True)[:, -1]
+    logits = d.forward(0, p, None, 1, p, 1, causal_prefix=True)[:, -1]
     for pos in range(p, p + max_new_tokens):
         d.place(logits, pos)
         d.drop_finished()
         if pos + 1 == p + max_new_tokens or not len(d.active):
             break
-        logits = d.forward(pos, pos + 1, None, 1, 1, causal_prefix=True)[:, -1]
+        logits = d.forward(pos, pos + 1, None, 1, 1, 1, causal_prefix=True)[:, -1]
     return d.output()
