@@ -168,9 +168,10 @@ def run_lm_demo(out_dir: str | Path | None = None, *, quick: bool = False, seed:
             loss = BlockLMLoss("sdar", block_size=bs)
         else:
             loss = BlockLMLoss("nbdiff", curriculum=cfg.curriculum, total_steps=cfg.convert_steps)
-        print(f"[lm demo] {recipe.upper()} conversion: {cfg.convert_steps} steps")
+        label = "SDAR" if recipe == "sdar" else "NBDiff"
+        print(f"[lm demo] {label} conversion: {cfg.convert_steps} steps")
         _train(model, loss, train, cfg.convert_steps, cfg.convert_lr, cfg.batch_size, seed + 1)
-        models["SDAR" if recipe == "sdar" else "NBDiff"] = model
+        models[label] = model
     train_s = time.perf_counter() - t0
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
