@@ -44,6 +44,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.lm:
+        from .lm_demo import run_lm_demo
+
+        run_lm_demo(args.out, quick=args.quick, seed=args.seed)
+        return 0
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe)
@@ -102,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--moe", action="store_true", help="also train DiT-MoE-demo/4 and add its rows")
+    s.add_argument(
+        "--lm",
+        action="store_true",
+        help="instead: a char AR model, its SDAR/NBDiff conversions and block decoding",
+    )
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("train", help="train the digits DiT (flow matching); resumes in --out")

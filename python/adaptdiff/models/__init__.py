@@ -1,6 +1,14 @@
 """Diffusion models: :class:`DiT` with named configs (:data:`DIT_CONFIGS`, :func:`create_dit`),
-its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers."""
+its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers; :class:`BlockDiffusionLM`
+(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model."""
 
+from .block_lm import (
+    BLOCK_LM_CONFIGS,
+    BlockDiffusionLM,
+    BlockLMConfig,
+    KVCache,
+    create_block_lm,
+)
 from .dit import (
     DIT_CONFIGS,
     DiT,
@@ -17,16 +25,21 @@ from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embeddi
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 
 __all__ = [
+    "BLOCK_LM_CONFIGS",
     "DIT_CONFIGS",
     "Attention",
+    "BlockDiffusionLM",
+    "BlockLMConfig",
     "DiT",
     "DiTBlock",
     "DiTConfig",
     "FinalLayer",
     "FusedExperts",
+    "KVCache",
     "Mlp",
     "NoiseRoutedMoE",
     "TimestepEmbedder",
+    "create_block_lm",
     "create_dit",
     "dtr_masks",
     "expert_load",

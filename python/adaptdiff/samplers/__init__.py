@@ -5,9 +5,11 @@
 - :mod:`.solvers`: k-diffusion-style sampler functions, one signature (``SAMPLERS``).
 - :mod:`.accelerator`: the hook protocol accelerators implement.
 - :mod:`.sample`: the entry point, with classifier-free guidance.
+- :mod:`.block_decode`: block decoding of diffusion LMs with an exact KV cache, and AR decoding.
 """
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
+from .block_decode import DecodeOutput, TraceStep, ar_decode, block_decode
 from .parameterization import PREDICTIONS, convert, eps_to_x0, target, to_x0_eps, x0_to_eps
 from .sample import denoiser, sample
 from .schedules import FlowSchedule, VPSchedule
@@ -24,11 +26,15 @@ __all__ = [
     "PREDICTIONS",
     "SAMPLERS",
     "Accelerator",
+    "DecodeOutput",
     "FlowSchedule",
     "ModelStep",
     "Prediction",
     "SampleContext",
+    "TraceStep",
     "VPSchedule",
+    "ar_decode",
+    "block_decode",
     "convert",
     "denoiser",
     "eps_to_x0",
