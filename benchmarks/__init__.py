@@ -3,7 +3,7 @@
 ``python -m benchmarks [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``, or
 ``adaptdiff bench``. Families: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_),
 ``patch_scores``, ``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute,
-moe_unpermute); an op name selects that op only.
+moe_unpermute), ``sara`` (sara_linear, sampled_wgrad); an op name selects that op only.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import bench_moe_dispatch, bench_patch_scores, bench_reductions, bench_tokens
+from . import bench_moe_dispatch, bench_patch_scores, bench_reductions, bench_sara, bench_tokens
 from .harness import Options, Result, append_json, environment, header, run_case, table
 
 FAMILIES = {
@@ -20,6 +20,7 @@ FAMILIES = {
     "patch_scores": bench_patch_scores,
     "reductions": bench_reductions,
     "moe": bench_moe_dispatch,
+    "sara": bench_sara,
 }
 OPS = {op: family for family, module in FAMILIES.items() for op in module.OPS}
 

@@ -25,7 +25,7 @@ def sampled_wgrad(
     Returns:
         ``[nnz]`` in the dtype of ``grad_out``, accumulated in float32 (float64 for float64).
         The CPU kernel computes per-entry dot products (``nnz * N`` multiply-adds) when under
-        a quarter of the entries are requested, else row-block GEMMs into a small tile; the
+        a fifth of the entries are requested, else row-block GEMMs into a small tile; the
         CUDA kernel is a tiled product that writes only the requested entries.
         No autograd (it is itself a backward formula).
     """

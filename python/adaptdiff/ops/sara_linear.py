@@ -106,7 +106,8 @@ def _backward(ctx, grad):
     grad_x = grad_values = None
     if ctx.needs_input_grad[0]:
         # grad_x = grad @ W_eff, i.e. the same op on W_eff.T: the entries re-addressed in the
-        # transpose (a sort of nnz indices), the weight passed as a strided view (no copy).
+        # transpose (a sort of nnz indices); the kernel's transient copy of weight.t() keeps
+        # the view's layout (a memcpy, not a transposition).
         t, perm = transposed_indices(indices, O, I)
         grad_x = sara_linear(grad, weight.t(), None, t, values[perm])
     if ctx.needs_input_grad[4]:
