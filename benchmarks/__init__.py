@@ -3,7 +3,7 @@
 ``python -m benchmarks [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``, or
 ``adaptdiff bench``. Families: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_),
 ``patch_scores``, ``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute,
-moe_unpermute), ``block_attention``; an op name selects that op only.
+moe_unpermute), ``block_attention``, ``sara`` (sara_linear, sampled_wgrad); an op name selects that op only.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from . import (
     bench_moe_dispatch,
     bench_patch_scores,
     bench_reductions,
+    bench_sara,
     bench_tokens,
 )
 from .harness import Options, Result, append_json, environment, header, run_case, table
@@ -27,6 +28,7 @@ FAMILIES = {
     "reductions": bench_reductions,
     "moe": bench_moe_dispatch,
     "block_attention": bench_block_attention,
+    "sara": bench_sara,
 }
 OPS = {op: family for family, module in FAMILIES.items() for op in module.OPS}
 

@@ -60,7 +60,9 @@ else
   status "compute-sanitizer" "not installed"
 fi
 
-# 4. Kernel benchmarks on the GPU, against the pure-torch references in the same process.
+# 4. Kernel benchmarks on the GPU, against the pure-torch references in the same process
+# (every family, SaRA's included: sampled_wgrad vs dense matmul + gather, sara_linear's
+# forward+backward vs the dense masked reference, at DiT-B/2 shapes).
 t0=$SECONDS
 timeout 180 "$PY" -m benchmarks --device cuda --json "$OUT/bench_cuda.jsonl" > "$OUT/bench_cuda.txt" 2>&1
 status "benchmarks (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_cuda.txt"
@@ -86,6 +88,7 @@ status "block attention (cuda)" "exit $? ($((SECONDS - t0))s), vs SDPA and FlexA
 
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
+grep -E "sara_linear|sampled_wgrad" "$OUT/bench_cuda.txt" 2>/dev/null
 cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12
 cat "$OUT/bench_block_attention_cuda.txt" 2>/dev/null | tail -10
 echo

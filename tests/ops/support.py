@@ -22,6 +22,9 @@ CONTRACT_OPS = frozenset(
         "moe_permute",
         "moe_unpermute",
         "block_attention",
+
+        "sara_linear",
+        "sampled_wgrad",
     }
 )
 

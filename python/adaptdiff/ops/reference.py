@@ -168,3 +168,21 @@ def block_attention(
     mask = block_mask(layout, q.shape[-2], k.shape[-2], block_size, q.device)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+def sara_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """The dense masked reference: a full copy of the weight with the values written in.
+    Differentiable in ``values`` (through a dense weight gradient, unlike the op)."""
+    w_eff = weight.reshape(-1).index_put((indices,), values).view_as(weight)
+    return F.linear(x, w_eff, bias)
+
+
+def sampled_wgrad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    acc = _acc_dtype(x)
+    dense = grad_out.to(acc).t() @ x.to(acc)  # the whole [O, I] weight gradient
+    return dense.reshape(-1)[indices].to(x.dtype)
