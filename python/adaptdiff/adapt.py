@@ -50,9 +50,9 @@ LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation
 @dataclass
 class AdaptConfig:
     out_dir: str = "adaptdiff-adapt"
-    base_steps: int = 1000
-    adapt_steps: int = 400
-    batch_size: int = 128
+    base_steps: int = 800
+    adapt_steps: int = 300
+    batch_size: int = 64
     base_lr: float = 1e-3
     num_samples: int = 250  # per class set (old, new), balanced over its classes
     sampler: str = "dpmpp_2m"
