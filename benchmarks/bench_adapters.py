@@ -106,7 +106,8 @@ def measure(name: str, setup: Setup) -> dict:
         torch.set_num_threads(setup.threads)
     device = torch.device(setup.device)
     torch.manual_seed(0)
-    model = create_dit(setup.model, time_scale=1000.0).to(device)
+    with device:  # built on the device: DiT-XL/2's initialisation on the CPU takes long
+        model = create_dit(setup.model, time_scale=1000.0)
     n_total = sum(p.numel() for p in model.parameters())
     params = _apply(name, model)
     if name == "full":

@@ -79,6 +79,11 @@ t0=$SECONDS
 timeout 60 "$PY" -m benchmarks.bench_mode --device cuda > "$OUT/bench_mode_cuda.txt" 2>&1
 status "MoDE fusion benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_mode_cuda.txt"
 
+t0=$SECONDS
+timeout 240 "$PY" -m benchmarks.bench_adapters --device cuda --json "$OUT/bench_adapters_cuda.jsonl" \
+  > "$OUT/bench_adapters_cuda.txt" 2>&1
+status "adapters fine-tuning step, DiT-XL/2 (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_adapters_cuda.txt"
+
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
 cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12
