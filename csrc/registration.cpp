@@ -28,6 +28,13 @@ TORCH_LIBRARY(adaptdiff, m) {
   ADAPTDIFF_DEF(m, "rel_l1", "rel_l1(Tensor a, Tensor b) -> Tensor");
   ADAPTDIFF_DEF(m, "cosine", "cosine(Tensor a, Tensor b) -> Tensor");
   ADAPTDIFF_DEF(m, "lincomb", "lincomb(Tensor[] tensors, float[] coeffs) -> Tensor");
+
+  // Adaptation: SaRA's sparse trainable entries of a frozen weight.
+  ADAPTDIFF_DEF(m, "sara_linear",
+                "sara_linear(Tensor x, Tensor weight, Tensor? bias, Tensor indices, "
+                "Tensor values) -> Tensor");
+  ADAPTDIFF_DEF(m, "sampled_wgrad",
+                "sampled_wgrad(Tensor grad_out, Tensor x, Tensor indices) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -21,6 +21,8 @@ CONTRACT_OPS = frozenset(
         "lincomb",
         "moe_permute",
         "moe_unpermute",
+        "sara_linear",
+        "sampled_wgrad",
     }
 )
 

@@ -45,4 +45,16 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y_sorted, const at::Tensor& sort
 at::Tensor lincomb_cpu(at::TensorList tensors, at::ArrayRef<double> coeffs);
 at::Tensor lincomb_cuda(at::TensorList tensors, at::ArrayRef<double> coeffs);
 
+at::Tensor sara_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& indices,
+                           const at::Tensor& values);
+at::Tensor sara_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& indices,
+                            const at::Tensor& values);
+
+at::Tensor sampled_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                             const at::Tensor& indices);
+at::Tensor sampled_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& indices);
+
 }  // namespace adaptdiff

@@ -15,6 +15,8 @@ from .moe_permute import moe_permute
 from .moe_unpermute import moe_unpermute
 from .patch_scores import patch_scores
 from .rel_l1 import rel_l1
+from .sampled_wgrad import sampled_wgrad
+from .sara_linear import sara_linear
 from .scatter_tokens import scatter_tokens
 
 __all__ = [
@@ -28,5 +30,7 @@ __all__ = [
     "patch_scores",
     "reference",
     "rel_l1",
+    "sampled_wgrad",
+    "sara_linear",
     "scatter_tokens",
 ]

@@ -119,3 +119,22 @@ def moe_unpermute(
     for j in range(K):  # slot order, as the op sums
         y = y + weights[:, j : j + 1].to(acc) * picked[:, j]
     return y.to(y_sorted.dtype)
+
+
+def sara_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """The dense masked reference: a full copy of the weight with the values written in.
+    Differentiable in ``values`` (through a dense weight gradient, unlike the op)."""
+    w_eff = weight.reshape(-1).index_put((indices,), values).view_as(weight)
+    return F.linear(x, w_eff, bias)
+
+
+def sampled_wgrad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    acc = _acc_dtype(x)
+    dense = grad_out.to(acc).t() @ x.to(acc)  # the whole [O, I] weight gradient
+    return dense.reshape(-1)[indices].to(x.dtype)

@@ -1,0 +1,118 @@
+"""sara_linear: a linear layer whose frozen weight has a sparse set of trainable entries (SaRA)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from ._common import Impl, check, check_floating, check_same_device, use_kernel
+from .sampled_wgrad import sampled_wgrad
+
+OP = "sara_linear"
+
+
+def sara_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """``y = x @ W_eff.T + bias``, ``W_eff = weight`` but ``W_eff.view(-1)[indices] = values``.
+
+    Args:
+        x: ``[..., I]`` float32/float16/bfloat16 (float64 on the CPU), any strides.
+        weight: ``[O, I]`` frozen weight, dtype of ``x``, any strides. It is not modified.
+        bias: optional frozen ``[O]``.
+        indices: ``[nnz]`` int64 flat row-major indices into ``weight``, sorted, unique and in
+            ``[0, O*I)`` (the CPU kernel checks; on CUDA a violation is undefined).
+        values: ``[nnz]`` trainable entries, dtype of ``x``.
+        impl: ``"auto"``, ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``[..., O]``. Differentiable in ``x`` and ``values`` only: the values' gradient comes
+        from :func:`sampled_wgrad`, so no dense ``[O, I]`` gradient is ever formed; a weight
+        or bias that requires grad raises in backward. (``impl="reference"`` is the dense
+        masked reference and differentiates through a dense weight gradient.)
+    """
+    if use_kernel(OP, impl, x.device):
+        return torch.ops.adaptdiff.sara_linear.default(x, weight, bias, indices, values)
+    return reference.sara_linear(x, weight, bias, indices, values)
+
+
+def transposed_indices(
+    indices: torch.Tensor, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same entries addressed in ``weight.t()``: ``(sorted flat indices, permutation)``
+    such that ``weight.t().reshape(-1)[t] == weight.reshape(-1)[indices[perm]]``."""
+    rows = torch.div(indices, in_features, rounding_mode="floor")
+    flat_t = (indices - rows * in_features) * out_features + rows
+    t, perm = torch.sort(flat_t)
+    return t, perm
+
+
+@torch.library.register_fake("adaptdiff::sara_linear")
+def _fake(x, weight, bias, indices, values):
+    check_floating(OP, "x", x)
+    check(x.dim() >= 1, OP, f"x must be [..., I] with at least 1 dimension, got {list(x.shape)}")
+    check(weight.dim() == 2, OP, f"weight must be 2-D [O, I], got shape {list(weight.shape)}")
+    named = [("weight", weight), ("values", values)] + (
+        [("bias", bias)] if bias is not None else []
+    )
+    for name, t in named:
+        check_same_device(OP, name, t, "x", x)
+        check(t.dtype == x.dtype, OP, f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    check(
+        weight.shape[1] == x.shape[-1],
+        OP,
+        f"weight must have shape [O, I] with I = {x.shape[-1]} (the last dimension of x), "
+        f"got {list(weight.shape)}",
+    )
+    if bias is not None:
+        check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            OP,
+            f"bias must have shape [O] = [{weight.shape[0]}], got {list(bias.shape)}",
+        )
+    check(indices.dtype == torch.int64, OP, f"indices must be int64, got {indices.dtype}")
+    check(indices.dim() == 1, OP, f"indices must be 1-D [nnz], got shape {list(indices.shape)}")
+    check_same_device(OP, "indices", indices, "x", x)
+    check(
+        values.dim() == 1 and values.shape[0] == indices.shape[0],
+        OP,
+        f"values must have shape [nnz] = [{indices.shape[0]}] (from indices), "
+        f"got {list(values.shape)}",
+    )
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, indices, values = inputs
+    ctx.save_for_backward(x, weight, indices, values)
+
+
+def _backward(ctx, grad):
+    x, weight, indices, values = ctx.saved_tensors
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError(
+            "adaptdiff::sara_linear: weight and bias are frozen (the op has no gradient for "
+            "them); train the sparse values instead, or detach weight and bias"
+        )
+    O, I = weight.shape
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        # grad_x = grad @ W_eff, i.e. the same op on W_eff.T: the entries re-addressed in the
+        # transpose (a sort of nnz indices), the weight passed as a strided view (no copy).
+        t, perm = transposed_indices(indices, O, I)
+        grad_x = sara_linear(grad, weight.t(), None, t, values[perm])
+    if ctx.needs_input_grad[4]:
+        N = math.prod(x.shape[:-1])
+        grad_values = sampled_wgrad(grad.reshape(N, O), x.reshape(N, I), indices)
+    return grad_x, None, None, None, grad_values
+
+
+torch.library.register_autograd("adaptdiff::sara_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from adaptdiff import ops
+from adaptdiff.ops import reference
+
+from .support import ALL_DTYPES, SIZES, TOL, assert_error, devices, noncontiguous, skip_unsupported
+
+OP = "sara_linear"
+
+
+def make(lead, O, I, fraction, dtype, device, bias=True):
+    x = torch.randn(*lead, I, device=device).to(dtype)
+    weight = torch.randn(O, I, device=device).to(dtype)
+    b = torch.randn(O, device=device).to(dtype) if bias else None
+    nnz = int(fraction * O * I)
+    indices = torch.randperm(O * I, device=device)[:nnz].sort().values
+    values = torch.randn(nnz, device=device).to(dtype)
+    return x, weight, b, indices, values
+
+
+def tol(dtype, I):
+    t = dict(TOL[dtype])
+    if dtype in (torch.float16, torch.bfloat16):  # sums of I products
+        t["atol"] = t["atol"] * max(1, I) ** 0.5 * 4
+    else:
+        t["atol"] = t["atol"] * max(1, I)
+    return t
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("I", SIZES)
+def test_matches_reference(device, dtype, I):
+    skip_unsupported(device, dtype)
+    x, w, b, idx, v = make((3, 5), 37, I, 0.3, dtype, device)
+    out = ops.sara_linear(x, w, b, idx, v, impl="kernel")
+    assert out.shape == (3, 5, 37) and out.dtype == dtype
+    torch.testing.assert_close(out, reference.sara_linear(x, w, b, idx, v), **tol(dtype, I))
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("O", [1, 7, 600])  # 600 rows: several weight blocks per call
+def test_output_sizes(device, O):
+    x, w, b, idx, v = make((9,), O, 130, 0.1, torch.float32, device)
+    torch.testing.assert_close(
+        ops.sara_linear(x, w, b, idx, v, impl="kernel"), reference.sara_linear(x, w, b, idx, v)
+    )
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize(
+    "lead, O, I, fraction",
+    [((0,), 5, 4, 0.5), ((3,), 5, 4, 0.0), ((3,), 0, 4, 0.0), ((3,), 5, 0, 0.0), ((1,), 1, 1, 1)],
+)
+def test_empty_and_tiny(device, lead, O, I, fraction):
+    x, w, b, idx, v = make(lead, O, I, fraction, torch.float32, device)
+    out = ops.sara_linear(x, w, b, idx, v, impl="kernel")
+    torch.testing.assert_close(out, reference.sara_linear(x, w, b, idx, v))
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_noncontiguous_and_no_bias(device):
+    x, w, _, idx, v = make((4, 6), 23, 31, 0.2, torch.float32, device, bias=False)
+    xn, wt = noncontiguous(x), w.t().contiguous().t()
+    out = ops.sara_linear(xn, wt, None, noncontiguous(idx), noncontiguous(v), impl="kernel")
+    torch.testing.assert_close(out, reference.sara_linear(x, w, None, idx, v))
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_weight_is_not_modified(device):
+    x, w, b, idx, v = make((4,), 9, 8, 0.5, torch.float32, device)
+    before = w.clone()
+    ops.sara_linear(x, w, b, idx, v, impl="kernel")
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grads_equal_dense_masked_reference(device, dtype):
+    x, w, b, idx, v = make((2, 17), 45, 29, 0.15, dtype, device)
+    g = torch.randn(2, 17, 45, device=device).to(dtype)
+    grads = []
+    for impl in ("kernel", "reference"):
+        xr, vr = x.clone().requires_grad_(), v.clone().requires_grad_()
+        ops.sara_linear(xr, w, b, idx, vr, impl=impl).backward(g)
+        grads.append((xr.grad, vr.grad))
+    (gx, gv), (rx, rv) = grads
+    torch.testing.assert_close(gx, rx, **tol(dtype, 45))
+    torch.testing.assert_close(gv, rv, **tol(dtype, 34))
+
+
+def test_gradcheck():
+    x, w, b, idx, v = make((3, 4), 6, 5, 0.4, torch.float64, "cpu")
+    x.requires_grad_()
+    v.requires_grad_()
+    fn = torch.ops.adaptdiff.sara_linear.default
+    torch.autograd.gradcheck(lambda x, v: fn(x, w, b, idx, v), (x, v))
+
+
+def test_frozen_weight_or_bias_raises_in_backward():
+    x, w, b, idx, v = make((3,), 6, 5, 0.4, torch.float32, "cpu")
+    w.requires_grad_()
+    y = ops.sara_linear(x, w, b, idx, v.requires_grad_(), impl="kernel")
+    assert_error(lambda: y.sum().backward(), OP, "weight")
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_opcheck(device):
+    x, w, b, idx, v = make((2, 3), 7, 5, 0.3, torch.float32, device)
+    fn = torch.ops.adaptdiff.sara_linear.default
+    torch.library.opcheck(fn, (x, w, b, idx, v))
+    torch.library.opcheck(fn, (x.requires_grad_(), w, None, idx, v.requires_grad_()))
+
+
+def test_bad_inputs():
+    x, w, b, idx, v = make((3,), 6, 5, 0.4, torch.float32, "cpu")
+    f = torch.ops.adaptdiff.sara_linear.default
+    assert_error(lambda: f(x.long(), w, b, idx, v), OP, "x")
+    assert_error(lambda: f(x, w.double(), b, idx, v), OP, "weight")
+    assert_error(lambda: f(x, w[0], b, idx, v), OP, "weight")
+    assert_error(lambda: f(x, w[:, :4], b, idx, v), OP, "weight")
+    assert_error(lambda: f(x, w, b[:5], idx, v), OP, "bias")
+    assert_error(lambda: f(x, w, b.double(), idx, v), OP, "bias")
+    assert_error(lambda: f(x, w, b, idx.int(), v), OP, "indices")
+    assert_error(lambda: f(x, w, b, idx[None], v), OP, "indices")
+    assert_error(lambda: f(x, w, b, idx.to("meta"), v), OP, "indices")
+    assert_error(lambda: f(x, w.to("meta"), b, idx, v), OP, "weight")
+    assert_error(lambda: f(x, w, b, idx, v[1:]), OP, "values")
+    assert_error(lambda: f(x, w, b, idx, v.double()), OP, "values")
+    assert_error(lambda: f(x, w, b, idx.flip(0), v), OP, "indices")  # unsorted
+    dup = idx.clone()
+    dup[1] = dup[0]
+    assert_error(lambda: f(x, w, b, dup, v), OP, "indices")
+    high = idx.clone()
+    high[-1] = 30
+    assert_error(lambda: f(x, w, b, high, v), OP, "indices")
+    low = idx.clone()
+    low[0] = -1
+    assert_error(lambda: f(x, w, b, low, v), OP, "indices")
+
+
+def test_transposed_indices_address_the_same_entries():
+    from adaptdiff.ops.sara_linear import transposed_indices
+
+    w = torch.randn(7, 11)
+    idx = torch.randperm(77)[:30].sort().values
+    t, perm = transposed_indices(idx, 7, 11)
+    assert torch.all(t[1:] > t[:-1])
+    torch.testing.assert_close(w.t().reshape(-1)[t], w.reshape(-1)[idx[perm]], rtol=0, atol=0)
