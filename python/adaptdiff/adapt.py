@@ -16,13 +16,12 @@ training (``VmHWM``) minus the RSS at the reset, i.e. what training added (gradi
 state, activations, autograd buffers). Step time is the median CPU time (``time.process_time``)
 per optimizer step, with ``--threads`` torch threads (default 1, where it equals the work done).
 
-Methods come from :data:`METHODS`; SaRA joins when :mod:`adaptdiff.adapters.sara` exists.
+Methods come from :data:`METHODS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -67,12 +66,13 @@ class AdaptConfig:
 
 @dataclass
 class Method:
-    """``apply(model) -> trainable params``; ``lr``; ``fera`` selects FeRA's loss."""
+    """``apply(model) -> trainable params``; ``lr``; ``loss``: "mse" (the flow objective),
+    "fera" (plus FeRA's consistency loss) or "sara" (plus SaRA's nuclear-norm penalty)."""
 
     apply: Callable[[nn.Module], list[nn.Parameter]]
     lr: float
     note: str
-    fera: bool = False
+    loss: str = "mse"
 
 
 def _full(model):
@@ -118,10 +118,10 @@ METHODS: dict[str, Method] = {
     "lora": Method(_lora, 1e-3, "r=6 on qkv, proj, fc1, fc2, adaLN"),
     "orthogonal": Method(_orthogonal, 1e-3, "r=9 up-projections, fixed orthogonal down"),
     "difffit": Method(_difffit, 1e-3, "biases, class embedding, gammas"),
-    "fera": Method(_fera, 1e-3, "3 experts of r=2, frequency router, FECL 0.1", fera=True),
+    "fera": Method(_fera, 1e-3, "3 experts of r=2, frequency router, FECL 0.1", loss="fera"),
+    # the same learning rate as the other adapters (SaRA's own rule gives about 5e-4)
+    "sara": Method(_sara, 1e-3, "5.4% smallest weights, nuclear norm", loss="sara"),
 }
-if importlib.util.find_spec(__name__.rpartition(".")[0] + ".adapters.sara") is not None:
-    METHODS["sara"] = Method(_sara, 1e-3, "5.4% smallest weights")
 
 
 def _class_subset(images, labels, classes):
@@ -272,11 +272,18 @@ def run_method(name: str, cfg: AdaptConfig) -> dict:
     n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
     images, labels = _class_subset(*digits(16, "train", seed=cfg.seed), NEW_CLASSES)
     objective = DiffusionObjective(FlowSchedule(), prediction="flow")
-    loss_fn = (
-        _flow_fera_loss()
-        if method.fera
-        else (lambda m, b: objective.loss(m, b[0], cond={"y": b[1]}))
-    )
+    if method.loss == "fera":
+        loss_fn = _flow_fera_loss()
+    elif method.loss == "sara":
+        from .adapters.sara import sara_nuclear_loss
+
+        def loss_fn(m, b):
+            return objective.loss(m, b[0], cond={"y": b[1]}) + sara_nuclear_loss(m, 5e-4)
+    else:
+
+        def loss_fn(m, b):
+            return objective.loss(m, b[0], cond={"y": b[1]})
+
     train_cfg = TrainConfig(
         steps=cfg.adapt_steps, batch_size=cfg.batch_size, lr=method.lr, min_lr=method.lr * 0.1,
         warmup_steps=min(20, cfg.adapt_steps // 10), ema_decay=None, grad_clip=1.0,
