@@ -77,7 +77,8 @@ def _apply(name: str, model):
     if name == "sara":
         from adaptdiff.adapters.sara import apply_sara
 
-        return apply_sara(model, fraction=0.1)
+        # not t_embedder: TimestepEmbedder reads mlp[0].weight, which SaRA layers lack
+        return apply_sara(model, fraction=0.1, exclude=[r"^t_embedder\."])
     if name == "difffit":
         return adapters.apply_difffit(model)
     if name == "fera":

@@ -110,7 +110,8 @@ def _fera(model):
 def _sara(model):
     from .adapters.sara import apply_sara
 
-    return apply_sara(model, fraction=0.054)
+    # not t_embedder: TimestepEmbedder reads mlp[0].weight, which a SaRA layer does not expose
+    return apply_sara(model, fraction=0.054, exclude=[r"^t_embedder\."])
 
 
 METHODS: dict[str, Method] = {
