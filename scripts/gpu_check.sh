@@ -85,6 +85,10 @@ t0=$SECONDS
 timeout 300 "$PY" -m benchmarks.bench_block_attention --device cuda \
   --json "$OUT/bench_block_attention_cuda.jsonl" > "$OUT/bench_block_attention_cuda.txt" 2>&1
 status "block attention (cuda)" "exit $? ($((SECONDS - t0))s), vs SDPA and FlexAttention in bench_block_attention_cuda.txt"
+t0=$SECONDS
+timeout 240 "$PY" -m benchmarks.bench_adapters --device cuda --json "$OUT/bench_adapters_cuda.jsonl" \
+  > "$OUT/bench_adapters_cuda.txt" 2>&1
+status "adapters fine-tuning step, DiT-XL/2 (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_adapters_cuda.txt"
 
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40

@@ -1,4 +1,4 @@
-"""The ``adaptdiff`` command: demo, train, sample, bench, calibrate, info."""
+"""The ``adaptdiff`` command: demo, train, sample, adapt, bench, calibrate, info."""
 
 from __future__ import annotations
 
@@ -52,6 +52,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe)
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import AdaptConfig, run_adapt
+
+    cfg = AdaptConfig(out_dir=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
+                      methods=tuple(args.methods))  # fmt: skip
+    if args.base_steps is not None:
+        cfg.base_steps = args.base_steps
+    if args.adapt_steps is not None:
+        cfg.adapt_steps = args.adapt_steps
+    run_adapt(cfg)
     return 0
 
 
@@ -133,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", default=None, help="PNG path for the sample grid")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_sample)
+
+    s = sub.add_parser("adapt", help="adapt a digits DiT from 0-4 to 5-9 with each adapter")
+    s.add_argument("methods", nargs="*", help="methods (default: all of adaptdiff.adapt.METHODS)")
+    s.add_argument("--out", default="adaptdiff-adapt", help="output folder")
+    s.add_argument("--quick", action="store_true", help="a seconds-long smoke run (no learning)")
+    s.add_argument("--base-steps", type=int, default=None)
+    s.add_argument("--adapt-steps", type=int, default=None)
+    s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_adapt)
 
     s = sub.add_parser("bench", help="kernel benchmarks against the pure-torch references")
     s.add_argument("ops", nargs="*", help="op families or op names (default: all)")

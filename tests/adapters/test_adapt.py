@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from adaptdiff import adapt
+from adaptdiff.cli import main
+
+
+@pytest.mark.slow
+def test_adapt_quick_runs_every_method(tmp_path, capsys):
+    assert main(["adapt", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert list(rows) == list(adapt.METHODS)
+    total = rows["full"]["total"]
+    assert rows["full"]["trainable"] == total
+    for name, r in rows.items():
+        assert 0 < r["trainable"] <= total and r["step_cpu_ms"] > 0
+        for split in ("new", "old"):
+            assert 0 <= r[split]["accuracy"] <= 1 and r[split]["fd"] >= 0
+        if name != "full":
+            assert (tmp_path / f"{name}.safetensors").exists()
+            assert r["trainable"] < 0.1 * total
+    assert "real digits" in capsys.readouterr().out
+
+
+def test_adapt_rejects_unknown_methods(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        adapt.run_adapt(adapt.AdaptConfig(out_dir=str(tmp_path), methods=("nope",), quick=True))
+
+
+def test_peak_rss_reset_measures_new_allocations():
+    import torch
+
+    start = adapt.reset_peak_rss()
+    if start is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert adapt.peak_rss_kib() - start >= 60 * 1024
+    del block
