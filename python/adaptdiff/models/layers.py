@@ -47,7 +47,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         t_freq = timestep_embedding(t, self.frequency_embedding_size)  # (B, F)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
+        # Any parameter gives the dtype: an adapter may have replaced mlp[0] (no .weight).
+        return self.mlp(t_freq.to(next(self.mlp.parameters()).dtype))  # (B, D)
 
 
 class Attention(nn.Module):
