@@ -1,4 +1,4 @@
-"""The ``adaptdiff`` command: demo, train, sample, calibrate, bench, info."""
+"""The ``adaptdiff`` command: demo, train, sample, bench, calibrate, info."""
 
 from __future__ import annotations
 
@@ -86,45 +86,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .demo import load_digits_model
-
-    model = load_digits_model(args.out)
-    path = Path(args.json or Path(args.out) / f"{args.method}.json")
-    if args.method == "linear-ag":
-        from .accel.guidance import calibrate_linear_ag, save_linear_ag
-        from .samplers import FlowSchedule
-
-        labels = torch.arange(args.num) % 10
-        coeffs = calibrate_linear_ag(
-            model, labels, torch.full_like(labels, model.null_label), method=args.solver,
-            steps=args.steps, guidance_scale=args.guidance, prediction="flow",
-            schedule=FlowSchedule(), history=args.history, batches=args.batches, seed=args.seed,
-        )  # fmt: skip
-        save_linear_ag(
-            path, coeffs, history=args.history, num_steps=args.steps, solver=args.solver,
-            guidance_scale=args.guidance,
-        )  # fmt: skip
-    else:  # autodiffusion
-        from .accel.autodiffusion import evolve, sample_fitness, save_schedule
-        from .metrics.digits import DigitsEvaluator
-
-        evaluator = DigitsEvaluator(model.config.input_size)
-        fitness = sample_fitness(
-            model, evaluator.fd, method=args.solver, num_samples=args.num,
-            guidance_scale=args.guidance, seed=args.seed + 1000,
-        )  # fmt: skip
-        result = evolve(
-            fitness, [i / 1000 for i in range(1, 1001)], args.steps, depth=len(model.blocks),
-            max_skip=args.max_skip, generations=args.generations, seed=args.seed, log=print,
-        )  # fmt: skip
-        save_schedule(path, result.best, len(model.blocks), fitness=result.best_fitness)
-    print(f"wrote {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaptdiff", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,21 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_sample)
 
-    s = sub.add_parser("calibrate", help="fit an accelerator's offline schedule to a digits DiT")
-    s.add_argument("--method", required=True, choices=["linear-ag", "autodiffusion"])
-    s.add_argument("--out", default="adaptdiff-out", help="the folder `adaptdiff train` wrote")
-    s.add_argument("--json", default=None, help="where to write (default: OUT/METHOD.json)")
-    s.add_argument("--solver", default="euler", choices=["euler", "ddim", "dpmpp_2m"])
-    s.add_argument("--steps", type=int, default=16)
-    s.add_argument("--guidance", type=float, default=1.5)
-    s.add_argument("--num", type=int, default=100, help="samples per trajectory batch / fitness")
-    s.add_argument("--history", type=int, default=1, help="linear-ag: past steps regressed on")
-    s.add_argument("--batches", type=int, default=2, help="linear-ag: trajectory batches")
-    s.add_argument("--generations", type=int, default=10, help="autodiffusion: EA generations")
-    s.add_argument("--max-skip", type=float, default=0.0, help="autodiffusion: block-skip share")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=_cmd_calibrate)
-
     s = sub.add_parser("bench", help="kernel benchmarks against the pure-torch references")
     s.add_argument("ops", nargs="*", help="op families or op names (default: all)")
     s.add_argument("--quick", action="store_true", help="small shapes, few repeats")
@@ -186,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--compiled", action="store_true", help="also time the compiled reference")
     s.set_defaults(fn=_cmd_bench)
+
+    from .accel import autodiffusion, guidance  # noqa: F401  (register their calibrators)
+    from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
+
+    add_calibrate_parser(sub)
     return p
 
 
