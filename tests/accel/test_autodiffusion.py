@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 
@@ -7,11 +5,13 @@ from adaptdiff.accel.autodiffusion import (
     BlockSkipper,
     Genome,
     evolve,
+    load_schedule,
     sample_fitness,
     save_schedule,
     schedule_json,
     uniform_genome,
 )
+from adaptdiff.accel.schedule import Schedule
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
 
@@ -94,7 +94,8 @@ def test_sample_fitness_and_schedule_json(tmp_path):
     g = Genome((999.0, 500.0, 100.0), (frozenset(), frozenset({1}), frozenset()))
     assert fit(g) == fit(g) and fit(g) != fit(uniform_genome(range(1000), 3))
     data = schedule_json(g, depth=2)
-    assert data["schedule"][1][1] == {"attn": "reuse", "mlp": "reuse"}
-    assert data["schedule"][1][0] == {"attn": "compute", "mlp": "compute"}
+    assert data["format"] == "adaptdiff.schedule" and data["mask"][1] == ["11", "00"]
+    assert data["mask"][0] == ["11", "11"] and data["meta"]["method"] == "autodiffusion"
     save_schedule(tmp_path / "s.json", g, depth=2)
-    assert json.loads((tmp_path / "s.json").read_text())["timesteps"] == [999.0, 500.0, 100.0]
+    assert Schedule.load(tmp_path / "s.json").num_steps == 3  # the hooks' executor reads it
+    assert load_schedule(tmp_path / "s.json") == g

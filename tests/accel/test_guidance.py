@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from adaptdiff import cli
 from adaptdiff.accel.guidance import (
     AdaptiveGuidance,
     LinearAG,
@@ -165,3 +166,12 @@ def test_calibrate_save_load_roundtrip(tmp_path):
         progress=False, return_info=True,
     )  # fmt: skip
     assert info["nfe_per_sample"] == 11 and torch.isfinite(x).all()
+
+
+def test_calibrate_cli_writes_linear_ag_coefficients(tmp_path):
+    out = tmp_path / "lag.json"
+    args = ["calibrate", "--method", "linear-ag", "--model", "DiT-tiny/2", "--steps", "6",
+            "--runs", "2", "--guidance", "2", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    lag = load_linear_ag(out)
+    assert lag.num_steps == 6 and sorted(lag.coefficients) == [1, 2, 3, 4, 5]

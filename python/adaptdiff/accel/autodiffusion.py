@@ -12,7 +12,9 @@ random fill) with the progressive two-stage schedule: timesteps only for ``stage
 generations, then the allowed skip ratio grows by ``max_skip / 5`` per generation up to
 ``max_skip``. Fitness is any ``genome -> float`` (lower is better), e.g.
 :func:`sample_fitness` (digits-FD or MMD² of a small sample). :func:`save_schedule` writes the
-winner as static-schedule JSON ``schedule[step][block][component] -> "compute" | "reuse"``.
+winner in the static-schedule JSON of :mod:`adaptdiff.accel.schedule` (``mask[step][block]``,
+"0" = reuse; the timesteps under ``meta``); ``adaptdiff calibrate --method autodiffusion``
+runs the search on a digits checkpoint.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from pathlib import Path
 import torch
 
 from ..samplers import Accelerator, ModelStep, SampleContext, sample
+from .calibration import register_calibrator
 
 __all__ = [
     "BlockSkipper",
     "Genome",
     "SearchResult",
     "evolve",
+    "load_schedule",
     "sample_fitness",
     "save_schedule",
     "schedule_json",
@@ -256,25 +260,56 @@ def sample_fitness(
     return fitness
 
 
-def schedule_json(genome: Genome, depth: int, components=("attn", "mlp")) -> dict:
-    """The static-schedule JSON: ``schedule[step][block][component]`` is "compute" or "reuse"."""
-    steps = []
-    for s in genome.skips:
-        steps.append(
-            [{c: ("reuse" if j in s else "compute") for c in components} for j in range(depth)]
-        )
-    return {
-        "format": "adaptdiff.static_schedule",
-        "version": 1,
-        "method": "autodiffusion",
-        "num_steps": len(genome.timesteps),
-        "timesteps": list(genome.timesteps),
-        "components": list(components),
-        "schedule": steps,
-    }
+def schedule_json(genome: Genome, depth: int, components=("attn", "mlp"), **meta) -> dict:
+    """The static-schedule JSON (``adaptdiff.accel.schedule``): ``mask[step][block]``, one 0/1
+    per component ("0": reuse), with the searched timesteps under ``meta``."""
+    from .schedule import Schedule
+
+    mask = [[[j not in s] * len(components) for j in range(depth)] for s in genome.skips]
+    meta = {"method": "autodiffusion", "timesteps": list(genome.timesteps), **meta}
+    return Schedule([list(components)] * depth, mask, meta=meta).to_dict()
 
 
 def save_schedule(path, genome: Genome, depth: int, **meta) -> None:
-    data = {**schedule_json(genome, depth), **meta}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    Path(path).write_text(json.dumps(schedule_json(genome, depth, **meta), indent=1) + "\n")
+
+
+def load_schedule(path) -> Genome:
+    """The genome of a schedule written by :func:`save_schedule` (timesteps from ``meta``)."""
+    from .schedule import Schedule
+
+    sched = Schedule.load(path)
+    if not sched.meta or "timesteps" not in sched.meta:
+        raise ValueError(f"{path}: no meta.timesteps (not an autodiffusion schedule)")
+    skips = tuple(
+        frozenset(j for j, entry in enumerate(row) if not any(entry)) for row in sched.mask
+    )
+    return Genome(tuple(float(t) for t in sched.meta["timesteps"]), skips)
+
+
+@register_calibrator(
+    "autodiffusion",
+    "AutoDiffusion: evolutionary search of --steps timesteps (+ block skips with "
+    "--option max_skip=0.1), fitness digits-FD of --option num=100 samples (digits checkpoints)",
+)
+def _calibrate(setup) -> dict:
+    from ..metrics.digits import DigitsEvaluator
+
+    model, opts = setup.model, setup.options
+    cfg = getattr(model, "config", None)
+    if cfg is None or cfg.in_channels != 1 or cfg.num_classes != 10:
+        raise ValueError("autodiffusion calibration needs a digits checkpoint (--checkpoint DIR)")
+    evaluator = DigitsEvaluator(cfg.input_size)
+    sampling = setup.sampling
+    fitness = sample_fitness(
+        model, evaluator.fd, method=sampling["method"], num_samples=int(opts.get("num", 100)),
+        guidance_scale=sampling["guidance"], seed=sampling["seed"] + 1000,
+    )  # fmt: skip
+    depth = len(model.blocks)
+    result = evolve(
+        fitness, [i / 1000 for i in range(1, 1001)], sampling["steps"], depth=depth,
+        max_skip=float(opts.get("max_skip", 0.0)), generations=int(opts.get("generations", 8)),
+        seed=sampling["seed"], log=print,
+    )  # fmt: skip
+    return schedule_json(result.best, depth, fitness=result.best_fitness, sampling=sampling)

@@ -21,6 +21,7 @@ import torch
 
 from ..ops import cosine, lincomb
 from ..samplers import Accelerator, ModelStep, SampleContext, sample
+from .calibration import register_calibrator
 from .sada import claim
 
 __all__ = [
@@ -166,7 +167,8 @@ def save_linear_ag(path, coefficients: dict, *, history: int, num_steps: int, **
 
 
 def load_linear_ag(path, **kwargs) -> LinearAG:
-    """A :class:`LinearAG` from a JSON written by ``adaptdiff calibrate --method linear-ag``."""
+    """A :class:`LinearAG` from a JSON written by ``adaptdiff calibrate --method linear-ag``
+    (or :func:`save_linear_ag`)."""
     data = json.loads(Path(path).read_text())
     if data.get("method") != "linear-ag":
         raise ValueError(f"{path}: not a linear-ag calibration (method={data.get('method')!r})")
@@ -243,6 +245,26 @@ class LinearAG(Accelerator):
             self.conds.append(preds["cond"])
             self.unconds.append(preds.get("uncond", preds["cond"]))
         return pred
+
+
+@register_calibrator(
+    "linear-ag",
+    "LinearAG: least-squares coefficients of the unconditional prediction from full-CFG runs "
+    "(needs --guidance != 1; --option history=1)",
+)
+def _calibrate(setup) -> dict:
+    history = int(setup.options.get("history", 1))
+    trajectories = []
+    for run in range(setup.runs):
+        rec = TrajectoryRecorder()
+        setup.sample(run, [rec])
+        trajectories.append((rec.cond, rec.uncond))
+    coefficients = fit_linear_ag(trajectories, history)
+    return {
+        "history": history,
+        "num_steps": len(trajectories[0][0]),
+        "coefficients": {str(i): c for i, c in sorted(coefficients.items())},
+    }
 
 
 @torch.no_grad()
