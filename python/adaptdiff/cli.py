@@ -51,7 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe)
+    run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe, accel=args.accel)
     return 0
 
 
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: a char AR model, its SDAR/NBDiff conversions and block decoding",
     )
+
+    s.add_argument("--accel", action="store_true", help="add rows for AG, LinearAG and SADA")
     s.set_defaults(fn=_cmd_demo)
 
     s = sub.add_parser("train", help="train the digits DiT (flow matching); resumes in --out")
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compiled", action="store_true", help="also time the compiled reference")
     s.set_defaults(fn=_cmd_bench)
 
+    from .accel import autodiffusion, guidance  # noqa: F401  (register their calibrators)
     from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
 
     add_calibrate_parser(sub)

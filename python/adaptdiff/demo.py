@@ -57,6 +57,7 @@ class SamplingSetting:
     guidance_scale: float = 1.5
     accelerators: tuple = ()
     label: str = ""
+    timesteps: tuple | None = None  # a searched (non-uniform) schedule instead of steps
 
     def name(self) -> str:
         return self.label or f"{self.method} {self.steps}"
@@ -75,6 +76,32 @@ DEFAULT_SETTINGS = [
     SamplingSetting("dpmpp_2m", 16),
 ]
 QUICK_SETTINGS = [SamplingSetting("euler", 8), SamplingSetting("dpmpp_2m", 8)]
+
+
+def accel_settings(model: DiT, *, seed: int = 0, quick: bool = False) -> list[SamplingSetting]:
+    """`adaptdiff demo --accel`: rows for adaptive guidance, LinearAG and SADA (adaptdiff.accel)
+    beside the baselines they accelerate. LinearAG is calibrated here, on full-CFG trajectories
+    of other noise than the evaluation's."""
+    from .accel.guidance import AdaptiveGuidance, LinearAG, calibrate_linear_ag
+    from .accel.sada import SADA
+
+    labels = balanced_labels(20 if quick else 100)
+    null = torch.full_like(labels, model.null_label)
+    coeffs = calibrate_linear_ag(
+        model, labels, null, method="euler", steps=16, guidance_scale=1.5, prediction="flow",
+        schedule=FlowSchedule(), history=1, batches=2, seed=seed + 1000,
+    )  # fmt: skip
+    linear_ag = LinearAG(coeffs, history=1, num_steps=16)
+    return [
+        SamplingSetting("euler", 16, accelerators=(AdaptiveGuidance(),), label="euler 16 +AG"),
+        SamplingSetting("dpmpp_2m", 8, accelerators=(AdaptiveGuidance(),), label="dpmpp_2m 8 +AG"),
+        SamplingSetting("euler", 16, accelerators=(linear_ag,), label="euler 16 +LinearAG"),
+        SamplingSetting("euler", 32, accelerators=(SADA(),), label="euler 32 +SADA"),
+        SamplingSetting("dpmpp_2m", 16, accelerators=(SADA(),), label="dpmpp_2m 16 +SADA"),
+        SamplingSetting(
+            "euler", 32, accelerators=(AdaptiveGuidance(), SADA()), label="euler 32 +AG+SADA"
+        ),
+    ]
 
 
 def build_model(cfg: DigitsTrainConfig) -> DiT:
@@ -162,7 +189,8 @@ def generate(model: DiT, setting: SamplingSetting, labels: torch.Tensor, seed: i
         model,
         (len(labels), model.in_channels, model.config.input_size, model.config.input_size),
         method=setting.method,
-        steps=setting.steps,
+        steps=None if setting.timesteps else setting.steps,
+        timesteps=setting.timesteps,
         guidance_scale=setting.guidance_scale,
         cond={"y": labels},
         uncond={"y": null},
@@ -184,6 +212,7 @@ class Row:
     fd: float
     accuracy: float
     extra: dict = field(default_factory=dict)
+    evals: float = 0.0  # network evaluations per sample (a CFG call counts 2)
 
 
 def evaluate_sampling(
@@ -211,6 +240,7 @@ def evaluate_sampling(
                 seconds=seconds,
                 fd=evaluator.fd(x),
                 accuracy=evaluator.accuracy(x, labels),
+                evals=float(info["nfe_per_sample"]),
             )
         )
         images[s.name()] = x
@@ -219,16 +249,17 @@ def evaluate_sampling(
 
 def format_table(rows: list[Row], reference_fd: float | None = None) -> str:
     lines = [
-        f"{'sampler':<16} {'steps':>5} {'NFE':>4} {'wall s':>7} {'digits-FD':>10} {'cond acc':>9}",
-        "-" * 56,
+        f"{'sampler':<22} {'steps':>5} {'NFE':>4} {'evals':>6} {'wall s':>7} {'digits-FD':>10} "
+        f"{'cond acc':>9}",
+        "-" * 69,
     ]
     for r in rows:
         lines.append(
-            f"{r.name:<16} {r.steps:>5} {r.nfe:>4} {r.seconds:>7.2f} {r.fd:>10.2f} "
+            f"{r.name:<22} {r.steps:>5} {r.nfe:>4} {r.evals:>6.1f} {r.seconds:>7.2f} {r.fd:>10.2f} "
             f"{r.accuracy:>8.1%}"
         )
     if reference_fd is not None:
-        lines.append(f"{'real digits':<16} {'':>5} {'':>4} {'':>7} {reference_fd:>10.2f}")
+        lines.append(f"{'real digits':<22} {'':>5} {'':>4} {'':>6} {'':>7} {reference_fd:>10.2f}")
     return "\n".join(lines)
 
 
@@ -258,7 +289,8 @@ def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
 
     def series(r: Row) -> str:
-        return f"MoE {r.method}" if r.name.startswith("MoE ") else r.method
+        base = f"MoE {r.method}" if r.name.startswith("MoE ") else r.method
+        return f"{base} +{r.name.split(' +', 1)[1]}" if " +" in r.name else base  # accelerators
 
     for method in dict.fromkeys(series(r) for r in rows):
         pts = [r for r in rows if series(r) == method]
@@ -304,7 +336,12 @@ def expert_load_table(model: DiT, num_images: int = 512, seed: int = 0) -> tuple
 
 
 def run_demo(
-    out_dir: str = "adaptdiff-out", *, quick: bool = False, seed: int = 0, moe: bool = False
+    out_dir: str = "adaptdiff-out",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    moe: bool = False,
+    accel: bool = False,
 ) -> list[Row]:
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     out = Path(out_dir)
@@ -322,6 +359,8 @@ def run_demo(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"      {n_params / 1e6:.2f} M parameters, {train_seconds:.0f} s")
 
+    if accel:  # the accelerators' rows (adaptdiff.accel) after the baselines
+        settings = settings + accel_settings(model, seed=seed, quick=quick)
     print(f"[2/3] sampling {num_samples} digits per setting (CFG scale 1.5, EMA weights)")
     evaluator = DigitsEvaluator(cfg.image_size)
     rows, images = evaluate_sampling(

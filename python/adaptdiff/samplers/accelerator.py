@@ -9,7 +9,9 @@ An accelerator subclasses :class:`Accelerator` and overrides any of four no-op m
   one wins (later ones are not asked). It may also edit ``step`` for this call only:
   drop ``"uncond"`` from ``step.branches`` (guidance off, one branch: adaptive guidance), put a
   branch's prediction into ``step.branch_preds`` (that branch is not computed, the others are:
-  LinearAG), or change ``step.guidance_scale``.
+  LinearAG), set ``step.uncond_rows`` to evaluate the ``"uncond"`` branch for some batch rows
+  only (the others take their cond prediction: per-sample adaptive guidance), or change
+  ``step.guidance_scale``.
 - ``after_model(step, pred) -> pred`` after every prediction, computed or supplied; it may return
   a replacement (RAS merges cached velocities here). ``step.evaluated`` says whether the model ran,
   ``step.branch_preds`` holds each branch's own prediction when it did.
@@ -86,6 +88,9 @@ class ModelStep:
     history: deque
     branch_preds: dict[str, torch.Tensor] = field(default_factory=dict)
     evaluated: bool = False
+    # int64 [R] rows of x whose "uncond" branch runs (None: all). The other rows get their cond
+    # prediction as uncond one, so u + w (c - u) is exactly c there.
+    uncond_rows: torch.Tensor | None = None
 
     @property
     def t_next(self) -> torch.Tensor:

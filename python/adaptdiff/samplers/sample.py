@@ -60,6 +60,14 @@ def _batch_kwargs(dicts: list[dict]) -> dict:
     return out
 
 
+def _take_rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
+    """Per-sample tensors (leading dimension ``batch``) restricted to ``rows``."""
+    return {
+        k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+        for k, v in kwargs.items()
+    }
+
+
 class _GuidedModel:
     """The model as the solver sees it: guidance branches batched, accelerators consulted."""
 
@@ -68,7 +76,7 @@ class _GuidedModel:
         self.branch_kwargs = {"cond": ctx.cond, "uncond": ctx.uncond}
         self.guided = ctx.uncond is not None and ctx.guidance_scale != 1.0
         self.history: deque = deque(maxlen=HISTORY)
-        self.index, self.call, self.nfe, self.records = 0, 0, 0, []
+        self.index, self.call, self.nfe, self.row_evals, self.records = 0, 0, 0, 0, []
         self._merged: dict[tuple, dict] = {}
 
     def end_step(self, info: dict) -> None:  # the solvers' callback: one call per step
@@ -76,18 +84,37 @@ class _GuidedModel:
 
     def _evaluate(self, step: ModelStep) -> list[str]:
         todo = [b for b in step.branches if b not in step.branch_preds]
+        rows = step.uncond_rows if "uncond" in todo else None
+        if rows is not None and rows.numel() == 0:  # every row takes its cond prediction
+            todo.remove("uncond")
         if not todo:
+            if rows is not None:
+                step.branch_preds["uncond"] = step.branch_preds["cond"]
             return todo
-        key = tuple(todo)
-        if key not in self._merged:
-            self._merged[key] = _batch_kwargs([self.branch_kwargs[b] for b in todo])
-        n = len(todo)
-        x_in = step.x if n == 1 else torch.cat([step.x] * n, 0)
+        if rows is None:
+            key = tuple(todo)
+            if key not in self._merged:
+                self._merged[key] = _batch_kwargs([self.branch_kwargs[b] for b in todo])
+            kwargs, xs = self._merged[key], [step.x] * len(todo)
+        else:  # per-row guidance: the uncond branch on a subset of the rows
+            rows = rows.to(step.x.device)
+            B = step.x.shape[0]
+            kwargs = _batch_kwargs(
+                [_take_rows(self.branch_kwargs[b], rows, B) if b == "uncond" else
+                 self.branch_kwargs[b] for b in todo]
+            )  # fmt: skip
+            xs = [step.x[rows] if b == "uncond" else step.x for b in todo]
+        x_in = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
         t_in = step.t.to(step.x.device).repeat(x_in.shape[0])
-        out = _main_channels(self.ctx.model(x_in, t_in, **self._merged[key]), step.x)
+        out = _main_channels(self.ctx.model(x_in, t_in, **kwargs), step.x)
         self.nfe += 1
+        self.row_evals += x_in.shape[0]
         step.evaluated = True
-        step.branch_preds.update(zip(todo, out.chunk(n, 0), strict=True))
+        step.branch_preds.update(zip(todo, out.split([len(x) for x in xs]), strict=True))
+        if rows is not None:
+            uncond = step.branch_preds["cond"].clone()
+            uncond[rows] = step.branch_preds["uncond"]
+            step.branch_preds["uncond"] = uncond
         return todo
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
@@ -240,5 +267,7 @@ def sample(
         for acc in accelerators:
             acc.on_sample_end(ctx)
     if return_info:
-        return out, {"nfe": guided.nfe, "records": guided.records, "timesteps": ts}
+        nfe_per_sample = guided.row_evals / max(x.shape[0], 1)
+        info = {"nfe": guided.nfe, "nfe_per_sample": nfe_per_sample, "records": guided.records}
+        return out, {**info, "timesteps": ts}
     return out

@@ -1,0 +1,315 @@
+"""AutoDiffusion: evolutionary search of timesteps and per-step block skips (Li et al., ICCV 2023).
+
+A candidate is a :class:`Genome`: k descending sampling times (the first is the schedule's noise
+end, the others a non-uniform subset of a candidate grid) and, per step, the set of blocks that
+step skips. A skipped block reuses its residual (output minus input) from the last step that
+computed it (:class:`BlockSkipper`, the "reuse" of the static-schedule JSON), so step 0 skips
+nothing. The budget bounds the executed blocks over all steps: at most
+``(1 - skip_ratio) * k * depth``.
+
+:func:`evolve` runs the EA (population, top-k parents, per-gene mutation, uniform crossover,
+random fill) with the progressive two-stage schedule: timesteps only for ``stage1``
+generations, then the allowed skip ratio grows by ``max_skip / 5`` per generation up to
+``max_skip``. Fitness is any ``genome -> float`` (lower is better), e.g.
+:func:`sample_fitness` (digits-FD or MMD² of a small sample). :func:`save_schedule` writes the
+winner in the static-schedule JSON of :mod:`adaptdiff.accel.schedule` (``mask[step][block]``,
+"0" = reuse; the timesteps under ``meta``); ``adaptdiff calibrate --method autodiffusion``
+runs the search on a digits checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..samplers import Accelerator, ModelStep, SampleContext, sample
+from .calibration import register_calibrator
+
+__all__ = [
+    "BlockSkipper",
+    "Genome",
+    "SearchResult",
+    "evolve",
+    "load_schedule",
+    "sample_fitness",
+    "save_schedule",
+    "schedule_json",
+    "uniform_genome",
+]
+
+
+@dataclass(frozen=True)
+class Genome:
+    timesteps: tuple[float, ...]  # k descending model times (the clean end is appended later)
+    skips: tuple[frozenset, ...]  # per step: the block indices that reuse their residual
+
+    def executed(self, depth: int) -> int:
+        return len(self.timesteps) * depth - sum(len(s) for s in self.skips)
+
+
+def uniform_genome(candidates: Sequence[float], k: int, depth: int = 0) -> Genome:
+    """The evenly spaced ("trailing") subset of the grid, no skipping: the DDIM baseline.
+
+    The grid's clean end is taken one spacing below its smallest value (t = -1 for VP's
+    0..T-1, 0 for a flow grid 1/G..1), so it matches the schedules' own trailing timesteps.
+    """
+    cands = sorted({float(c) for c in candidates}, reverse=True)
+    top, end = cands[0], 2 * cands[-1] - cands[-2]
+    grid = torch.tensor(cands)
+    picks = [cands[int((grid - (top - i * (top - end) / k)).abs().argmin())] for i in range(k)]
+    return Genome(tuple(picks), tuple(frozenset() for _ in range(k)))
+
+
+class BlockSkipper(Accelerator):
+    """Executes per-step block skipping on a model with ``.blocks`` (residual reuse)."""
+
+    def __init__(self, skips: Sequence[frozenset]):
+        self.skips = [frozenset(s) for s in skips]
+        if self.skips and self.skips[0]:
+            raise ValueError("step 0 cannot skip blocks: nothing is cached yet")
+
+    def on_sample_start(self, ctx: SampleContext) -> None:
+        model = ctx.model
+        if not hasattr(model, "blocks"):
+            raise ValueError("BlockSkipper needs a model with .blocks")
+        if len(self.skips) != ctx.num_steps:
+            raise ValueError(f"skips has {len(self.skips)} steps, sampling uses {ctx.num_steps}")
+        self.step, self.residuals = 0, {}
+        self.handles = []
+        for j, block in enumerate(model.blocks):
+            self.handles.append(block.register_forward_hook(self._hook(j)))
+
+    def _hook(self, j):
+        def post(module, args, out):
+            x = args[0]
+            if j in self.skips[self.step] and j in self.residuals:
+                res = self.residuals[j]
+                if res.shape == x.shape:
+                    return x + res
+            self.residuals[j] = out - x
+            return out
+
+        return post
+
+    def before_model(self, step: ModelStep) -> None:
+        self.step = step.index
+        return None
+
+    def on_sample_end(self, ctx: SampleContext) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.residuals = [], {}
+
+
+@dataclass
+class SearchResult:
+    best: Genome
+    best_fitness: float
+    history: list[float] = field(default_factory=list)  # best fitness after each generation
+    evaluations: int = 0
+
+
+def _random_timesteps(rng, cands, k):
+    first, rest = cands[0], cands[1:]
+    return tuple([first] + sorted(rng.sample(rest, k - 1), reverse=True))
+
+
+def _repair(skips, depth, budget, rng):
+    """Drop random skips until the executed-block count fits the budget's skip allowance."""
+    skips = [set(s) for s in skips]
+    skips[0] = set()
+    total = sum(len(s) for s in skips)
+    while total > budget:
+        i = rng.choice([i for i, s in enumerate(skips) if s])
+        skips[i].discard(rng.choice(sorted(skips[i])))
+        total -= 1
+    return tuple(frozenset(s) for s in skips)
+
+
+def evolve(
+    fitness: Callable[[Genome], float],
+    candidates: Sequence[float],
+    k: int,
+    *,
+    depth: int = 0,
+    max_skip: float = 0.0,
+    generations: int = 10,
+    stage1: int = 5,
+    population: int = 20,
+    parents: int = 5,
+    mutations: int = 10,
+    crossovers: int = 5,
+    mutate_prob: float = 0.25,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Evolutionary search of ``k`` timesteps (and block skips with ``max_skip > 0``).
+
+    ``candidates``: the allowed model times; the largest is always the first step (sampling
+    starts from pure noise there). ``depth``: blocks per step; ``max_skip``: the largest share
+    of the ``k * depth`` block evaluations that may be skipped.
+    """
+    cands = sorted({float(c) for c in candidates}, reverse=True)
+    if not 1 <= k <= len(cands):
+        raise ValueError(f"k must be in [1, {len(cands)}], got {k}")
+    if not 0 <= max_skip < 1:
+        raise ValueError(f"max_skip must be in [0, 1), got {max_skip}")
+    if max_skip > 0 and depth < 1:
+        raise ValueError("depth must be given for block skipping")
+    rng = random.Random(seed)
+    cache: dict[Genome, float] = {}
+
+    def score(g: Genome) -> float:
+        if g not in cache:
+            cache[g] = float(fitness(g))
+        return cache[g]
+
+    def allowance(gen: int) -> int:
+        if max_skip == 0 or gen < stage1:
+            return 0
+        ratio = min(max_skip, max_skip / 5 * (gen - stage1 + 1))
+        return int(ratio * k * depth)
+
+    def mutate(g: Genome, allowed: int) -> Genome:
+        ts = list(g.timesteps)
+        for i in range(1, k):
+            if rng.random() < mutate_prob:
+                unused = [c for c in cands[1:] if c not in ts]
+                if unused:
+                    ts[i] = rng.choice(unused)
+        ts = [ts[0]] + sorted(ts[1:], reverse=True)
+        skips = [set(s) for s in g.skips]
+        if allowed:
+            for i in range(1, k):
+                if rng.random() < mutate_prob:
+                    j = rng.randrange(depth)
+                    skips[i] ^= {j}  # toggle one block of this step
+        return Genome(tuple(ts), _repair(skips, depth, allowed, rng))
+
+    def crossover(a: Genome, b: Genome, allowed: int) -> Genome:
+        pool = sorted(set(a.timesteps[1:]) | set(b.timesteps[1:]), reverse=True)
+        picks = {rng.choice((a, b)).timesteps[i] for i in range(1, k)}
+        while len(picks) < k - 1:
+            picks.add(rng.choice(pool) if len(pool) > len(picks) else rng.choice(cands[1:]))
+        ts = (cands[0], *sorted(picks, reverse=True))
+        skips = [rng.choice((a, b)).skips[i] for i in range(k)]
+        return Genome(ts, _repair(skips, depth, allowed, rng))
+
+    def random_genome(allowed: int) -> Genome:
+        skips = [set() for _ in range(k)]
+        for _ in range(rng.randint(0, allowed)):
+            if k > 1:
+                skips[rng.randrange(1, k)].add(rng.randrange(depth))
+        return Genome(_random_timesteps(rng, cands, k), _repair(skips, depth, allowed, rng))
+
+    base = uniform_genome(cands, k, depth)
+    pop = [base] + [mutate(base, 0) for _ in range(population // 2)]
+    pop += [random_genome(0) for _ in range(population - len(pop))]
+    history = []
+    for gen in range(generations):
+        allowed = allowance(gen)
+        ranked = sorted(set(pop), key=score)
+        history.append(score(ranked[0]))
+        if log is not None:
+            log(f"generation {gen}: best {history[-1]:.4f}, skip allowance {allowed} blocks")
+        top = ranked[:parents]
+        children = [mutate(rng.choice(top), allowed) for _ in range(mutations)]
+        children += [crossover(*rng.sample(top, 2), allowed) for _ in range(crossovers)]
+        pop = top + children
+        pop += [random_genome(allowed) for _ in range(population - len(pop))]
+    best = min(set(pop) | set(cache), key=score)
+    history.append(score(best))
+    return SearchResult(best, score(best), history, len(cache))
+
+
+def sample_fitness(
+    model,
+    metric: Callable[[torch.Tensor], float],
+    *,
+    method: str = "ddim",
+    num_samples: int = 100,
+    guidance_scale: float = 1.5,
+    prediction: str = "flow",
+    schedule=None,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Callable[[Genome], float]:
+    """Fitness of a genome: ``metric(samples)`` (e.g. ``DigitsEvaluator.fd``) of a fixed-seed
+    sample of a class-conditional image model with the genome's timesteps and skips."""
+    labels = torch.arange(num_samples) % num_classes
+    null = torch.full_like(labels, getattr(model, "null_label", num_classes))
+    size = model.config.input_size
+    shape = (num_samples, model.in_channels, size, size)
+
+    @torch.no_grad()
+    def fitness(g: Genome) -> float:
+        accs = [BlockSkipper(g.skips)] if any(g.skips) else []
+        x = sample(
+            model, shape, method=method, timesteps=list(g.timesteps),
+            guidance_scale=guidance_scale, cond={"y": labels}, uncond={"y": null},
+            prediction=prediction, schedule=schedule, accelerators=accs, progress=False,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        return float(metric(x))
+
+    return fitness
+
+
+def schedule_json(genome: Genome, depth: int, components=("attn", "mlp"), **meta) -> dict:
+    """The static-schedule JSON (``adaptdiff.accel.schedule``): ``mask[step][block]``, one 0/1
+    per component ("0": reuse), with the searched timesteps under ``meta``."""
+    from .schedule import Schedule
+
+    mask = [[[j not in s] * len(components) for j in range(depth)] for s in genome.skips]
+    meta = {"method": "autodiffusion", "timesteps": list(genome.timesteps), **meta}
+    return Schedule([list(components)] * depth, mask, meta=meta).to_dict()
+
+
+def save_schedule(path, genome: Genome, depth: int, **meta) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(schedule_json(genome, depth, **meta), indent=1) + "\n")
+
+
+def load_schedule(path) -> Genome:
+    """The genome of a schedule written by :func:`save_schedule` (timesteps from ``meta``)."""
+    from .schedule import Schedule
+
+    sched = Schedule.load(path)
+    if not sched.meta or "timesteps" not in sched.meta:
+        raise ValueError(f"{path}: no meta.timesteps (not an autodiffusion schedule)")
+    skips = tuple(
+        frozenset(j for j, entry in enumerate(row) if not any(entry)) for row in sched.mask
+    )
+    return Genome(tuple(float(t) for t in sched.meta["timesteps"]), skips)
+
+
+@register_calibrator(
+    "autodiffusion",
+    "AutoDiffusion: evolutionary search of --steps timesteps (+ block skips with "
+    "--option max_skip=0.1), fitness digits-FD of --option num=100 samples (digits checkpoints)",
+)
+def _calibrate(setup) -> dict:
+    from ..metrics.digits import DigitsEvaluator
+
+    model, opts = setup.model, setup.options
+    cfg = getattr(model, "config", None)
+    if cfg is None or cfg.in_channels != 1 or cfg.num_classes != 10:
+        raise ValueError("autodiffusion calibration needs a digits checkpoint (--checkpoint DIR)")
+    evaluator = DigitsEvaluator(cfg.input_size)
+    sampling = setup.sampling
+    fitness = sample_fitness(
+        model, evaluator.fd, method=sampling["method"], num_samples=int(opts.get("num", 100)),
+        guidance_scale=sampling["guidance"], seed=sampling["seed"] + 1000,
+    )  # fmt: skip
+    depth = len(model.blocks)
+    result = evolve(
+        fitness, [i / 1000 for i in range(1, 1001)], sampling["steps"], depth=depth,
+        max_skip=float(opts.get("max_skip", 0.0)), generations=int(opts.get("generations", 8)),
+        seed=sampling["seed"], log=print,
+    )  # fmt: skip
+    return schedule_json(result.best, depth, fitness=result.best_fitness, sampling=sampling)

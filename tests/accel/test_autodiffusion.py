@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from adaptdiff.accel.autodiffusion import (
+    BlockSkipper,
+    Genome,
+    evolve,
+    load_schedule,
+    sample_fitness,
+    save_schedule,
+    schedule_json,
+    uniform_genome,
+)
+from adaptdiff.accel.schedule import Schedule
+from adaptdiff.models import create_dit
+from adaptdiff.samplers import VPSchedule, sample
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_uniform_genome_is_evenly_spaced_from_the_noise_end():
+    g = uniform_genome(range(100), 4)
+    assert g.timesteps == (99.0, 74.0, 49.0, 24.0) and g.skips == (frozenset(),) * 4
+    flow = uniform_genome([i / 1000 for i in range(1, 1001)], 4).timesteps
+    assert flow == pytest.approx((1.0, 0.75, 0.5, 0.25))
+
+
+def test_search_improves_on_a_synthetic_problem_and_respects_the_budget():
+    target = [99.0, 60.0, 30.0, 12.0, 3.0]
+    depth, k, max_skip = 4, 5, 0.25
+    seen = []
+
+    def fitness(g: Genome) -> float:
+        seen.append(g)
+        assert list(g.timesteps) == sorted(g.timesteps, reverse=True)
+        assert len(set(g.timesteps)) == k and not g.skips[0]
+        dist = sum(abs(a - b) for a, b in zip(g.timesteps, target, strict=False))
+        return dist + 5 * (g.executed(depth) / (k * depth))  # skipping blocks is rewarded
+
+    result = evolve(
+        fitness, range(100), k, depth=depth, max_skip=max_skip, generations=14, stage1=4,
+        population=24, seed=1,
+    )  # fmt: skip
+    assert result.history[-1] < result.history[0]
+    assert all(b <= a for a, b in zip(result.history, result.history[1:], strict=False))  # elitist
+    assert all(g.executed(depth) >= (1 - max_skip) * k * depth for g in seen)
+    assert not any(any(g.skips) for g in seen[:24])  # stage 1 searches timesteps only
+    assert any(result.best.skips)
+
+
+def test_evolve_checks_arguments():
+    with pytest.raises(ValueError, match="k must be"):
+        evolve(lambda g: 0.0, range(3), 5)
+    with pytest.raises(ValueError, match="depth"):
+        evolve(lambda g: 0.0, range(30), 3, max_skip=0.2)
+
+
+def _tiny_dit():
+    torch.manual_seed(0)
+    model = create_dit("DiT-tiny/2", learn_sigma=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_block_skipper_reuses_residuals():
+    model = _tiny_dit()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = {"y": torch.tensor([1, 2])}
+    kw = dict(method="ddim", timesteps=[999, 700, 400, 100], progress=False, cond=y)
+    ref = sample(model, x, **kw)
+    none = sample(model, x, accelerators=[BlockSkipper([frozenset()] * 4)], **kw)
+    assert torch.equal(none, ref)
+    skip = sample(model, x, accelerators=[BlockSkipper([frozenset(), {0}, {1}, {0}])], **kw)
+    assert not torch.equal(skip, ref) and (skip - ref).norm() / ref.norm() < 0.5
+    assert not any(block._forward_hooks for block in model.blocks)
+    with pytest.raises(ValueError, match="step 0"):
+        BlockSkipper([{0}, set()])
+
+
+def test_sample_fitness_and_schedule_json(tmp_path):
+    model = _tiny_dit()
+    fit = sample_fitness(
+        model, lambda x: float(x.abs().mean()), method="ddim", num_samples=4,
+        prediction="eps", schedule=VPSchedule(),
+    )  # fmt: skip
+    g = Genome((999.0, 500.0, 100.0), (frozenset(), frozenset({1}), frozenset()))
+    assert fit(g) == fit(g) and fit(g) != fit(uniform_genome(range(1000), 3))
+    data = schedule_json(g, depth=2)
+    assert data["format"] == "adaptdiff.schedule" and data["mask"][1] == ["11", "00"]
+    assert data["mask"][0] == ["11", "11"] and data["meta"]["method"] == "autodiffusion"
+    save_schedule(tmp_path / "s.json", g, depth=2)
+    assert Schedule.load(tmp_path / "s.json").num_steps == 3  # the hooks' executor reads it
+    assert load_schedule(tmp_path / "s.json") == g

@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+
+from adaptdiff import cli
+from adaptdiff.accel.guidance import (
+    AdaptiveGuidance,
+    LinearAG,
+    calibrate_linear_ag,
+    fit_linear_ag,
+    load_linear_ag,
+    save_linear_ag,
+)
+from adaptdiff.models import create_dit
+from adaptdiff.samplers import VPSchedule, sample
+from tests.samplers.support import TinyDenoiser
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(model, accelerators=(), method="euler", steps=8, y=None, y_null=None, **kw):
+    y = torch.tensor([3.0, -2.0, 5.0]) if y is None else y
+    y_null = torch.zeros_like(y) if y_null is None else y_null
+    return sample(
+        model, (len(y), 3, 6, 6), method=method, steps=steps, guidance_scale=3.0,
+        cond={"y": y}, uncond={"y": y_null}, accelerators=accelerators, progress=False,
+        generator=torch.Generator().manual_seed(0), return_info=True, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["euler", "ddim", "dpmpp_2m", "heun"])
+def test_ag_above_one_is_cfg_bit_for_bit(method):
+    model = TinyDenoiser()
+    ref, ref_info = _run(model, method=method)
+    out, info = _run(model, [AdaptiveGuidance(1.01)], method=method)
+    assert torch.equal(out, ref)
+    assert info["nfe_per_sample"] == ref_info["nfe_per_sample"] == 2 * ref_info["nfe"]
+
+
+class Patterns(torch.nn.Module):
+    """Label y predicts a fixed pattern whatever x; patterns of different labels are
+    nearly orthogonal, so rows whose cond and uncond labels differ never agree."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.patterns = torch.randn(3, 3, 6, 6, generator=g)
+
+    def forward(self, x, t, y):
+        return self.patterns[y.long()].expand_as(x).clone()
+
+
+def test_ag_drops_converged_rows_individually():
+    model = Patterns()
+    # row 0: cond == uncond (cosine 1, switches at once); rows 1, 2: never agree
+    y, y_null = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0])
+    ref, _ = _run(model, y=y, y_null=y_null)
+    ag = AdaptiveGuidance(0.99)
+    out, info = _run(model, [ag], y=y, y_null=y_null)
+    assert ag.switched_at.tolist() == [0, -1, -1]
+    assert info["nfe"] == 8 and info["nfe_per_sample"] == pytest.approx((8 * 3 + 3 + 7 * 2) / 3)
+    # rows that keep guidance are the CFG rows; row 0 is exact too (its branches agree)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ag_batch_mode_waits_for_every_row():
+    model = Patterns()
+    y, y_null = torch.tensor([0, 1]), torch.tensor([0, 0])
+    ag = AdaptiveGuidance(0.99, per_sample=False)
+    _, info = _run(model, [ag], y=y, y_null=y_null)
+    assert info["nfe_per_sample"] == 16 and ag.switched_at.tolist() == [-1, -1]
+
+
+def test_ag_switch_changes_the_output_and_saves_evaluations():
+    model = TinyDenoiser()
+    y, y_null = torch.tensor([0.3, 0.5]), torch.tensor([0.0, 0.0])
+    ref, ref_info = _run(model, y=y, y_null=y_null)
+    ag = AdaptiveGuidance(0.95, start=0.25)
+    out, info = _run(model, [ag], y=y, y_null=y_null)
+    assert (ag.switched_at >= 2).all()  # not before start
+    assert info["nfe_per_sample"] < ref_info["nfe_per_sample"]
+    assert not torch.equal(out, ref)
+
+
+class HalfUncond(torch.nn.Module):
+    """pred_uncond = 0.5 pred_cond exactly (y == 0 is the null label)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyDenoiser()
+
+    def forward(self, x, t, y):
+        return self.net(x, t) * torch.where(y == 0, 0.5, 1.0)[:, None, None, None]
+
+
+@pytest.mark.parametrize("method", ["euler", "ddim", "dpmpp_2m"])
+def test_linear_ag_selecting_the_true_uncond_equals_cfg(method):
+    model = HalfUncond()
+    y = torch.tensor([1.0, 2.0, 3.0])
+    ref, ref_info = _run(model, method=method, y=y)
+    coeffs = {i: [0.5, 0.0, 0.0] for i in range(1, 8)}
+    lag = LinearAG(coeffs, history=1, num_steps=8, steps=range(1, 8))
+    out, info = _run(model, [lag], method=method, y=y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert info["nfe_per_sample"] == 9 and ref_info["nfe_per_sample"] == 16
+
+
+def test_linear_ag_checks_its_inputs():
+    with pytest.raises(ValueError, match="must hold 3 values"):
+        LinearAG({1: [1.0]}, history=1)
+    with pytest.raises(ValueError, match="no history"):
+        LinearAG({0: [1.0, 0.0, 0.0]}, history=1)
+    with pytest.raises(ValueError, match="no coefficients"):
+        LinearAG({1: [1.0, 0.0, 0.0]}, history=1, steps=[2])
+    lag = LinearAG({1: [1.0, 0.0, 0.0]}, history=1, num_steps=4)
+    with pytest.raises(ValueError, match="fitted for 4 steps"):
+        _run(TinyDenoiser(), [lag], steps=8)
+
+
+def test_fit_recovers_exact_coefficients():
+    g = torch.Generator().manual_seed(0)
+    trajectories = []
+    for _ in range(3):
+        conds = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(6)]
+        unconds = [torch.randn(4, 5, generator=g, dtype=torch.float64)]
+        for i in range(1, 6):
+            unconds.append(0.3 * conds[i] + 0.2 * conds[i - 1] + 0.5 * unconds[i - 1])
+        trajectories.append((conds, unconds))
+    coeffs = fit_linear_ag(trajectories, history=1)
+    assert sorted(coeffs) == [1, 2, 3, 4, 5]
+    for c in coeffs.values():
+        assert c == pytest.approx([0.3, 0.2, 0.5], abs=1e-6)
+
+
+def _tiny_dit():
+    torch.manual_seed(0)
+    model = create_dit("DiT-tiny/2", learn_sigma=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_calibrate_save_load_roundtrip(tmp_path):
+    model = _tiny_dit()
+    labels = torch.arange(4)
+    coeffs = calibrate_linear_ag(
+        model, labels, torch.full_like(labels, 10), method="ddim", steps=6, guidance_scale=2.0,
+        prediction="eps", schedule=VPSchedule(), history=1, batches=2,
+    )  # fmt: skip
+    path = tmp_path / "lag.json"
+    save_linear_ag(path, coeffs, history=1, num_steps=6)
+    assert json.loads(path.read_text())["method"] == "linear-ag"
+    lag = load_linear_ag(path)
+    assert lag.coefficients == coeffs and lag.steps == {2}
+    x, info = sample(
+        model, (4, 4, 8, 8), method="ddim", steps=6, guidance_scale=2.0,
+        cond={"y": labels}, uncond={"y": torch.full_like(labels, 10)}, accelerators=[lag],
+        progress=False, return_info=True,
+    )  # fmt: skip
+    assert info["nfe_per_sample"] == 11 and torch.isfinite(x).all()
+
+
+def test_calibrate_cli_writes_linear_ag_coefficients(tmp_path):
+    out = tmp_path / "lag.json"
+    args = ["calibrate", "--method", "linear-ag", "--model", "DiT-tiny/2", "--steps", "6",
+            "--runs", "2", "--guidance", "2", "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    lag = load_linear_ag(out)
+    assert lag.num_steps == 6 and sorted(lag.coefficients) == [1, 2, 3, 4, 5]
