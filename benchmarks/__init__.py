@@ -3,7 +3,8 @@
 ``python -m benchmarks [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``, or
 ``adaptdiff bench``. Families: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_),
 ``patch_scores``, ``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute,
-moe_unpermute), ``block_attention``, ``sara`` (sara_linear, sampled_wgrad); an op name selects that op only.
+moe_unpermute), ``block_attention``, ``sara`` (sara_linear, sampled_wgrad); an op name selects
+that op only.
 """
 
 from __future__ import annotations

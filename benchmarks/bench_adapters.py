@@ -77,7 +77,7 @@ def _apply(name: str, model):
     if name == "sara":
         from adaptdiff.adapters.sara import apply_sara
 
-        # not t_embedder: TimestepEmbedder reads mlp[0].weight, which SaRA layers lack
+        # t_embedder stays frozen, as in `adaptdiff adapt`
         return apply_sara(model, fraction=0.1, exclude=[r"^t_embedder\."])
     if name == "difffit":
         return adapters.apply_difffit(model)

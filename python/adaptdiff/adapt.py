@@ -110,7 +110,7 @@ def _fera(model):
 def _sara(model):
     from .adapters.sara import apply_sara
 
-    # not t_embedder: TimestepEmbedder reads mlp[0].weight, which a SaRA layer does not expose
+    # t_embedder stays frozen (the measured configuration; its MLP is shared by all classes)
     return apply_sara(model, fraction=0.054, exclude=[r"^t_embedder\."])
 
 

@@ -207,3 +207,20 @@ def test_save_load_merge_round_trip(tmp_path):
 def test_default_lr():
     assert sara_default_lr(2e-3) == pytest.approx(1e-3 * math.exp(-0.7))
     assert 4.9e-4 < sara_default_lr() < 5.0e-4
+
+
+def test_whole_dit_including_timestep_embedder():
+    from adaptdiff.models import create_dit
+
+    torch.manual_seed(0)
+    model = create_dit("DiT-tiny/2")
+    with torch.no_grad():  # leave adaLN-Zero's zero init, so that every layer gets a gradient
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    x, t, y = torch.randn(2, model.in_channels, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    expected = model(x, t, y)
+    params = apply_sara(model, fraction=0.1)
+    assert type(model.t_embedder.mlp[0]).__name__ != "Linear"  # wrapped too
+    torch.testing.assert_close(model(x, t, y), expected)
+    model(x, t, y).square().mean().backward()
+    assert all(p.grad is not None for p in params)
