@@ -22,7 +22,6 @@ CONTRACT_OPS = frozenset(
         "moe_permute",
         "moe_unpermute",
         "block_attention",
-
         "sara_linear",
         "sampled_wgrad",
     }

@@ -169,6 +169,7 @@ def block_attention(
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
+
 def sara_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
