@@ -1,4 +1,4 @@
-"""The ``adaptdiff`` command: demo, train, sample, bench, info."""
+"""The ``adaptdiff`` command: demo, train, sample, bench, calibrate, info."""
 
 from __future__ import annotations
 
@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--compiled", action="store_true", help="also time the compiled reference")
     s.set_defaults(fn=_cmd_bench)
+
+    from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
+
+    add_calibrate_parser(sub)
     return p
 
 

@@ -1,0 +1,82 @@
+"""Training-free acceleration by caching inside the model: one hook API for adaptdiff's DiT
+and diffusers transformers (DiT, PixArt, SD3, Flux).
+
+Use::
+
+    from adaptdiff import accel
+    handle = accel.apply(model, accel.FirstBlockCacheConfig(threshold=0.08))
+    x = sample(model, shape, ..., accelerators=[handle])   # caches reset at every call
+    print(accel.summary(model))  # per context: hits, cached steps, block hit rates, percentiles
+    accel.remove(model)          # the model computes exactly as before
+
+API (for users and for other acceleration modules):
+
+- ``apply(model, *configs, blocks=None) -> AccelHandle``: install one hook per config, in
+  place (``module.forward`` instance attributes; parameters and ``state_dict`` untouched).
+  ``blocks`` names the block lists if they are not ``blocks`` / ``transformer_blocks`` /
+  ``single_transformer_blocks``. Raises if the model is already hooked.
+- ``remove(model)``, ``reset(model)``, ``summary(model) -> dict``, ``get_handle(model)``.
+- ``context(model, name)`` (or ``handle.context(name)``): a ``with`` block whose model calls
+  use context ``name``'s state (e.g. "cond"/"uncond" when a pipeline calls the branches
+  separately). Calls outside any context use ``"default"``. Each context has its own step
+  counter (model calls since the reset), caches and hit/miss counters.
+- ``AccelHandle`` is an :class:`~adaptdiff.samplers.Accelerator`: ``on_sample_start`` resets
+  every context and sets ``handle.num_calls`` (model calls of this generation) so that
+  "last steps" rules work.
+- Extending: subclass :class:`Hook` (``install`` wraps modules with ``handle.wrap(module,
+  fn(inner, *args, **kwargs))``; ``self.state`` is this hook's state in the current context;
+  ``handle.ctx.count(key, hit)``; ``summary(ctx)``) and ``register_config(ConfigCls, HookCls)``.
+- Discovery: ``find_blocks(model)`` (name, module) in execution order; ``find_components(block)``
+  the reusable residual-branch submodules (DiT: ``attn``, ``mlp``; diffusers: ``attn1``,
+  ``attn2``, ``ff``, ``attn``, ``ff_context``, ``proj_mlp``, ``proj_out``); ``layout(model)``.
+
+Configs: online caches (:mod:`.caches`) ``FirstBlockCacheConfig`` (also Fn/Bn via
+``first_blocks``/``last_blocks``), ``TeaCacheConfig``, ``MagCacheConfig``, ``TaylorSeerConfig``;
+static schedules (:mod:`.schedule`) ``ScheduleConfig(Schedule | path)``, with producers in
+:mod:`.producers` (``interval_schedule``, ``asdm_schedule``, ``bac_schedule``) and
+:mod:`.ecad` (``nsga2``, ``ecad_search``). Calibration (:mod:`.calibration`):
+``register_calibrator(name)`` adds ``adaptdiff calibrate --method name``; ``load_calibration``
+validates the JSON (format, version, method, model class / blocks / parameters). The methods
+``teacache`` and ``magcache`` write calibrations; ``bac`` and ``ecad`` (:mod:`.searches`) write
+schedules.
+"""
+
+from .api import apply, context, get_handle, register_config, remove, reset, summary
+from .caches import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from .calibration import (
+    CALIBRATORS,
+    CalibrationSetup,
+    load_calibration,
+    register_calibrator,
+    run_calibration,
+)
+from .hooks import AccelHandle, ContextState, Hook, find_blocks, find_components, layout
+from .schedule import Schedule, ScheduleConfig
+from .searches import calibrate_bac, calibrate_ecad  # noqa: F401  (registers bac, ecad)
+
+__all__ = [
+    "CALIBRATORS",
+    "AccelHandle",
+    "CalibrationSetup",
+    "ContextState",
+    "FirstBlockCacheConfig",
+    "Hook",
+    "MagCacheConfig",
+    "Schedule",
+    "ScheduleConfig",
+    "TaylorSeerConfig",
+    "TeaCacheConfig",
+    "apply",
+    "context",
+    "find_blocks",
+    "find_components",
+    "get_handle",
+    "layout",
+    "load_calibration",
+    "register_calibrator",
+    "register_config",
+    "remove",
+    "reset",
+    "run_calibration",
+    "summary",
+]

@@ -1,0 +1,100 @@
+"""``apply`` / ``remove`` / ``summary`` / ``context`` and the config -> hook registry."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from torch import nn
+
+from .hooks import ATTR, AccelHandle, Hook
+
+__all__ = ["apply", "context", "get_handle", "register_config", "remove", "reset", "summary"]
+
+HOOKS: dict[type, type[Hook]] = {}
+
+
+def register_config(config_cls: type, hook_cls: type[Hook]) -> None:
+    """Make :func:`apply` install ``hook_cls(config, handle)`` for instances of ``config_cls``."""
+    if not (isinstance(hook_cls, type) and issubclass(hook_cls, Hook)):
+        raise ValueError(f"hook_cls must be a Hook subclass, got {hook_cls!r}")
+    HOOKS[config_cls] = hook_cls
+
+
+def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> AccelHandle:
+    """Install the accelerations ``configs`` on ``model`` (in place) and return the handle.
+
+    Pass the handle to ``sample(..., accelerators=[handle])`` so that every call starts from
+    clean caches; without it call ``reset(model)`` between generations. ``blocks`` names the
+    block lists when they are not ``blocks`` / ``transformer_blocks`` /
+    ``single_transformer_blocks``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not configs:
+        raise ValueError("apply: give at least one config")
+    if getattr(model, ATTR, None) is not None:
+        raise ValueError(
+            "apply: the model already has adaptdiff.accel hooks; call "
+            "adaptdiff.accel.remove(model) first"
+        )
+    hook_classes = []
+    for cfg in configs:
+        hook_cls = next((h for c, h in HOOKS.items() if isinstance(cfg, c)), None)
+        if hook_cls is None:
+            raise ValueError(
+                f"apply: {type(cfg).__name__} is not an acceleration config (known: "
+                f"{sorted(c.__name__ for c in HOOKS)})"
+            )
+        hook_classes.append(hook_cls)
+    handle = AccelHandle(model, blocks)
+    try:
+        for cfg, hook_cls in zip(configs, hook_classes, strict=True):
+            hook = hook_cls(cfg, handle)
+            hook.install()
+            handle.hooks.append(hook)
+    except BaseException:
+        handle.remove()
+        raise
+    model.__dict__[ATTR] = handle  # not a submodule: keeps it out of state_dict and .to()
+    return handle
+
+
+def get_handle(model: nn.Module) -> AccelHandle:
+    handle = getattr(model, ATTR, None)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} has no adaptdiff.accel hooks (call apply first)")
+    return handle
+
+
+def remove(model: nn.Module) -> None:
+    """Take every hook off ``model``; it computes exactly as before :func:`apply`."""
+    handle = model.__dict__.pop(ATTR, None)
+    if handle is not None:
+        handle.remove()
+
+
+def reset(model: nn.Module) -> None:
+    """Clear the caches and counters of every context (done by ``sample`` via the handle)."""
+    get_handle(model).reset()
+
+
+def summary(model: nn.Module) -> dict:
+    """Per context: model calls, hits/misses, cached steps, per-block hit rates, indicator
+    percentiles (what each installed method reports)."""
+    return get_handle(model).summary()
+
+
+@contextlib.contextmanager
+def context(model: nn.Module, name: str):
+    """``with context(model, "uncond"): model(...)`` keeps that branch's caches apart.
+
+    Calls outside any ``with`` use the context ``"default"`` (no error, unlike diffusers), and on a
+    model without hooks the ``with`` does nothing, so pipelines can always wrap their calls.
+    """
+    handle = getattr(model, ATTR, None)
+    if handle is None:
+        yield
+        return
+    with handle.context(name):
+        yield

@@ -1,0 +1,272 @@
+"""The hook runtime: block discovery, forward wrapping, per-context state, counters.
+
+One :class:`AccelHandle` per model (``model._adaptdiff_accel``) owns every wrapper that
+:func:`apply` installed. Wrappers replace ``module.forward`` by an instance attribute (the class
+method is untouched, so ``remove`` just restores what was there), which keeps parameter names,
+``state_dict`` and ``torch.compile`` of the wrapped modules intact.
+
+State lives in :class:`ContextState` objects, one per context name: the model-call counter
+``step`` (advanced by a forward pre-hook on the root module), each hook's private state, and
+hit/miss counters. A handle is an :class:`~adaptdiff.samplers.Accelerator`: passed to
+``sample(..., accelerators=[handle])`` it resets every context at the start of each call and
+learns how many model calls the sampler will make (``num_calls``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..samplers.accelerator import Accelerator, SampleContext
+
+ATTR = "_adaptdiff_accel"
+DEFAULT_CONTEXT = "default"
+# Lists of transformer blocks, in execution order (Flux: double-stream, then single-stream).
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")
+# Residual-branch submodules that static schedules may reuse, in execution order. adaptdiff's
+# DiT: attn, mlp; diffusers: attn1/attn2/ff (DiT, PixArt), attn/attn2/ff/ff_context (SD3,
+# Flux double), attn/proj_mlp/proj_out (Flux single).
+COMPONENT_NAMES = ("attn", "attn1", "attn2", "proj_mlp", "mlp", "ff", "ff_context", "proj_out")
+HIDDEN_ARGS = ("hidden_states", "x")
+ENCODER_ARG = "encoder_hidden_states"
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def find_blocks(
+    model: nn.Module, names: Sequence[str] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks of ``model`` in execution order, as (qualified name, module).
+
+    ``names``: module names (``model.get_submodule`` paths) of ``nn.ModuleList``s or single
+    blocks to use instead of the default lists ``blocks``, ``transformer_blocks``,
+    ``single_transformer_blocks``.
+    """
+    found = []
+    for list_name in names if names is not None else BLOCK_LISTS:
+        try:
+            sub = model.get_submodule(list_name)
+        except AttributeError:
+            if names is not None:
+                raise ValueError(
+                    f"blocks: {type(model).__name__} has no submodule {list_name!r}"
+                ) from None
+            continue
+        if isinstance(sub, nn.ModuleList):
+            found += [(f"{list_name}.{i}", b) for i, b in enumerate(sub)]
+        else:
+            found.append((list_name, sub))
+    if not found:
+        raise ValueError(
+            f"adaptdiff.accel: found no transformer blocks in {type(model).__name__} (looked for "
+            f"{BLOCK_LISTS}); pass blocks=[...] names of its block lists"
+        )
+    return found
+
+
+def find_components(block: nn.Module) -> list[str]:
+    """The reusable residual-branch submodules of one block (see ``COMPONENT_NAMES``)."""
+    return [n for n in COMPONENT_NAMES if isinstance(getattr(block, n, None), nn.Module)]
+
+
+def layout(model: nn.Module, blocks: Sequence[str] | None = None) -> list[list[str]]:
+    """Component names per block: the ``[block][component]`` axes of a static schedule."""
+    return [find_components(b) for _, b in find_blocks(model, blocks)]
+
+
+# --------------------------------------------------------------------------- block I/O
+
+
+@dataclass
+class BlockIO:
+    """How one block call maps to residual streams (hidden, encoder).
+
+    A block returns either its hidden states (adaptdiff's DiT, diffusers' DiT/PixArt) or the
+    pair ``(encoder_hidden_states, hidden_states)`` (diffusers' SD3 and Flux blocks); only in the
+    second case is ``encoder_hidden_states`` a stream (otherwise it is cross-attention context).
+    """
+
+    hidden: torch.Tensor
+    encoder: torch.Tensor | None
+    pair: bool
+
+    @classmethod
+    def of_call(cls, sig: inspect.Signature, args, kwargs, pair: bool) -> BlockIO:
+        bound = sig.bind_partial(*args, **kwargs).arguments
+        hidden = next((bound[n] for n in HIDDEN_ARGS if n in bound), None)
+        if hidden is None:
+            hidden = args[0] if args else next(iter(kwargs.values()))
+        return cls(hidden, bound.get(ENCODER_ARG) if pair else None, pair)
+
+    def streams(self) -> tuple:
+        return (self.hidden, self.encoder)
+
+    def output(self, hidden, encoder):
+        return (encoder, hidden) if self.pair else hidden
+
+
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(hidden, encoder, pair) of a block's return value."""
+    if isinstance(out, torch.Tensor):
+        return out, None, False
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[1], out[0], True
+    raise TypeError(
+        f"adaptdiff.accel: a block returned {type(out).__name__}; expected a tensor or an "
+        "(encoder_hidden_states, hidden_states) pair"
+    )
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class ContextState:
+    """Everything one context (e.g. the cond or uncond branch) remembers during a generation."""
+
+    name: str
+    step: int = -1  # index of the current model call; -1 before the first
+    hooks: dict = field(default_factory=dict)  # hook key -> that hook's state object
+    hits: dict = field(default_factory=dict)  # counter key -> reused/skipped count
+    misses: dict = field(default_factory=dict)  # counter key -> computed count
+
+    def count(self, key, hit: bool) -> None:
+        table = self.hits if hit else self.misses
+        table[key] = table.get(key, 0) + 1
+
+
+class Hook:
+    """Base of the installed behaviours; one instance per config passed to :func:`apply`."""
+
+    name = "hook"
+
+    def __init__(self, config, handle: AccelHandle):
+        self.config, self.handle = config, handle
+        self.key = f"{self.name}:{id(self)}"
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def new_state(self):
+        return {}
+
+    @property
+    def state(self):
+        ctx = self.handle.ctx
+        if self.key not in ctx.hooks:
+            ctx.hooks[self.key] = self.new_state()
+        return ctx.hooks[self.key]
+
+    def summary(self, ctx: ContextState) -> dict:
+        return {}
+
+
+class AccelHandle(Accelerator):
+    """The hooks on one model; pass it to ``sample(..., accelerators=[handle])``."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[str] | None = None):
+        self.model = model
+        self.blocks = find_blocks(model, blocks)
+        self.block_names = blocks
+        self.contexts: dict[str, ContextState] = {}
+        self.current = DEFAULT_CONTEXT
+        self.num_calls: int | None = None  # model calls of the running generation, if known
+        self.hooks: list[Hook] = []
+        self._wrapped: list[tuple[nn.Module, Any]] = []
+        self._handles = [model.register_forward_pre_hook(self._begin_call)]
+
+    # -- contexts
+    @property
+    def ctx(self) -> ContextState:
+        if self.current not in self.contexts:
+            self.contexts[self.current] = ContextState(self.current)
+        return self.contexts[self.current]
+
+    @contextlib.contextmanager
+    def context(self, name: str):
+        """Route the model calls inside the ``with`` to the state of context ``name``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"context name must be a non-empty string, got {name!r}")
+        previous, self.current = self.current, name
+        try:
+            yield self
+        finally:
+            self.current = previous
+
+    def reset(self) -> None:
+        """Forget every context's caches, counters and step counter."""
+        self.contexts.clear()
+
+    @torch.compiler.disable
+    def _begin_call(self, module, args):
+        self.ctx.step += 1
+
+    # -- the Accelerator protocol
+    def on_sample_start(self, ctx: SampleContext) -> None:
+        self.reset()
+        self.num_calls = model_calls(ctx.method, ctx.num_steps)
+
+    # -- wrapping
+    def wrap(self, module: nn.Module, wrapper: Callable) -> None:
+        """Make ``module(...)`` call ``wrapper(inner, *args, **kwargs)``; ``inner`` is the
+        forward that was in place (the class's, or an earlier wrapper)."""
+        previous = module.__dict__.get("forward")
+        inner = module.forward
+
+        def forward(*args, **kwargs):
+            return wrapper(inner, *args, **kwargs)
+
+        module.forward = forward
+        self._wrapped.append((module, previous))
+
+    def remove(self) -> None:
+        for module, previous in reversed(self._wrapped):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        for h in self._handles:
+            h.remove()
+        self._wrapped.clear()
+        self._handles.clear()
+
+    # -- reporting
+    def summary(self) -> dict:
+        out = {}
+        for name, ctx in self.contexts.items():
+            entry = {"model_calls": ctx.step + 1}
+            hits, misses = sum(ctx.hits.values()), sum(ctx.misses.values())
+            entry["hits"], entry["misses"] = hits, misses
+            entry["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+            for hook in self.hooks:
+                entry.update(hook.summary(ctx))
+            out[name] = entry
+        return out
+
+
+def model_calls(method: str, steps: int) -> int:
+    """Model evaluations a sampler of adaptdiff makes (Heun: two per step but the last)."""
+    return 2 * steps - 1 if method == "heun" else steps
+
+
+def percentiles(values: Sequence[float], qs=(10, 50, 90)) -> dict:
+    if not values:
+        return {}
+    t = torch.tensor(list(values), dtype=torch.float64)
+    return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}
+
+
+def block_rates(ctx: ContextState, prefix: str, n: int) -> list[float]:
+    """Per-block hit rates of the counters keyed ``(prefix, block)``."""
+    rates = []
+    for i in range(n):
+        h, m = ctx.hits.get((prefix, i), 0), ctx.misses.get((prefix, i), 0)
+        rates.append(h / (h + m) if h + m else 0.0)
+    return rates
