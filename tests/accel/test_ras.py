@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from adaptdiff import accel
 from adaptdiff.accel.ras import RAS, RASConfig, skip_schedule, theoretical_speedup
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import Accelerator, sample
@@ -263,4 +264,18 @@ def test_ras_on_diffusers_transformers(kind):
     assert ras.summary()["ras_calls"] == 5
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
     ras.remove()
+    assert torch.equal(run(model), plain)
+
+
+def test_ras_through_the_accel_hook_api_matches_the_standalone_accelerator():
+    model = random_dit()
+    plain = run(model)
+    config = RASConfig(sample_ratio=0.5, start_step=2, error_reset_steps=(5,))
+    ras = RAS(model, config)
+    expected = run(model, [ras])
+    ras.remove()
+    handle = accel.apply(model, config)
+    assert torch.equal(run(model, [handle]), expected)
+    assert accel.summary(model)["default"]["ras"]["ras_calls"] == 5
+    accel.remove(model)
     assert torch.equal(run(model), plain)

@@ -41,12 +41,15 @@ Usage::
     x = sample(model, shape, method="euler", steps=28, prediction="flow", accelerators=[ras])
     ras.summary()   # RAS steps, mean active fraction, token-block evaluations saved
     ras.remove()    # the model is plain again
+
+or through the hook API: ``handle = accel.apply(model, RASConfig(...))``, then
+``sample(..., accelerators=[handle])``, ``accel.summary(model)``, ``accel.remove(model)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -54,8 +57,10 @@ import torch.nn.functional as F
 
 from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
 from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
+from .api import register_config
+from .hooks import Hook
 
-__all__ = ["METRICS", "RAS", "RASConfig", "skip_schedule"]
+__all__ = ["METRICS", "RAS", "RASConfig", "RASHook", "skip_schedule", "theoretical_speedup"]
 
 METRICS = ("std", "l2", "random")
 STARVATION = ("corrected", "reference")
@@ -161,13 +166,12 @@ class _State:
         return self.active if reps == 1 else self.active.repeat(reps, 1)
 
 
-def _ras_attention_forward(attn, state: _State):
-    """A replacement ``Attention.forward`` (adaptdiff's layers.Attention) for RAS."""
-    original = attn.forward
+def _adaptdiff_attention(attn, state: _State):
+    """A wrapper of adaptdiff's ``layers.Attention.forward`` for RAS."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(inner, x: torch.Tensor) -> torch.Tensor:
         if state.mode == "off":
-            return original(x)
+            return inner(x)
         B, N, D = x.shape
         H, hd = attn.num_heads, attn.head_dim
         if state.mode == "dense":  # the original computation, keeping K and V
@@ -175,16 +179,10 @@ def _ras_attention_forward(attn, state: _State):
             state.kv[id(attn)] = qkv[..., D:].contiguous()  # [B, N, 2D]
             q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            cache = state.kv.get(id(attn))
-            if cache is None or cache.shape[0] != B or cache.dtype != x.dtype:
-                raise RuntimeError(
-                    "RAS: no K/V cache for this model batch (a RAS step must follow a dense "
-                    "step of the same batch and dtype)"
-                )
+            cache = _cache(state, attn, x)
             w, b = attn.qkv.weight, attn.qkv.bias
             q = F.linear(x, w[:D], None if b is None else b[:D])
-            index = state.index_for(B)
-            indexed_linear_(cache, index, x, w[D:], None if b is None else b[D:])
+            indexed_linear_(cache, state.index_for(B), x, w[D:], None if b is None else b[D:])
             q = q.reshape(B, N, H, hd).transpose(1, 2)
             k, v = cache.view(B, -1, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, N, hd)
@@ -193,36 +191,37 @@ def _ras_attention_forward(attn, state: _State):
     return forward
 
 
-class _RASProcessor:
-    """A diffusers attention processor for RAS self-attention (``AttnProcessor2_0``'s math):
-    K and V of the active tokens go into full-length caches (before ``norm_k``, which acts per
-    token); cross-attention and runs outside RAS go to the original processor."""
+def _cache(state: _State, attn, x: torch.Tensor):
+    cache = state.kv.get(id(attn))
+    first = cache[0] if isinstance(cache, tuple) else cache
+    if first is None or first.shape[0] != x.shape[0] or first.dtype != x.dtype:
+        raise RuntimeError(
+            "RAS: no K/V cache for this model batch (a RAS step must follow a dense step of "
+            "the same batch and dtype)"
+        )
+    return cache
 
-    def __init__(self, original, state: _State):
-        self.original, self.state = original, state
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, **kwargs):  # fmt: skip
-        state = self.state
+def _diffusers_attention(attn, state: _State):
+    """A wrapper of a diffusers ``Attention.forward`` for RAS self-attention
+    (``AttnProcessor2_0``'s math): K and V of the active tokens go into full-length caches
+    (before ``norm_k``, which acts per token); cross-attention and runs outside RAS go through."""
+
+    def forward(inner, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
         if state.mode == "off" or encoder_hidden_states is not None or hidden_states.ndim != 3:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                 **kwargs)  # fmt: skip
+            return inner(hidden_states, encoder_hidden_states, attention_mask, **kw)
         if attention_mask is not None:
             raise ValueError("RAS: self-attention masks are not supported")
         x = hidden_states
         B = x.shape[0]
         query = attn.to_q(x)
-        key_id = id(attn)
         if state.mode == "dense":
-            state.kv[key_id] = (attn.to_k(x), attn.to_v(x))
+            state.kv[id(attn)] = (attn.to_k(x), attn.to_v(x))
         else:
-            cache = state.kv.get(key_id)
-            if cache is None or cache[0].shape[0] != B or cache[0].dtype != x.dtype:
-                raise RuntimeError("RAS: no K/V cache for this model batch")
             index = state.index_for(B)
-            for buffer, linear in zip(cache, (attn.to_k, attn.to_v), strict=True):
+            for buffer, linear in zip(_cache(state, attn, x), (attn.to_k, attn.to_v), strict=True):
                 indexed_linear_(buffer, index, x, linear.weight, linear.bias)
-        key, value = state.kv[key_id]
+        key, value = state.kv[id(attn)]
         heads = attn.heads
         head_dim = key.shape[-1] // heads
         query = query.view(B, -1, heads, head_dim).transpose(1, 2)
@@ -238,6 +237,8 @@ class _RASProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+    return forward
 
 
 def _layout(model):
@@ -266,60 +267,69 @@ class RAS(Accelerator):
     outside a RAS run); :meth:`remove` takes them off. See the module docstring.
     """
 
-    def __init__(self, model, config: RASConfig | None = None, **overrides):
+    def __init__(self, model, config: RASConfig | None = None, *, wrap=None, **overrides):
         if config is None:
             config = RASConfig(**overrides)
         elif overrides:
-            config = type(config)(**{**config.__dict__, **overrides})
+            config = dataclasses.replace(config, **overrides)
         self._first, self._out, self.patch_size, self._kind = _layout(model)
         self.model, self.config, self.state = model, config, _State()
-        self._handles: list = []
-        self._patched: list = []
-        self._install()
+        self._wrapped: list = []
+        self._installed = True
+        self._install(wrap or self._wrap)
         self.records: list[dict] = []
 
     # -- model hooks ------------------------------------------------------------------------
 
-    def _install(self) -> None:
+    def _wrap(self, module, wrapper) -> None:
+        """``module(...)`` calls ``wrapper(inner, *args, **kwargs)`` (as ``AccelHandle.wrap``)."""
+        previous, inner = module.__dict__.get("forward"), module.forward
+
+        def forward(*args, **kwargs):
+            return wrapper(inner, *args, **kwargs)
+
+        module.forward = forward
+        self._wrapped.append((module, previous))
+
+    def _install(self, wrap) -> None:
         state = self.state
 
-        def gather(module, args, kwargs):
-            if state.mode != "ras":
-                return None
-            if args:
-                h = args[0]
-                return (gather_tokens(h, state.index_for(h.shape[0])), *args[1:]), kwargs
-            h = kwargs["hidden_states"]
-            return args, {**kwargs, "hidden_states": gather_tokens(h, state.index_for(h.shape[0]))}
+        def gather(inner, *args, **kwargs):  # the first block: keep the active tokens
+            if state.mode == "ras":
+                if args:
+                    h = args[0]
+                    args = (gather_tokens(h, state.index_for(h.shape[0])), *args[1:])
+                else:
+                    h = kwargs["hidden_states"]
+                    kwargs["hidden_states"] = gather_tokens(h, state.index_for(h.shape[0]))
+            return inner(*args, **kwargs)
 
-        def scatter(module, args, out):
+        def scatter(inner, *args, **kwargs):  # the output projection: back to full length
+            out = inner(*args, **kwargs)
             state.model_ran = True
             if state.mode != "ras":
-                return None
+                return out
             full = out.new_zeros(out.shape[0], state.num_tokens, out.shape[2])
             return scatter_tokens(full, state.index_for(out.shape[0]), out)
 
-        self._handles.append(self._first.register_forward_pre_hook(gather, with_kwargs=True))
-        self._handles.append(self._out.register_forward_hook(scatter))
+        wrap(self._first, gather)
+        wrap(self._out, scatter)
         if self._kind == "adaptdiff":
             for block in self.model.blocks:
-                block.attn.forward = _ras_attention_forward(block.attn, state)
-                self._patched.append(block.attn)
+                wrap(block.attn, _adaptdiff_attention(block.attn, state))
         else:
             for block in self.model.transformer_blocks:
-                block.attn1.processor = _RASProcessor(block.attn1.processor, state)
-                self._patched.append(block.attn1)
+                wrap(block.attn1, _diffusers_attention(block.attn1, state))
 
     def remove(self) -> None:
         """Take the hooks off the model (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        for attn in self._patched:
-            if isinstance(attn.__dict__.get("forward"), types.FunctionType):
-                del attn.forward
-            if isinstance(getattr(attn, "processor", None), _RASProcessor):
-                attn.processor = attn.processor.original
-        self._handles, self._patched = [], []
+        for module, previous in reversed(self._wrapped):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._wrapped.clear()
+        self._installed = False
         self.state.reset()
 
     # -- the accelerator protocol -----------------------------------------------------------
@@ -328,7 +338,7 @@ class RAS(Accelerator):
         x = ctx.x
         if x.ndim != 4 or x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
             raise ValueError(f"RAS: samples must be [B, C, H, W] patches of {self.patch_size}")
-        if not self._handles:
+        if not self._installed:
             raise RuntimeError("RAS: remove() was called; create a new RAS for this model")
         p = self.patch_size
         self.grid = (x.shape[2] // p, x.shape[3] // p)
@@ -428,3 +438,41 @@ def theoretical_speedup(skips: list[int], num_tokens: int) -> float:
     """Dense steps over token-weighted steps, the linear-layer bound of a skip schedule."""
     work = sum((num_tokens - k) / num_tokens for k in skips)
     return len(skips) / work if work else math.inf
+
+
+class RASHook(Hook):
+    """``adaptdiff.accel.apply(model, RASConfig(...))``: RAS through the hook API. The handle
+    then also forwards the sampler's callbacks to RAS (pass it to ``sample``); ``remove(model)``
+    takes RAS off with the other hooks."""
+
+    name = "ras"
+
+    def install(self) -> None:
+        handle = self.handle
+        self.ras = ras = RAS(handle.model, self.config, wrap=handle.wrap)
+        start, before, after, end = (
+            handle.on_sample_start, handle.before_model, handle.after_model, handle.on_sample_end
+        )  # fmt: skip
+
+        def on_sample_start(ctx):
+            start(ctx)
+            ras.on_sample_start(ctx)
+
+        def before_model(step):
+            pred = before(step)
+            ras.before_model(step)
+            return pred
+
+        def on_sample_end(ctx):
+            ras.on_sample_end(ctx)
+            end(ctx)
+
+        handle.on_sample_start, handle.before_model = on_sample_start, before_model
+        handle.after_model = lambda step, pred: ras.after_model(step, after(step, pred))
+        handle.on_sample_end = on_sample_end
+
+    def summary(self, ctx) -> dict:
+        return {"ras": self.ras.summary()}
+
+
+register_config(RASConfig, RASHook)
