@@ -165,9 +165,10 @@ def format_table(results: list[Result]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         psnr_text = "exact" if r.method == "exact" else f"{r.psnr:.1f}"
+        compute = "n/a" if math.isnan(r.compute) else f"{r.compute:.0%}"
         line = (
             f"| {r.model} | {r.method}{' *' if r.pareto and r.method != 'exact' else ''} | "
-            f"{r.setting} | {r.seconds:.2f} | {r.speedup:.2f}x | {r.nfe} | {r.compute:.0%} | "
+            f"{r.setting} | {r.seconds:.2f} | {r.speedup:.2f}x | {r.nfe} | {compute} | "
             f"{psnr_text} | {r.ssim:.3f} |"
         )
         if digits:
