@@ -19,3 +19,10 @@ def test_quick_accel_benchmark_writes_table_plot_and_json(tmp_path, capsys):
     assert "| RAS" in (tmp_path / "accel.md").read_text()
     assert bench_accel.main(["--models", "nope"]) == 2
     assert "speedup" in capsys.readouterr().out
+
+
+def test_cli_routes_bench_accel_to_its_own_options(capsys):
+    from adaptdiff.cli import main
+
+    assert main(["bench", "accel", "--models", "nope"]) == 2
+    assert "--models must name" in capsys.readouterr().err

@@ -279,3 +279,16 @@ def test_ras_through_the_accel_hook_api_matches_the_standalone_accelerator():
     assert accel.summary(model)["default"]["ras"]["ras_calls"] == 5
     accel.remove(model)
     assert torch.equal(run(model), plain)
+
+
+def test_demo_rows_make_ras_per_run_and_take_it_off_after():
+    from adaptdiff.demo import DEFAULT_SETTINGS, SamplingSetting, generate
+
+    ras_rows = [s for s in DEFAULT_SETTINGS if s.name().startswith("RAS")]
+    assert ras_rows and all(callable(a) for s in ras_rows for a in s.accelerators)
+    model = create_dit("DiT-demo/4", in_channels=1, input_size=16, learn_sigma=False,
+                       time_scale=1000.0).eval()  # fmt: skip
+    setting = SamplingSetting("euler", 6, accelerators=ras_rows[0].accelerators)
+    x, info = generate(model, setting, torch.arange(4) % 10)
+    assert x.shape == (4, 1, 16, 16) and info["nfe"] == 6
+    assert all("forward" not in b.attn.__dict__ for b in model.blocks)
