@@ -13,7 +13,8 @@ Models: ``digits``: the demo's ``DiT-demo/4`` trained on the digits (trained onc
 ``--digits-dir``, default ``<adaptdiff cache>/bench-digits``, for ``--train-steps``, by default
 1500 as in the demo, then reused), 16 tokens, CFG 1.5;
 ``dit-b``: ``DiT-B/2`` on 32x32x4 latents (256 tokens) with random weights (the zero-initialised
-adaLN modulations and output layer drawn too, see :func:`random_dit_b`), CFG 4.
+adaLN modulations and output layer drawn too, see :func:`random_dit_b`), class-conditional
+without guidance (one sample, one model call per step: the machine is small).
 ``diffusers``: diffusers' ``DiTTransformer2DModel`` at DiT-B/2 sizes, random weights drawn
 alike, where adaptdiff's FirstBlockCache, TaylorSeer and RAS meet diffusers' own
 ``apply_first_block_cache`` / ``apply_taylorseer_cache``. All sample with Euler on flow
@@ -43,6 +44,7 @@ from adaptdiff.accel.evaluate import (
 )
 from adaptdiff.accel.ras import RAS, RASConfig
 from adaptdiff.models import create_dit
+from adaptdiff.models.dit import DIT_CONFIGS
 
 from .harness import environment
 
@@ -132,9 +134,6 @@ def methods(steps: int, quick: bool) -> list[Method]:
     if quick:
         return out + cache_methods(steps, quick)
     out += [
-        ras_method(f"ratio 0.75, resets {r}", sample_ratio=0.75, start_step=start,
-                   error_reset_steps=resets),
-        ras_method("ratio 0.5, no resets", sample_ratio=0.5, start_step=start),
         dataclasses.replace(
             ras_method(f"ratio 0.5, resets {r}", sample_ratio=0.5, metric="random",
                        start_step=start, error_reset_steps=resets),
@@ -145,7 +144,7 @@ def methods(steps: int, quick: bool) -> list[Method]:
     return out + cache_methods(steps, quick)
 
 
-def random_dit_b(seed: int = 0, size: int = 32):
+def random_dit_b(seed: int = 0, size: int = 32, name: str = "DiT-B/2"):
     """DiT-B/2 with random weights that behave a little like a trained one: xavier layers, the
     adaLN-Zero modulations N(0, 0.1²), the output layer N(0, 0.05²), class embeddings N(0, 0.3²)
     and a weak timestep embedding (last layer N(0, 0.005²)). The flow then moves the noise far
@@ -153,7 +152,7 @@ def random_dit_b(seed: int = 0, size: int = 32):
     per step at 28 steps); with a strong timestep embedding it changes by ~90 % and no cache
     ever triggers, with weak modulations the samples stay next to the start noise."""
     torch.manual_seed(seed)
-    model = create_dit("DiT-B/2", input_size=size, learn_sigma=False, time_scale=1000.0)
+    model = create_dit(name, input_size=size, learn_sigma=False, time_scale=1000.0)
     with torch.no_grad():
         for block in model.blocks:
             block.adaLN_modulation[-1].weight.normal_(0, 0.1)
@@ -198,13 +197,12 @@ def run_digits(args, steps: int) -> list:
 
 
 def run_dit_b(args, steps: int) -> list:
-    size = 16 if args.quick else 32
-    model = random_dit_b(size=size)
-    y = torch.tensor([207])
-    sampler = dict(method="euler", steps=steps, prediction="flow", guidance_scale=4.0,
-                   cond={"y": y}, uncond={"y": torch.full_like(y, 1000)})  # fmt: skip
+    size = 16 if args.quick else args.size
+    model = random_dit_b(size=size, name=args.dit).to(args.device)
+    y = torch.tensor([207], device=args.device)
+    sampler = dict(method="euler", steps=steps, prediction="flow", cond={"y": y})
     return evaluate(
-        model, methods(steps, args.quick), model_name=f"DiT-B/2 random, {size}x{size}x4",
+        model, methods(steps, args.quick), model_name=f"{args.dit} random, {size}x{size}x4",
         shape=(1, 4, size, size), sampler=sampler, repeats=args.repeats, clock=args.clock,
         progress=_progress,
     )  # fmt: skip
@@ -221,14 +219,17 @@ class DiffusersDiT(torch.nn.Module):
         return self.transformer(x, timestep=t * 1000, class_labels=y).sample
 
 
-def random_diffusers_dit_b(seed: int = 0, size: int = 32):
-    """diffusers' DiT at DiT-B/2 sizes with random weights drawn like :func:`random_dit_b`."""
+def random_diffusers_dit_b(seed: int = 0, size: int = 32, name: str = "DiT-B/2"):
+    """diffusers' DiT at the sizes of ``name`` with random weights drawn like
+    :func:`random_dit_b`."""
     import diffusers
 
+    cfg = DIT_CONFIGS[name]
     torch.manual_seed(seed)
     t = diffusers.DiTTransformer2DModel(
-        num_attention_heads=12, attention_head_dim=64, in_channels=4, out_channels=4,
-        num_layers=12, sample_size=size, patch_size=2, num_embeds_ada_norm=1000,
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=4, out_channels=4, num_layers=cfg.depth, sample_size=size,
+        patch_size=cfg.patch_size, num_embeds_ada_norm=1000,
     )  # fmt: skip
     with torch.no_grad():
         for block in t.transformer_blocks:
@@ -322,18 +323,17 @@ def _on_transformer(method: Method) -> Method:
 
 
 def run_diffusers(args, steps: int) -> list:
-    size = 16 if args.quick else 32
-    model = random_diffusers_dit_b(size=size)
-    y = torch.tensor([207])
-    sampler = dict(method="euler", steps=steps, prediction="flow", guidance_scale=4.0,
-                   cond={"y": y}, uncond={"y": torch.full_like(y, 1000)})  # fmt: skip
+    size = 16 if args.quick else args.size
+    model = random_diffusers_dit_b(size=size, name=args.dit).to(args.device)
+    y = torch.tensor([207], device=args.device)
+    sampler = dict(method="euler", steps=steps, prediction="flow", cond={"y": y})
     methods_ = [
         dataclasses.replace(m, apply=lambda mm, f=m.apply: f(mm.transformer))
         if m.name in ("FirstBlockCache", "TaylorSeer") else m
         for m in diffusers_methods(steps, args.quick)
     ]  # fmt: skip
     return evaluate(
-        model, methods_, model_name=f"diffusers DiT-B/2 random, {size}x{size}x4",
+        model, methods_, model_name=f"diffusers {args.dit} random, {size}x{size}x4",
         shape=(1, 4, size, size), sampler=sampler, repeats=args.repeats, clock=args.clock,
         progress=_progress,
     )  # fmt: skip
@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}"
     )
     p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--dit", default="DiT-B/2", choices=[n for n in DIT_CONFIGS if n.endswith("/2")],
+                   help="random-weight model of dit-b and diffusers")  # fmt: skip
+    p.add_argument("--size", type=int, default=32, help="latent size of dit-b and diffusers")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="device of dit-b and diffusers (the digits run on the CPU)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="time each run this often, keep the best")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -400,10 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         args.digits_dir = str(
             cache_dir() / ("bench-digits-quick" if args.quick else "bench-digits")
         )
+    if args.device == "cuda" and (args.clock == "cpu" or not torch.cuda.is_available()):
+        print("bench_accel: --device cuda needs a CUDA device and the wall clock", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     steps = 8 if args.quick else args.steps
-    env = environment(torch.device("cpu"), args.clock)
+    env = environment(torch.device(args.device), args.clock)
     print(
         f"adaptdiff accelerator benchmark: {env['device']} ({env['threads']} threads, "
         f"{args.clock} clock), torch {env['torch']}, commit {env['commit'] or 'unknown'}, "

@@ -79,6 +79,15 @@ t0=$SECONDS
 timeout 60 "$PY" -m benchmarks.bench_mode --device cuda > "$OUT/bench_mode_cuda.txt" 2>&1
 status "MoDE fusion benchmark (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_mode_cuda.txt"
 
+# Accelerators (RAS, caches, diffusers' hooks) on random DiT-XL/2 at 256 and 512 px (latent 32, 64).
+for size in 32 64; do
+  t0=$SECONDS
+  timeout 300 "$PY" -m benchmarks.bench_accel --device cuda --models dit-b,diffusers \
+    --dit DiT-XL/2 --size "$size" --out "$OUT/accel_$size" --json "$OUT/bench_accel_cuda.jsonl" \
+    > "$OUT/bench_accel_cuda_$size.txt" 2>&1
+  status "accel benchmark XL/2 $((size * 8))px" "exit $? ($((SECONDS - t0))s), bench_accel_cuda_$size.txt"
+done
+
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40
 cat "$OUT/bench_sampling_cuda.txt" 2>/dev/null | tail -12

@@ -102,6 +102,8 @@ def evaluate(
             model, shape, **kwargs, accelerators=accelerators, generator=g, progress=False,
             return_info=True,
         )  # fmt: skip
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
         if clamp is not None:
             out = out.clamp(*clamp)
         return out, info
