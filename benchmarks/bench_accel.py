@@ -383,8 +383,13 @@ def render(paths: list[str], out: Path) -> int:
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accel.md").write_text(table + "\n")
-    plot(results, out / "accel.png")
+    clock = json.loads(Path(paths[0]).read_text().splitlines()[0]).get("clock", "wall")
+    plot(results, out / "accel.png", _xlabel(clock))
     return 0
+
+
+def _xlabel(clock: str) -> str:
+    return "speedup vs exact (" + ("process CPU time)" if clock == "cpu" else "wall clock)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accel.md").write_text(table + "\n")
-    plot(results, out / "accel.png")
+    plot(results, out / "accel.png", _xlabel(args.clock))
     print(f"\nwrote {out / 'accel.md'} and {out / 'accel.png'}")
     if args.json:
         with open(args.json, "a") as f:
