@@ -17,6 +17,10 @@ def test_quick_accel_benchmark_writes_table_plot_and_json(tmp_path, capsys):
     assert all(r["speedup"] > 0 for r in rows)
     assert (tmp_path / "accel.png").stat().st_size > 0
     assert "| RAS" in (tmp_path / "accel.md").read_text()
+    redrawn = tmp_path / "redrawn"
+    assert bench_accel.main(["--render", str(path), "--out", str(redrawn)]) == 0
+    assert (redrawn / "accel.md").read_text() == (tmp_path / "accel.md").read_text()
+    assert (redrawn / "accel.png").stat().st_size > 0
     assert bench_accel.main(["--models", "nope"]) == 2
     assert "speedup" in capsys.readouterr().out
 
