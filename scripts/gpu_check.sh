@@ -89,6 +89,14 @@ t0=$SECONDS
 timeout 240 "$PY" -m benchmarks.bench_adapters --device cuda --json "$OUT/bench_adapters_cuda.jsonl" \
   > "$OUT/bench_adapters_cuda.txt" 2>&1
 status "adapters fine-tuning step, DiT-XL/2 (cuda)" "exit $? ($((SECONDS - t0))s), table in bench_adapters_cuda.txt"
+# Accelerators (RAS, caches, diffusers' hooks) on random DiT-XL/2 at 256 and 512 px (latent 32, 64).
+for size in 32 64; do
+  t0=$SECONDS
+  timeout 300 "$PY" -m benchmarks.bench_accel --device cuda --models dit-b,diffusers \
+    --dit DiT-XL/2 --size "$size" --out "$OUT/accel_$size" --json "$OUT/bench_accel_cuda.jsonl" \
+    > "$OUT/bench_accel_cuda_$size.txt" 2>&1
+  status "accel benchmark XL/2 $((size * 8))px" "exit $? ($((SECONDS - t0))s), bench_accel_cuda_$size.txt"
+done
 
 echo
 cat "$OUT/bench_cuda.txt" 2>/dev/null | tail -40

@@ -9,6 +9,7 @@ techniques join the comparison as extra :class:`SamplingSetting` rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .accel.ras import RAS, RASConfig
 from .data import digits
 from .metrics.digits import DigitsEvaluator
 from .models import DiT, create_dit
-from .samplers import FlowSchedule, sample
+from .samplers import Accelerator, FlowSchedule, sample
 from .train import DiffusionObjective, TrainConfig, Trainer, load_weights
 
 MODEL_NAME = "DiT-demo/4"
@@ -50,7 +52,8 @@ class DigitsTrainConfig:
 
 @dataclass
 class SamplingSetting:
-    """One row of the comparison: a solver, a step count and (later) accelerators."""
+    """One row of the comparison: a solver, a step count and accelerators (instances, or
+    factories ``f(model) -> Accelerator`` made per run and ``remove()``-d after it)."""
 
     method: str
     steps: int
@@ -74,6 +77,19 @@ DEFAULT_SETTINGS = [
     SamplingSetting("dpmpp_2m", 4),
     SamplingSetting("dpmpp_2m", 8),
     SamplingSetting("dpmpp_2m", 16),
+]
+
+
+def _ras(start_step: int, *resets: int):
+    """Region-adaptive sampling (adaptdiff.accel.ras), half of the 16 tokens on RAS steps."""
+    return functools.partial(
+        RAS, config=RASConfig(0.5, start_step=start_step, error_reset_steps=resets)
+    )
+
+
+DEFAULT_SETTINGS += [
+    SamplingSetting("euler", 16, accelerators=(_ras(3, 7, 11),), label="RAS 0.5 euler 16"),
+    SamplingSetting("euler", 32, accelerators=(_ras(5, 14, 23),), label="RAS 0.5 euler 32"),
 ]
 QUICK_SETTINGS = [SamplingSetting("euler", 8), SamplingSetting("dpmpp_2m", 8)]
 
@@ -185,6 +201,17 @@ def generate(model: DiT, setting: SamplingSetting, labels: torch.Tensor, seed: i
     """Samples in [-1, 1] for ``labels``; returns (samples, info with nfe)."""
     g = torch.Generator().manual_seed(seed)
     null = torch.full_like(labels, model.null_label)
+    made = [a(model) for a in setting.accelerators if not isinstance(a, Accelerator)]
+    accelerators = [a for a in setting.accelerators if isinstance(a, Accelerator)] + made
+    try:
+        return _generate(model, setting, labels, g, null, accelerators)
+    finally:
+        for a in made:
+            if hasattr(a, "remove"):
+                a.remove()
+
+
+def _generate(model, setting, labels, g, null, accelerators):
     return sample(
         model,
         (len(labels), model.in_channels, model.config.input_size, model.config.input_size),
@@ -195,7 +222,7 @@ def generate(model: DiT, setting: SamplingSetting, labels: torch.Tensor, seed: i
         cond={"y": labels},
         uncond={"y": null},
         prediction="flow",
-        accelerators=setting.accelerators,
+        accelerators=accelerators,
         generator=g,
         progress=False,
         return_info=True,
@@ -289,7 +316,8 @@ def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
 
     def series(r: Row) -> str:
-        base = f"MoE {r.method}" if r.name.startswith("MoE ") else r.method
+        prefix = r.name.split(" ")[0]
+        base = f"{prefix} {r.method}" if prefix in ("MoE", "RAS") else r.method
         return f"{base} +{r.name.split(' +', 1)[1]}" if " +" in r.name else base  # accelerators
 
     for method in dict.fromkeys(series(r) for r in rows):

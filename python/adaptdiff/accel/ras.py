@@ -1,0 +1,478 @@
+"""Region-adaptive sampling (RAS; Liu et al., "Region-Adaptive Sampling for Diffusion
+Transformers", 2025, microsoft/RAS): on most steps the transformer computes only the regions
+it is focusing on, and the other regions advance with their last velocity.
+
+Per step ``s`` of a RAS run (see ``accel.md`` §1):
+
+1. Score each ``p x p`` patch of the last (merged) prediction with
+   :func:`~adaptdiff.ops.patch_scores` (channel ``"std"`` or ``"l2"``; ``"random"`` is the
+   baseline). The ``skip[s]`` patches with the highest score (with ``high_ratio < 1``, also
+   some of the lowest) are *cached*, the others *active* (the paper finds the focus regions'
+   predicted noise to have a low channel std). A starvation term rescales the scores by how
+   often each patch was cached.
+2. The model embeds all tokens, then :func:`~adaptdiff.ops.gather_tokens` keeps the active
+   ones; every block runs on them. Self-attention takes queries from the active tokens only and
+   keys/values from a full-length per-layer cache whose active rows are rewritten by
+   :func:`~adaptdiff.ops.indexed_linear_` (the other rows are the K/V of the last step that
+   computed them). The output is put back to full length with
+   :func:`~adaptdiff.ops.scatter_tokens` (zeros at the cached patches).
+3. The cached patches take the previous step's prediction (velocity for flow models), so the
+   whole image still moves every step, the cached regions with a stale velocity.
+
+Dense steps (all tokens): the first ``start_step`` steps, the ``error_reset_steps`` (they also
+refill the K/V caches), the steps after ``end_step``, and every step of a ``sample_ratio = 1``
+run, which is then exactly plain sampling (the model is not touched).
+
+Differences from the reference code, each on purpose:
+
+- ``starvation="corrected"`` (default) divides the score by ``exp(λ·D)`` (``D``: how often the
+  patch was cached so far), so often-cached patches become *more* likely to be recomputed. The
+  reference multiplies (with the default ``high_ratio=1`` that makes them more likely to stay
+  cached); ``starvation="reference"`` reproduces it. ``D`` is cumulative in both, as there.
+- Exactly ``skip[s]`` patches are cached: ``high = floor(skip·h)`` from the top and
+  ``skip - high`` from the bottom (the reference floors both and, at ``high = 0``, slices wrongly).
+- The selection is per sample (the reference assumes batch 1); the guidance branches of a
+  sample share it. Heun's second evaluation in a step reuses the step's selection.
+- The dynamic ramp's multiple (64 in the reference, for its Triton kernel) is ``skip_multiple``.
+
+Usage::
+
+    ras = RAS(model, RASConfig(sample_ratio=0.5, error_reset_steps=(12, 20)))
+    x = sample(model, shape, method="euler", steps=28, prediction="flow", accelerators=[ras])
+    ras.summary()   # RAS steps, mean active fraction, token-block evaluations saved
+    ras.remove()    # the model is plain again
+
+or through the hook API: ``handle = accel.apply(model, RASConfig(...))``, then
+``sample(..., accelerators=[handle])``, ``accel.summary(model)``, ``accel.remove(model)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
+from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
+from .api import register_config
+from .hooks import Hook
+
+__all__ = ["METRICS", "RAS", "RASConfig", "RASHook", "skip_schedule", "theoretical_speedup"]
+
+METRICS = ("std", "l2", "random")
+STARVATION = ("corrected", "reference")
+
+
+@dataclass
+class RASConfig:
+    """Settings of :class:`RAS` (defaults: the reference's argparser, ``accel.md`` §1.3).
+
+    sample_ratio: fraction of the tokens computed on a RAS step (1.0: plain sampling).
+    metric: patch score, ``"std"`` or ``"l2"`` of the prediction over channels, or ``"random"``.
+    start_step: the first ``start_step`` steps are dense (warm-up).
+    end_step: the last step that may be a RAS step (None: the last step).
+    error_reset_steps: dense steps in between; they also refresh the K/V caches.
+    starvation_scale: λ in the starvation term ``exp(λ·D)``.
+    starvation: ``"corrected"`` or ``"reference"`` (see the module docstring).
+    high_ratio: share of the cached patches taken from the highest scores (the rest from the
+        lowest); 1.0 caches the highest-scoring patches only.
+    skip_num_step, skip_num_step_length: the dynamic ramp: the skipped-token count changes by
+        ``skip_num_step`` every ``skip_num_step_length`` steps around the static count (0: static).
+    skip_multiple: the ramp's counts are floored to a multiple of this.
+    seed: seed of the ``"random"`` metric (reset at every ``sample`` call).
+    """
+
+    sample_ratio: float = 0.5
+    metric: str = "std"
+    start_step: int = 4
+    end_step: int | None = None
+    error_reset_steps: tuple[int, ...] = ()
+    starvation_scale: float = 0.1
+    starvation: str = "corrected"
+    high_ratio: float = 1.0
+    skip_num_step: int = 0
+    skip_num_step_length: int = 0
+    skip_multiple: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"RASConfig: sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        if self.metric not in METRICS:
+            raise ValueError(f"RASConfig: metric must be one of {METRICS}, got {self.metric!r}")
+        if self.starvation not in STARVATION:
+            raise ValueError(
+                f"RASConfig: starvation must be one of {STARVATION}, got {self.starvation!r}"
+            )
+        if not 0.0 <= self.high_ratio <= 1.0:
+            raise ValueError(f"RASConfig: high_ratio must be in [0, 1], got {self.high_ratio}")
+        if self.start_step < 0:
+            raise ValueError(f"RASConfig: start_step must be >= 0, got {self.start_step}")
+        if self.skip_num_step_length < 0 or self.skip_multiple < 1:
+            raise ValueError(
+                "RASConfig: skip_num_step_length must be >= 0 and skip_multiple >= 1, got "
+                f"{self.skip_num_step_length} and {self.skip_multiple}"
+            )
+        self.error_reset_steps = tuple(int(s) for s in self.error_reset_steps)
+
+
+def skip_schedule(config: RASConfig, num_steps: int, num_tokens: int) -> list[int]:
+    """Skipped (cached) tokens per step: 0 on dense steps, ``floor((1-ratio)·N)`` on RAS steps,
+    or the reference's piecewise-constant ramp around it (clamped to ``[0, N-1]``)."""
+    avg = int((1.0 - config.sample_ratio) * num_tokens)
+    L = config.skip_num_step_length
+    if L == 0:
+        skips = [avg] * num_steps
+    else:
+        centre = ((num_steps + config.start_step) // L) // 2
+        skips = [
+            (avg + config.skip_num_step * (s // L - centre)) // config.skip_multiple
+            * config.skip_multiple
+            for s in range(num_steps)
+        ]  # fmt: skip
+    end = num_steps - 1 if config.end_step is None else config.end_step
+    resets = set(config.error_reset_steps)
+    return [
+        0 if s < config.start_step or s > end or s in resets else min(max(k, 0), num_tokens - 1)
+        for s, k in enumerate(skips)
+    ]
+
+
+@dataclass
+class _State:
+    """What the model hooks and the accelerator share during one ``sample`` call."""
+
+    mode: str = "off"  # "off": hooks pass through; "dense": fill K/V caches; "ras"
+    active: torch.Tensor | None = None  # [B, N_a] int64, sorted, per sample
+    num_tokens: int = 0
+    model_ran: bool = False
+    kv: dict = field(default_factory=dict)  # attention module id -> [B_model, N, 2D]
+
+    def reset(self, num_tokens: int = 0) -> None:
+        self.mode, self.active, self.num_tokens, self.model_ran = "off", None, num_tokens, False
+        self.kv.clear()
+
+    def index_for(self, batch: int) -> torch.Tensor:
+        """The active index for a model batch (the guidance branches repeat the samples)."""
+        reps, rest = divmod(batch, self.active.shape[0])
+        if rest:
+            raise RuntimeError(
+                f"RAS: model batch {batch} is not a multiple of the sample batch "
+                f"{self.active.shape[0]}"
+            )
+        return self.active if reps == 1 else self.active.repeat(reps, 1)
+
+
+def _adaptdiff_attention(attn, state: _State):
+    """A wrapper of adaptdiff's ``layers.Attention.forward`` for RAS."""
+
+    def forward(inner, x: torch.Tensor) -> torch.Tensor:
+        if state.mode == "off":
+            return inner(x)
+        B, N, D = x.shape
+        H, hd = attn.num_heads, attn.head_dim
+        if state.mode == "dense":  # the original computation, keeping K and V
+            qkv = attn.qkv(x)
+            state.kv[id(attn)] = qkv[..., D:].contiguous()  # [B, N, 2D]
+            q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            cache = _cache(state, attn, x)
+            w, b = attn.qkv.weight, attn.qkv.bias
+            q = F.linear(x, w[:D], None if b is None else b[:D])
+            indexed_linear_(cache, state.index_for(B), x, w[D:], None if b is None else b[D:])
+            q = q.reshape(B, N, H, hd).transpose(1, 2)
+            k, v = cache.view(B, -1, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, N, hd)
+        return attn.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    return forward
+
+
+def _cache(state: _State, attn, x: torch.Tensor):
+    cache = state.kv.get(id(attn))
+    first = cache[0] if isinstance(cache, tuple) else cache
+    if first is None or first.shape[0] != x.shape[0] or first.dtype != x.dtype:
+        raise RuntimeError(
+            "RAS: no K/V cache for this model batch (a RAS step must follow a dense step of "
+            "the same batch and dtype)"
+        )
+    return cache
+
+
+def _diffusers_attention(attn, state: _State):
+    """A wrapper of a diffusers ``Attention.forward`` for RAS self-attention
+    (``AttnProcessor2_0``'s math): K and V of the active tokens go into full-length caches
+    (before ``norm_k``, which acts per token); cross-attention and runs outside RAS go through."""
+
+    def forward(inner, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        if state.mode == "off" or encoder_hidden_states is not None or hidden_states.ndim != 3:
+            return inner(hidden_states, encoder_hidden_states, attention_mask, **kw)
+        if attention_mask is not None:
+            raise ValueError("RAS: self-attention masks are not supported")
+        x = hidden_states
+        B = x.shape[0]
+        query = attn.to_q(x)
+        if state.mode == "dense":
+            state.kv[id(attn)] = (attn.to_k(x), attn.to_v(x))
+        else:
+            index = state.index_for(B)
+            for buffer, linear in zip(_cache(state, attn, x), (attn.to_k, attn.to_v), strict=True):
+                indexed_linear_(buffer, index, x, linear.weight, linear.bias)
+        key, value = state.kv[id(attn)]
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(B, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(B, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(B, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value)  # as AttnProcessor2_0
+        out = out.transpose(1, 2).reshape(B, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    return forward
+
+
+def _layout(model):
+    """(first block, output projection, patch size, kind) of a supported model."""
+    if all(hasattr(model, a) for a in ("blocks", "final_layer", "x_embedder", "patch_size")):
+        return model.blocks[0], model.final_layer, int(model.patch_size), "adaptdiff"
+    blocks = getattr(model, "transformer_blocks", None)
+    config = getattr(model, "config", None)
+    out = getattr(model, "proj_out_2", None)
+    out = getattr(model, "proj_out", None) if out is None else out
+    if blocks is not None and out is not None and hasattr(config, "patch_size"):
+        if all(hasattr(b, "attn1") for b in blocks):  # BasicTransformerBlock: DiT, PixArt
+            return blocks[0], out, int(config.patch_size), "diffusers"
+    raise ValueError(
+        "RAS: model must be an adaptdiff DiT or a diffusers DiT/PixArt transformer "
+        f"(transformer_blocks of BasicTransformerBlock); got {type(model).__name__}"
+    )
+
+
+class RAS(Accelerator):
+    """Region-adaptive sampling; pass it in ``sample(accelerators=...)``.
+
+    ``model``: an adaptdiff DiT, or a diffusers ``DiTTransformer2DModel`` /
+    ``PixArtTransformer2DModel`` (the module whose blocks RAS hooks: ``sample`` may call it
+    through a wrapper). Creating it installs hooks on ``model`` (they pass everything through
+    outside a RAS run); :meth:`remove` takes them off. See the module docstring.
+    """
+
+    def __init__(self, model, config: RASConfig | None = None, *, wrap=None, **overrides):
+        if config is None:
+            config = RASConfig(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self._first, self._out, self.patch_size, self._kind = _layout(model)
+        self.model, self.config, self.state = model, config, _State()
+        self._wrapped: list = []
+        self._installed = True
+        self._install(wrap or self._wrap)
+        self.records: list[dict] = []
+
+    # -- model hooks ------------------------------------------------------------------------
+
+    def _wrap(self, module, wrapper) -> None:
+        """``module(...)`` calls ``wrapper(inner, *args, **kwargs)`` (as ``AccelHandle.wrap``)."""
+        previous, inner = module.__dict__.get("forward"), module.forward
+
+        def forward(*args, **kwargs):
+            return wrapper(inner, *args, **kwargs)
+
+        module.forward = forward
+        self._wrapped.append((module, previous))
+
+    def _install(self, wrap) -> None:
+        state = self.state
+
+        def gather(inner, *args, **kwargs):  # the first block: keep the active tokens
+            if state.mode == "ras":
+                if args:
+                    h = args[0]
+                    args = (gather_tokens(h, state.index_for(h.shape[0])), *args[1:])
+                else:
+                    h = kwargs["hidden_states"]
+                    kwargs["hidden_states"] = gather_tokens(h, state.index_for(h.shape[0]))
+            return inner(*args, **kwargs)
+
+        def scatter(inner, *args, **kwargs):  # the output projection: back to full length
+            out = inner(*args, **kwargs)
+            state.model_ran = True
+            if state.mode != "ras":
+                return out
+            full = out.new_zeros(out.shape[0], state.num_tokens, out.shape[2])
+            return scatter_tokens(full, state.index_for(out.shape[0]), out)
+
+        wrap(self._first, gather)
+        wrap(self._out, scatter)
+        if self._kind == "adaptdiff":
+            for block in self.model.blocks:
+                wrap(block.attn, _adaptdiff_attention(block.attn, state))
+        else:
+            for block in self.model.transformer_blocks:
+                wrap(block.attn1, _diffusers_attention(block.attn1, state))
+
+    def remove(self) -> None:
+        """Take the hooks off the model (idempotent)."""
+        for module, previous in reversed(self._wrapped):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._wrapped.clear()
+        self._installed = False
+        self.state.reset()
+
+    # -- the accelerator protocol -----------------------------------------------------------
+
+    def on_sample_start(self, ctx: SampleContext) -> None:
+        x = ctx.x
+        if x.ndim != 4 or x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
+            raise ValueError(f"RAS: samples must be [B, C, H, W] patches of {self.patch_size}")
+        if not self._installed:
+            raise RuntimeError("RAS: remove() was called; create a new RAS for this model")
+        p = self.patch_size
+        self.grid = (x.shape[2] // p, x.shape[3] // p)
+        n = self.grid[0] * self.grid[1]
+        self.skips = skip_schedule(self.config, ctx.num_steps, n)
+        self.state.reset(n)
+        self.drop_count = torch.zeros(x.shape[0], n, device=x.device)
+        self.last_pred: torch.Tensor | None = None
+        self.active_mask: torch.Tensor | None = None
+        self.generator = torch.Generator(device=x.device).manual_seed(self.config.seed)
+        self.records = []
+
+    def on_sample_end(self, ctx: SampleContext) -> None:
+        self.state.reset(self.state.num_tokens)
+
+    def _select(self, skip: int) -> torch.Tensor:
+        """Active patch indices [B, N - skip] (sorted) from the last prediction's scores."""
+        cfg = self.config
+        if cfg.metric == "random":
+            B, n = self.drop_count.shape
+            scores = torch.rand(B, n, generator=self.generator, device=self.drop_count.device)
+        else:
+            scores = patch_scores(self.last_pred, self.patch_size, cfg.metric)
+        if cfg.starvation_scale:
+            factor = torch.exp(cfg.starvation_scale * self.drop_count)
+            scores = scores * factor if cfg.starvation == "reference" else scores / factor
+        order = scores.argsort(dim=1)  # ascending
+        high = int(skip * cfg.high_ratio)
+        low = skip - high
+        n = order.shape[1]
+        cached = torch.cat([order[:, :low], order[:, n - high :]], dim=1)
+        self.drop_count.scatter_add_(1, cached, torch.ones_like(cached, dtype=torch.float32))
+        return order[:, low : n - high].sort(dim=1).values
+
+    def before_model(self, step: ModelStep) -> None:
+        s, state = step.index, self.state
+        ras_run = any(self.skips)
+        if not ras_run:
+            state.mode = "off"
+            return None
+        skip = self.skips[s]
+        if skip > 0 and self.last_pred is not None:
+            if step.call == 0:
+                state.active = self._select(skip)
+                mask = torch.zeros_like(self.drop_count, dtype=torch.bool)
+                self.active_mask = mask.scatter_(1, state.active, True)
+            state.mode = "ras"
+        else:
+            state.mode = "dense"
+        state.model_ran = False
+        return None
+
+    def after_model(self, step: ModelStep, pred: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if state.mode == "off":
+            return pred
+        if not step.evaluated:
+            # Another accelerator supplied the prediction; keep it as this step's velocity.
+            self.last_pred = pred
+            return pred
+        if not state.model_ran:
+            raise RuntimeError("RAS: the model it was created for was not called by sample()")
+        active = state.mode == "ras"
+        if active:
+            B, C, H, W = pred.shape
+            gh, gw = self.grid
+            p = self.patch_size
+            mask = self.active_mask.view(B, 1, gh, 1, gw, 1).expand(B, 1, gh, p, gw, p)
+            pred = torch.where(mask.reshape(B, 1, H, W), pred, self.last_pred)
+        self.last_pred = pred
+        n_active = state.active.shape[1] if active else state.num_tokens
+        self.records.append(
+            {
+                "index": step.index,
+                "call": step.call,
+                "ras": active,
+                "active": n_active / state.num_tokens,
+            }
+        )
+        return pred
+
+    def summary(self) -> dict:
+        """The last run: steps, RAS steps, mean active-token fraction over the model calls
+        (= the token-block evaluations done relative to dense) and the schedule."""
+        fractions = [r["active"] for r in self.records]
+        mean = sum(fractions) / len(fractions) if fractions else 1.0
+        return {
+            "calls": len(fractions),
+            "ras_calls": sum(r["ras"] for r in self.records),
+            "active_fraction": mean,
+            "token_evals_saved": 1.0 - mean,
+            "skips": list(getattr(self, "skips", [])),
+        }
+
+
+def theoretical_speedup(skips: list[int], num_tokens: int) -> float:
+    """Dense steps over token-weighted steps, the linear-layer bound of a skip schedule."""
+    work = sum((num_tokens - k) / num_tokens for k in skips)
+    return len(skips) / work if work else math.inf
+
+
+class RASHook(Hook):
+    """``adaptdiff.accel.apply(model, RASConfig(...))``: RAS through the hook API. The handle
+    then also forwards the sampler's callbacks to RAS (pass it to ``sample``); ``remove(model)``
+    takes RAS off with the other hooks."""
+
+    name = "ras"
+
+    def install(self) -> None:
+        handle = self.handle
+        self.ras = ras = RAS(handle.model, self.config, wrap=handle.wrap)
+        start, before, after, end = (
+            handle.on_sample_start, handle.before_model, handle.after_model, handle.on_sample_end
+        )  # fmt: skip
+
+        def on_sample_start(ctx):
+            start(ctx)
+            ras.on_sample_start(ctx)
+
+        def before_model(step):
+            pred = before(step)
+            ras.before_model(step)
+            return pred
+
+        def on_sample_end(ctx):
+            ras.on_sample_end(ctx)
+            end(ctx)
+
+        handle.on_sample_start, handle.before_model = on_sample_start, before_model
+        handle.after_model = lambda step, pred: ras.after_model(step, after(step, pred))
+        handle.on_sample_end = on_sample_end
+
+    def summary(self, ctx) -> dict:
+        return {"ras": self.ras.summary()}
+
+
+register_config(RASConfig, RASHook)
