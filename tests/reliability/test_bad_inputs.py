@@ -20,6 +20,7 @@ _TMP = tempfile.mkdtemp(prefix="adaptdiff-bad-inputs-")
 ROWS = bad_inputs.all_rows(_TMP)
 
 
+@pytest.mark.slow
 def test_the_whole_table_in_a_child_process():
     """A kernel that crashed on a bad input (segfault, abort, out-of-bounds write) would kill
     the child, not pytest; the child prints each row before calling it."""
