@@ -89,12 +89,12 @@ def test_sigkill_at_every_point_of_a_checkpoint_write(tmp_path):
 
 
 def _fail_with(code: int):
-    def write(path, payload):
-        with open(path, "wb") as f:  # half the file lands, then the device refuses
-            f.write(payload[: len(payload) // 2])
+    def write_stream(path, write):
+        with open(path, "wb") as f:  # part of the file lands, then the device refuses
+            f.write(b"partial")
         raise OSError(code, os.strerror(code), str(path))
 
-    return write
+    return write_stream
 
 
 @pytest.mark.parametrize(
@@ -107,15 +107,15 @@ def test_failed_write_raises_clearly_and_keeps_the_previous(
     t = Trainer(mlp(), mse, regression_data(), config(str(tmp_path)))
     t.fit(steps=2)
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
-    real = ckpt._write_bytes
+    real = ckpt._write_stream
     target = {"weights": ckpt.MODEL_FILE, "state": ckpt.STATE_FILE, "latest": "latest"}[which]
 
-    def write(path, payload):
+    def write_stream(path, write):
         if target in path.name:
-            return _fail_with(code)(path, payload)
-        return real(path, payload)
+            return _fail_with(code)(path, write)
+        return real(path, write)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", write)
+    monkeypatch.setattr(ckpt, "_write_stream", write_stream)
     with pytest.raises(CheckpointError, match=f"could not write checkpoint .*{name}") as info:
         t.fit(steps=4)
     assert isinstance(info.value, OSError)  # handlers of the cause still catch it
@@ -131,7 +131,7 @@ def test_failed_write_raises_clearly_and_keeps_the_previous(
 def test_failed_write_over_an_existing_checkpoint_puts_it_back(tmp_path, monkeypatch):
     t = Trainer(mlp(), mse, regression_data(), config(str(tmp_path)))
     t.fit(steps=2)
-    monkeypatch.setattr(ckpt, "_write_bytes", _fail_with(errno.ENOSPC))
+    monkeypatch.setattr(ckpt, "_write_stream", _fail_with(errno.ENOSPC))
     with pytest.raises(CheckpointError, match="ENOSPC"):
         t.save_checkpoint(tmp_path / "step_0000002")
     monkeypatch.undo()

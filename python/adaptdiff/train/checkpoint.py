@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import shutil
 import signal
@@ -97,16 +96,39 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` in two halves (a kill point between them) and fsync."""
-    half = len(payload) // 2
+class _KillMidway:
+    """A file wrapper that passes the ``during:<file>`` kill point once part of it is written."""
+
+    def __init__(self, f, name: str) -> None:
+        self.f, self.name, self.written = f, name, 0
+
+    def write(self, data) -> int:
+        if self.written:
+            _kill_point(f"during:{self.name}")
+        self.written += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_stream(path: Path, write: Callable[[Any], None]) -> None:
+    """Create ``path``, let ``write(file)`` fill it (streamed: no second copy in memory), and
+    fsync it."""
     with open(path, "wb") as f:
-        f.write(payload[:half])
-        f.flush()
-        _kill_point(f"during:{path.name.split('.tmp-')[0].lstrip('.')}")
-        f.write(payload[half:])
+        write(_KillMidway(f, path.name.split(".tmp-")[0].lstrip(".")))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_bytes(path: Path, payload: bytes) -> None:
+    half = len(payload) // 2
+
+    def write(f) -> None:
+        f.write(payload[:half])
+        f.write(payload[half:])
+
+    _write_stream(path, write)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -125,13 +147,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 
 
 def _write_safetensors(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    # Serialised in memory first (one host copy of the weights), then written in two halves.
     _write_bytes(path, safetensors_bytes(dict(state_dict)))
 
 
 def _write_torch(path: Path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _write_bytes(path, buffer.getvalue())
+    _write_stream(path, lambda f: torch.save(obj, f))
 
 
 def _sha256(path: Path) -> str:

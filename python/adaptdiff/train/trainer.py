@@ -85,7 +85,8 @@ class TrainConfig:
     progress: bool = True
     # A non-finite loss or gradient norm: "raise" stops with FloatingPointError before the
     # weights change; "skip" leaves the weights and optimiser untouched for that step (the step,
-    # LR schedule and data still advance) and counts it in Trainer.nonfinite_steps.
+    # LR schedule and data still advance) and counts it in Trainer.nonfinite_steps. Checked
+    # every step (one host sync; one all-reduce of a flag under DDP/FSDP).
     nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
