@@ -100,7 +100,8 @@ def cache_dir() -> Path:
 
 def cache_path(config: ClassifierConfig, directory: Path | str | None = None) -> Path:
     directory = cache_dir() if directory is None else Path(directory)
-    return directory / f"digits_classifier_{config.size}px_{config.key()}.pt"
+    # .v2: magic line, sha256, then a safetensors payload (v1 files, .pt, held a torch pickle).
+    return directory / f"digits_classifier_{config.size}px_{config.key()}.v2"
 
 
 def _random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
