@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (one H100/H200, Python 3.12, torch >= 2.11 with CUDA, nvcc,
 # cmake, ninja, pytest; no network). Builds adaptdiff for sm_90, runs the test suite with its
-# CUDA cases, the CUDA op tests under compute-sanitizer, and the kernel benchmarks.
+# CUDA cases, the CUDA op tests under compute-sanitizer, the >2^31-element cases of
+# scripts/gpu_large.py, and the kernel benchmarks.
 # Everything lands in $OUT (default ./gpu-out); a short summary is printed last.
 #   usage: OUT=/some/dir bash scripts/gpu_check.sh
 set -uo pipefail
@@ -40,25 +41,33 @@ timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests -x --timeout=120 -o add
   > "$OUT/tests.log" 2>&1
 status "tests" "$(tail -1 "$OUT/tests.log") ($((SECONDS - t0))s)"
 
-# 3. compute-sanitizer on the CUDA op tests (memcheck, racecheck) when the machine allows it.
+# 3. compute-sanitizer on the CUDA op tests and the CUDA op property tests (memcheck, racecheck)
+#    when the machine allows it; the verdict counts the errors of the tool's ERROR SUMMARY.
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
     t0=$SECONDS
-    timeout 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-      "$PY" -m pytest -q -p no:cacheprovider tests/ops -m cuda -k "matches_reference" \
-      > "$OUT/sanitizer_$tool.log" 2>&1
+    ADAPTDIFF_HYPOTHESIS_EXAMPLES=8 timeout 240 compute-sanitizer --tool "$tool" \
+      --error-exitcode 99 --target-processes all \
+      "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/reliability/test_properties.py \
+      -m cuda -k "matches_reference" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
+    errors=$(grep -o "ERROR SUMMARY: [0-9]* error" "$OUT/sanitizer_$tool.log" | awk '{s += $3} END {print s + 0}')
     case $rc in
-      0) verdict="clean" ;;
-      99) verdict="FINDINGS (see sanitizer_$tool.log)" ;;
-      124) verdict="timed out" ;;
-      *) verdict="exit $rc (see sanitizer_$tool.log)" ;;
+      0) verdict="clean (0 errors)" ;;
+      99) verdict="FINDINGS: $errors errors (see sanitizer_$tool.log)" ;;
+      124) verdict="timed out ($errors errors so far)" ;;
+      *) verdict="exit $rc, $errors errors (see sanitizer_$tool.log)" ;;
     esac
     status "compute-sanitizer $tool" "$verdict ($((SECONDS - t0))s)"
   done
 else
   status "compute-sanitizer" "not installed"
 fi
+
+# 3b. Large sizes: one case per kernel family past 2**31 elements (skips without the memory).
+t0=$SECONDS
+timeout 300 "$PY" scripts/gpu_large.py > "$OUT/large_sizes.txt" 2>&1
+status "large sizes (>2^31 elems)" "exit $? ($((SECONDS - t0))s): $(grep -c PASS "$OUT/large_sizes.txt") pass, $(grep -c FAIL "$OUT/large_sizes.txt") fail, $(grep -c SKIP "$OUT/large_sizes.txt") skip"
 
 # 4. Kernel benchmarks on the GPU, against the pure-torch references in the same process
 # (every family, SaRA's included: sampled_wgrad vs dense matmul + gather, sara_linear's

@@ -28,9 +28,10 @@ def test_demo_quick_writes_its_files(tmp_path, monkeypatch, capsys):
     assert (out / "samples_euler_4.png").exists()
 
 
-def test_sample_without_a_run_explains(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train first"):
+def test_sample_without_a_run_explains(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:  # one line and exit status 2, no traceback
         cli.main(["sample", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "train first" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -185,8 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import bench_accel
 
         return bench_accel.main(argv[2:])
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .train.checkpoint import CheckpointError
+
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        # A bad argument or input file: one line and exit status 2, as argparse does.
+        parser.exit(2, f"adaptdiff {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import _schema
 from .accel.ras import RAS, RASConfig
 from .data import digits
 from .metrics.digits import DigitsEvaluator
@@ -174,9 +175,19 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
     trainer.resume()  # continue a previous run in the same folder, if any
     if trainer.step < cfg.steps:
         trainer.fit()  # checkpoints into out_dir/checkpoints when it returns
-    _write_json(Path(cfg.out_dir) / "model.json", dataclasses.asdict(cfg))
+    _schema.dump_json(
+        Path(cfg.out_dir) / "model.json", dataclasses.asdict(cfg), kind=MODEL_KIND, version=1
+    )
     ema = trainer.ema.module if trainer.ema is not None else trainer.model
     return ema.eval(), trainer
+
+
+MODEL_KIND = "adaptdiff.digits_model"
+# model.json: the DigitsTrainConfig of the run, validated before a model is built from it.
+_MODEL_FIELDS = {
+    f.name: _schema.Field({"int": int, "float": float, "str": str, "bool": bool}[f.type])
+    for f in dataclasses.fields(DigitsTrainConfig)
+}
 
 
 def load_digits_model(out_dir: str | os.PathLike) -> DiT:
@@ -185,8 +196,8 @@ def load_digits_model(out_dir: str | os.PathLike) -> DiT:
     meta = out / "model.json"
     if not meta.exists():
         raise FileNotFoundError(f"{meta} not found: train first (adaptdiff train --out {out})")
-    known = {f.name for f in dataclasses.fields(DigitsTrainConfig)}
-    cfg = DigitsTrainConfig(**{k: v for k, v in json.loads(meta.read_text()).items() if k in known})
+    saved = _schema.load_json(meta, kind=MODEL_KIND, versions=(1,), fields=_MODEL_FIELDS)
+    cfg = DigitsTrainConfig(**{k: v for k, v in saved.items() if k not in ("kind", "version")})
     model = build_model(cfg)
     load_weights(model, out / "checkpoints", which="ema")
     return model.eval()

@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptdiff.data.digits import NUM_CLASSES, batches, digits
 
-_MAGIC = b"adaptdiff-digits-classifier v1\n"
+# v2: the payload is a safetensors file (no pickle) with the config in its metadata.
+_MAGIC = b"adaptdiff-digits-classifier v2\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,8 @@ def cache_dir() -> Path:
 
 def cache_path(config: ClassifierConfig, directory: Path | str | None = None) -> Path:
     directory = cache_dir() if directory is None else Path(directory)
-    return directory / f"digits_classifier_{config.size}px_{config.key()}.pt"
+    # .v2: magic line, sha256, then a safetensors payload (v1 files, .pt, held a torch pickle).
+    return directory / f"digits_classifier_{config.size}px_{config.key()}.v2"
 
 
 def _random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
@@ -168,9 +170,9 @@ def _write_atomic(path: Path, blob: bytes) -> None:
 
 
 def save_classifier(model: DigitsClassifier, config: ClassifierConfig, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save({"config": dataclasses.asdict(config), "state_dict": model.state_dict()}, buffer)
-    payload = buffer.getvalue()
+    config_json = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = safetensors.torch.save(weights, metadata={"config": config_json})
     digest = hashlib.sha256(payload).hexdigest().encode()
     _write_atomic(path, _MAGIC + digest + b"\n" + payload)
 
@@ -186,11 +188,12 @@ def load_classifier(config: ClassifierConfig, path: Path) -> DigitsClassifier:
     if hashlib.sha256(payload).hexdigest().encode() != blob[head : head + 64]:
         raise CorruptCacheError("checksum mismatch")
     try:
-        saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        if saved["config"] != dataclasses.asdict(config):
-            raise CorruptCacheError(f"config mismatch: {saved['config']}")
+        header = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+        saved_config = header["__metadata__"]["config"]
+        if saved_config != json.dumps(dataclasses.asdict(config), sort_keys=True):
+            raise CorruptCacheError(f"config mismatch: {saved_config}")
         model = DigitsClassifier(config.size, config.channels, config.features)
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(safetensors.torch.load(payload))
     except CorruptCacheError:
         raise
     except Exception as e:  # a payload that passed the checksum but does not load

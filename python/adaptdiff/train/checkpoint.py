@@ -16,13 +16,21 @@ rename, fsync the directory). A crash or an exception at any point leaves the pr
 checkpoint and ``latest`` untouched. Loading checks sizes and hashes, the safetensors headers
 and the names, shapes and dtypes against the model before anything is copied, so a truncated,
 corrupted or mismatched checkpoint raises :class:`CheckpointError` and never half-loads.
+
+Replacing an existing checkpoint directory takes two renames (POSIX cannot swap directories);
+a crash between them leaves the old copy under ``.<name>.old-*``, which :func:`latest_checkpoint`
+moves back. A write that fails (disk full, permission denied) raises :class:`CheckpointError`
+naming the path and the cause, and keeps the previous checkpoint. The fault tests kill a real
+process at each point of :data:`KILL_POINTS` through ``ADAPTDIFF_CKPT_KILL_AT=<point>``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,7 +38,8 @@ from typing import Any
 
 import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 MODEL_FILE = "model.safetensors"
@@ -41,7 +50,37 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupted or does not match the model."""
+    """A checkpoint is missing, truncated, corrupted or does not match the model, or could not
+    be written."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, permission denied, ...); the previous one is
+    kept. Also an ``OSError``, so handlers of the cause still catch it."""
+
+
+# Where a test may SIGKILL the writing process (``ADAPTDIFF_CKPT_KILL_AT``): before anything,
+# half-way through and after each file, between the two renames of a replaced directory, after
+# the swap (before ``latest`` moves), half-way through ``latest``, and after it.
+KILL_POINTS = (
+    "start",
+    f"during:{MODEL_FILE}",
+    f"after:{MODEL_FILE}",
+    f"during:{EMA_FILE}",
+    f"after:{EMA_FILE}",
+    f"during:{STATE_FILE}",
+    f"after:{STATE_FILE}",
+    "mid_swap",
+    "after_swap",
+    f"during:{LATEST_FILE}",
+    "done",
+)
+
+
+def _kill_point(name: str) -> None:
+    """Test hook: SIGKILL this process at ``name`` when ``ADAPTDIFF_CKPT_KILL_AT`` says so."""
+    if os.environ.get("ADAPTDIFF_CKPT_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,6 +94,41 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _KillMidway:
+    """A file wrapper that passes the ``during:<file>`` kill point once part of it is written."""
+
+    def __init__(self, f, name: str) -> None:
+        self.f, self.name, self.written = f, name, 0
+
+    def write(self, data) -> int:
+        if self.written:
+            _kill_point(f"during:{self.name}")
+        self.written += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_stream(path: Path, write: Callable[[Any], None]) -> None:
+    """Create ``path``, let ``write(file)`` fill it (streamed: no second copy in memory), and
+    fsync it."""
+    with open(path, "wb") as f:
+        write(_KillMidway(f, path.name.split(".tmp-")[0].lstrip(".")))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_bytes(path: Path, payload: bytes) -> None:
+    half = len(payload) // 2
+
+    def write(f) -> None:
+        f.write(payload[:half])
+        f.write(payload[half:])
+
+    _write_stream(path, write)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -73,11 +147,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 
 
 def _write_safetensors(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
-    save_file(dict(state_dict), str(path))
+    # Serialised in memory first (one host copy of the weights), then written in two halves.
+    _write_bytes(path, safetensors_bytes(dict(state_dict)))
 
 
 def _write_torch(path: Path, obj: Any) -> None:
-    torch.save(obj, path)
+    _write_stream(path, lambda f: torch.save(obj, f))
 
 
 def _sha256(path: Path) -> str:
@@ -121,10 +196,11 @@ def save_checkpoint(
     """
     path = Path(path)
     parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     old = None
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _kill_point("start")
         tmp.mkdir()
         files = {MODEL_FILE: model_state}
         if ema_state is not None:
@@ -132,22 +208,34 @@ def save_checkpoint(
         digests = {}
         for name, state_dict in files.items():
             _write_safetensors(tmp / name, _for_safetensors(state_dict))
-            _fsync_path(tmp / name)
             digests[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            _kill_point(f"after:{name}")
         state = dict(train_state, format_version=FORMAT_VERSION, files=digests)
         _write_torch(tmp / STATE_FILE, state)
-        _fsync_path(tmp / STATE_FILE)
+        _kill_point(f"after:{STATE_FILE}")
         _fsync_path(tmp)
         if path.exists():
             old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
+            _kill_point("mid_swap")
         os.replace(tmp, path)
         _fsync_path(parent)
+        _kill_point("after_swap")
+        atomic_write(parent / LATEST_FILE, lambda p: _write_bytes(p, f"{path.name}\n".encode()))
+    except OSError as e:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous copy back
+            old = None
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path}: {e.strerror or e} "
+            f"({errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__}); "
+            "the previous checkpoint is kept"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    atomic_write(parent / LATEST_FILE, lambda p: p.write_text(path.name + "\n"))
+    _kill_point("done")
     return path
 
 
@@ -162,9 +250,19 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
+    if name and "/" not in name and not (Path(out_dir) / name).exists():
+        _restore_swapped(Path(out_dir), name)
     if not name or "/" in name or not (Path(out_dir) / name).is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory")
     return Path(out_dir) / name
+
+
+def _restore_swapped(out_dir: Path, name: str) -> None:
+    """A crash between the two renames that replace a checkpoint left it as ``.<name>.old-*``:
+    move it back."""
+    olds = sorted(out_dir.glob(f".{name}.old-*"))
+    if len(olds) == 1 and (olds[0] / STATE_FILE).is_file():
+        os.replace(olds[0], out_dir / name)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

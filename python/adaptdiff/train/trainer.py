@@ -83,6 +83,11 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False  # FSDP2 instead of DDP (GPU and torchrun only)
     progress: bool = True
+    # A non-finite loss or gradient norm: "raise" stops with FloatingPointError before the
+    # weights change; "skip" leaves the weights and optimiser untouched for that step (the step,
+    # LR schedule and data still advance) and counts it in Trainer.nonfinite_steps. Checked
+    # every step (one host sync; one all-reduce of a flag under DDP/FSDP).
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -100,6 +105,7 @@ class TrainConfig:
         need(self.ema_decay is None or 0 <= self.ema_decay <= 1, "ema_decay", "None or in [0, 1]")
         for name in ("ema_start", "log_every", "preview_every", "ckpt_every", "keep_last"):
             need(getattr(self, name) >= 0, name, ">= 0")
+        need(self.nonfinite in ("raise", "skip"), "nonfinite", "'raise' or 'skip'")
         self.betas = tuple(self.betas)
         if self.out_dir is not None:
             self.out_dir = str(self.out_dir)
@@ -300,6 +306,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
         self.step = 0
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss (nonfinite="skip")
         self.last_metrics: dict[str, float] = {}
         self._last_lr = cfg.lr
         self._saved_step = -1
@@ -313,7 +320,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def train_step(self) -> tuple[Tensor, Tensor | None]:
-        """One optimiser step; returns the (detached) loss and the pre-clip gradient norm."""
+        """One optimiser step; returns the (detached) loss and the pre-clip gradient norm.
+        A non-finite loss or norm raises or skips the update (``config.nonfinite``)."""
         batch = self.batches.next()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
@@ -326,12 +334,37 @@ class Trainer:
         if self.config.grad_clip is not None:
             grad_norm = nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
         self._last_lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self._nonfinite(loss, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_steps += 1
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.step)
         return loss.detach(), grad_norm
+
+    def _nonfinite(self, loss: Tensor, grad_norm: Tensor | None) -> bool:
+        """True (skip this update) when the loss or gradient norm is NaN/Inf on any rank and
+        ``nonfinite="skip"``; raises FloatingPointError under ``"raise"``."""
+        values = [loss.detach().float().reshape(1)]
+        if grad_norm is not None:
+            values.append(_full_value(grad_norm).detach().float().reshape(1).to(loss.device))
+        bad = (~torch.isfinite(torch.cat(values))).any().float()
+        if self.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            return False
+        if self.config.nonfinite == "raise":
+            what = f"loss {loss.item()}" + (
+                f", grad norm {float(_full_value(grad_norm))}" if grad_norm is not None else ""
+            )
+            raise FloatingPointError(
+                f"Trainer: non-finite {what} at step {self.step + 1}; the weights were not "
+                "updated. Lower the LR, check the data, or set TrainConfig(nonfinite='skip')"
+            )
+        return True
 
     def fit(self, steps: int | None = None) -> dict[str, float]:
         """Train until step ``steps`` (default ``config.steps``; the schedule always spans
@@ -354,14 +387,18 @@ class Trainer:
         window, timed, t0 = 0, 0, time.perf_counter()
         try:
             while self.step < target:
+                skipped = self.nonfinite_steps
                 loss, grad_norm = self.train_step()
-                loss_sum += loss.float()
-                window, timed = window + 1, timed + 1
+                if self.nonfinite_steps == skipped:  # skipped steps stay out of the mean loss
+                    loss_sum += loss.float()
+                    window += 1
+                timed += 1
                 bar.update(1)
                 step = self.step
                 if cfg.log_every and (step % cfg.log_every == 0 or step == target):
                     elapsed = time.perf_counter() - t0
-                    metrics = self._log(loss_sum / window, grad_norm, timed, elapsed)
+                    mean = loss_sum / window if window else torch.full_like(loss_sum, math.nan)
+                    metrics = self._log(mean, grad_norm, timed, elapsed)
                     bar.set_postfix(
                         loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.0f}"
                     )
@@ -389,7 +426,7 @@ class Trainer:
         if self.distributed:
             dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
         loss = mean_loss.item()
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) and self.config.nonfinite == "raise":
             raise FloatingPointError(f"Trainer: loss is {loss} at step {self.step}")
         metrics = {
             "step": float(self.step),
@@ -397,6 +434,7 @@ class Trainer:
             "lr": float(self._last_lr),
             "grad_norm": float(_full_value(grad_norm)) if grad_norm is not None else float("nan"),
             "samples_per_s": timed * self.config.batch_size / max(elapsed, 1e-9),
+            "nonfinite_steps": float(self.nonfinite_steps),
         }
         self.last_metrics = metrics
         if self.is_main:
@@ -462,10 +500,11 @@ class Trainer:
             "rng": self._rng_states(),
             "config": dataclasses.asdict(self.config),
             "world_size": self.world_size,
+            "nonfinite_steps": self.nonfinite_steps,
         }
         if self.is_main:
             ckpt.save_checkpoint(path, model_state, train_state, ema_state)
-            if self.config.keep_last and self.config.out_dir is not None:
+            if self.config.out_dir is not None:
                 self._prune(Path(self.config.out_dir))
         if self.distributed:
             dist.barrier()
@@ -474,8 +513,15 @@ class Trainer:
 
     def _prune(self, out_dir: Path) -> None:
         runs = sorted(p for p in out_dir.glob("step_*") if (p / ckpt.STATE_FILE).is_file())
-        for old in runs[: -self.config.keep_last]:
+        for old in runs[: -self.config.keep_last] if self.config.keep_last else []:
             shutil.rmtree(old, ignore_errors=True)
+        # What a killed write left behind (rank 0 is the only writer of out_dir).
+        debris = [*out_dir.glob(".step_*.tmp-*"), *out_dir.glob(".step_*.old-*")]
+        for path in [*debris, *out_dir.glob(f".{ckpt.LATEST_FILE}.tmp-*")]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         """Load the latest checkpoint of ``path`` (default ``config.out_dir``) if there is one.
@@ -531,6 +577,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.step = self._saved_step = int(state["step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self._restore_rng(state["rng"])
 
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:

@@ -1,0 +1,687 @@
+"""The bad-input table: for every op and public entry point, the invalid inputs and the error
+each raises. One :class:`Bad` row per input; test_bad_inputs.py runs every row in-process and,
+in a child process, the whole table (a crash there cannot take pytest down), and checks that
+the README's "Reliability" section holds :func:`markdown` of this table.
+
+Adding an op or an entry point is adding its rows here (and regenerating the README table with
+``python -m tests.reliability.bad_inputs --markdown``).
+
+Run as ``python -m tests.reliability.bad_inputs`` it calls every row, prints one line per row
+before calling it (so a crash names its row) and exits 0 only when each raised as listed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adaptdiff import ops
+
+
+@dataclass(frozen=True)
+class Bad:
+    target: str  # the op or entry point
+    what: str  # the invalid input, in words
+    call: Callable[[], Any]
+    error: type[BaseException]
+    match: str  # a regex the first line of the message must contain
+
+    @property
+    def id(self) -> str:
+        return f"{self.target}: {self.what}"
+
+
+def f32(*shape):
+    return torch.randn(*shape)
+
+
+def i64(*values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def op_rows(op: str, rows: list[tuple[str, Callable[[], Any], str]]) -> list[Bad]:
+    """Rows of an op: a RuntimeError starting ``adaptdiff::<op>:`` and naming the argument."""
+    return [
+        Bad(op, what, call, RuntimeError, f"^adaptdiff::{op}: .*{arg}") for what, call, arg in rows
+    ]
+
+
+X3 = (2, 5, 4)
+IDX = [[0, 4], [1, 1]]
+
+
+def _index(rows=IDX, dtype=torch.int64):
+    return torch.tensor(rows, dtype=dtype)
+
+
+def _il(out=None, index=None, x=None, weight=None, bias=None):
+    """indexed_linear_ with valid defaults: out [2, 5, 3], index [2, 2], x [2, 2, 4], w [3, 4]."""
+    out = torch.zeros(2, 5, 3) if out is None else out
+    index = _index([[0, 4], [1, 2]]) if index is None else index
+    x = f32(2, 2, 4) if x is None else x
+    weight = f32(3, 4) if weight is None else weight
+    return lambda: ops.indexed_linear_(out, index, x, weight, bias)
+
+
+def _needs_grad():
+    out = torch.zeros(2, 5, 3)
+    weight = f32(3, 4).requires_grad_()
+    return ops.indexed_linear_(out, _index([[0, 4], [1, 2]]), f32(2, 2, 4), weight)
+
+
+def _perm(T=3, K=2, E=4):
+    return ops.moe_permute(f32(T, 6), torch.zeros(T, K, dtype=torch.int64), E)
+
+
+def _unperm(src=None, weights=None, y=None):
+    src = i64(2, 0, 3, 1) if src is None else src
+    weights = torch.rand(2, 2) if weights is None else weights
+    y = f32(4, 6) if y is None else y
+    return lambda: ops.moe_unpermute(y, src, weights)
+
+
+OP_ROWS: list[Bad] = [
+    *op_rows(
+        "gather_tokens",
+        [
+            (
+                "x of an integer dtype",
+                lambda: ops.gather_tokens(torch.ones(X3, dtype=torch.int32), _index()),
+                "x",
+            ),
+            ("x not 3-D", lambda: ops.gather_tokens(f32(2, 5), _index()), "x"),
+            (
+                "index not int64",
+                lambda: ops.gather_tokens(f32(*X3), _index(dtype=torch.int32)),
+                "index",
+            ),
+            (
+                "index on another device",
+                lambda: ops.gather_tokens(f32(*X3), _index().to("meta")),
+                "index",
+            ),
+            ("index not 2-D", lambda: ops.gather_tokens(f32(*X3), i64(0, 1)), "index"),
+            (
+                "index batch size differs",
+                lambda: ops.gather_tokens(f32(*X3), i64(0, 1)[None]),
+                "index",
+            ),
+            ("index >= N", lambda: ops.gather_tokens(f32(*X3), _index([[0, 5], [1, 1]])), "index"),
+            ("index < 0", lambda: ops.gather_tokens(f32(*X3), _index([[0, -1], [1, 1]])), "index"),
+            (
+                "index far out of range (2**40)",
+                lambda: ops.gather_tokens(f32(*X3), _index([[0, 2**40], [1, 1]])),
+                "index",
+            ),
+        ],
+    ),
+    *op_rows(
+        "scatter_tokens",
+        [
+            (
+                "base not 3-D",
+                lambda: ops.scatter_tokens(f32(2, 5, 4, 1), _index(), f32(2, 2, 4)),
+                "base",
+            ),
+            (
+                "src of another dtype",
+                lambda: ops.scatter_tokens(
+                    f32(*X3), _index([[0, 4], [1, 2]]), f32(2, 2, 4).double()
+                ),
+                "src",
+            ),
+            (
+                "src of another shape",
+                lambda: ops.scatter_tokens(f32(*X3), _index([[0, 4], [1, 2]]), f32(2, 3, 4)),
+                "src",
+            ),
+            (
+                "src on another device",
+                lambda: ops.scatter_tokens(f32(*X3), _index([[0, 4], [1, 2]]), meta(2, 2, 4)),
+                "src",
+            ),
+            (
+                "duplicate index in a row",
+                lambda: ops.scatter_tokens(f32(*X3), _index(), f32(2, 2, 4)),
+                "index",
+            ),
+            (
+                "index >= N",
+                lambda: ops.scatter_tokens(f32(*X3), _index([[0, 5], [1, 2]]), f32(2, 2, 4)),
+                "index",
+            ),
+            (
+                "index < 0",
+                lambda: ops.scatter_tokens(f32(*X3), _index([[0, -3], [1, 2]]), f32(2, 2, 4)),
+                "index",
+            ),
+        ],
+    ),
+    *op_rows(
+        "indexed_linear_",
+        [
+            ("out not contiguous", _il(out=torch.zeros(2, 3, 5).transpose(1, 2)), "out"),
+            ("x of another dtype", _il(x=f32(2, 2, 4).double()), "x"),
+            ("x of another shape", _il(x=f32(2, 3, 4)), "x"),
+            ("weight of another shape", _il(weight=f32(3, 5)), "weight"),
+            ("weight on another device", _il(weight=meta(3, 4)), "weight"),
+            ("bias of another shape", _il(bias=f32(4)), "bias"),
+            ("duplicate index in a row", _il(index=_index([[0, 0], [1, 2]])), "index"),
+            ("index >= N", _il(index=_index([[0, 9], [1, 2]])), "index"),
+            ("inputs that require grad", _needs_grad, "no backward"),
+        ],
+    ),
+    *op_rows(
+        "patch_scores",
+        [
+            (
+                "v of an integer dtype",
+                lambda: ops.patch_scores(torch.ones(1, 2, 4, 4, dtype=torch.int64), 2),
+                "v",
+            ),
+            ("v not 4-D", lambda: ops.patch_scores(f32(2, 4, 4), 2), "v"),
+            ("patch = 0", lambda: ops.patch_scores(f32(1, 2, 4, 4), 0), "patch"),
+            ("patch < 0", lambda: ops.patch_scores(f32(1, 2, 4, 4), -2), "patch"),
+            ("H, W not multiples of patch", lambda: ops.patch_scores(f32(1, 2, 5, 4), 2), "patch"),
+            ("unknown metric", lambda: ops.patch_scores(f32(1, 2, 4, 4), 2, "max"), "metric"),
+        ],
+    ),
+    *[
+        row
+        for op in ("rel_l1", "cosine")
+        for row in op_rows(
+            op,
+            [
+                (
+                    "a of an integer dtype",
+                    lambda op=op: getattr(ops, op)(
+                        torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.int64)
+                    ),
+                    "a",
+                ),
+                (
+                    "b of another dtype",
+                    lambda op=op: getattr(ops, op)(f32(2, 3), f32(2, 3).half()),
+                    "b",
+                ),
+                ("b of another shape", lambda op=op: getattr(ops, op)(f32(2, 3), f32(2, 4)), "b"),
+                ("b on another device", lambda op=op: getattr(ops, op)(f32(2, 3), meta(2, 3)), "b"),
+                (
+                    "0-D inputs",
+                    lambda op=op: getattr(ops, op)(torch.tensor(1.0), torch.tensor(2.0)),
+                    "a",
+                ),
+            ],
+        )
+    ],
+    *op_rows(
+        "lincomb",
+        [
+            (
+                "coeffs of another length",
+                lambda: torch.ops.adaptdiff.lincomb([f32(3), f32(3)], [1.0]),
+                "coeffs",
+            ),
+            (
+                "tensors of other shapes",
+                lambda: ops.lincomb([f32(3), f32(4)], [1.0, 2.0]),
+                r"tensors\[1\]",
+            ),
+            (
+                "tensors of other dtypes",
+                lambda: ops.lincomb([f32(3), f32(3).double()], [1.0, 2.0]),
+                r"tensors\[1\]",
+            ),
+            (
+                "tensors on other devices",
+                lambda: ops.lincomb([f32(3), meta(3)], [1.0, 2.0]),
+                r"tensors\[1\]",
+            ),
+            (
+                "integer tensors",
+                lambda: ops.lincomb([torch.ones(3, dtype=torch.int32)], [1.0]),
+                r"tensors\[0\]",
+            ),
+        ],
+    ),
+    Bad(
+        "lincomb",
+        "no tensors",
+        lambda: ops.lincomb([], []),
+        ValueError,
+        "^adaptdiff::lincomb: tensors",
+    ),
+    *op_rows(
+        "moe_permute",
+        [
+            (
+                "x not 2-D",
+                lambda: ops.moe_permute(f32(3), torch.zeros(3, 1, dtype=torch.int64), 2),
+                "x",
+            ),
+            (
+                "x of an integer dtype",
+                lambda: ops.moe_permute(
+                    torch.ones(3, 2, dtype=torch.int64), torch.zeros(3, 1, dtype=torch.int64), 2
+                ),
+                "x",
+            ),
+            (
+                "experts of a float dtype",
+                lambda: ops.moe_permute(f32(3, 2), torch.zeros(3, 1), 2),
+                "experts",
+            ),
+            (
+                "experts with another T",
+                lambda: ops.moe_permute(f32(3, 2), torch.zeros(4, 1, dtype=torch.int64), 2),
+                "experts",
+            ),
+            (
+                "experts on another device",
+                lambda: ops.moe_permute(f32(3, 2), meta(3, 1, dtype=torch.int64), 2),
+                "experts",
+            ),
+            (
+                "expert id >= num_experts",
+                lambda: ops.moe_permute(f32(2, 2), i64(0, 4)[:, None], 4),
+                "experts",
+            ),
+            (
+                "expert id < 0",
+                lambda: ops.moe_permute(f32(2, 2), i64(0, -1)[:, None], 4),
+                "experts",
+            ),
+            ("num_experts = 0", lambda: _perm(E=0), "num_experts"),
+            ("align = 0", lambda: ops.moe_permute(f32(2, 2), i64(0, 1)[:, None], 2, 0), "align"),
+            ("align < 0", lambda: ops.moe_permute(f32(2, 2), i64(0, 1)[:, None], 2, -8), "align"),
+        ],
+    ),
+    *op_rows(
+        "moe_unpermute",
+        [
+            ("y_sorted not 2-D", _unperm(y=f32(4)), "y_sorted"),
+            ("sorted_src not int64", _unperm(src=i64(2, 0, 3, 1).int()), "sorted_src"),
+            ("sorted_src of another length", _unperm(src=i64(2, 0, 3)), "sorted_src"),
+            ("sorted_src entry >= T*K", _unperm(src=i64(2, 0, 3, 4)), "sorted_src"),
+            ("sorted_src entry < -1", _unperm(src=i64(2, 0, 3, -2)), "sorted_src"),
+            ("sorted_src repeats an assignment", _unperm(src=i64(2, 0, 3, 3)), "sorted_src"),
+            ("sorted_src misses an assignment", _unperm(src=i64(2, 0, 3, -1)), "sorted_src"),
+            (
+                "weights of an integer dtype",
+                _unperm(weights=torch.ones(2, 2, dtype=torch.int64)),
+                "weights",
+            ),
+            (
+                "weights with more assignments than rows",
+                _unperm(weights=torch.rand(3, 2)),
+                "weights",
+            ),
+            ("weights on another device", _unperm(weights=meta(2, 2)), "weights"),
+        ],
+    ),
+    Bad(
+        "every op",
+        "impl not auto/kernel/reference",
+        lambda: ops.rel_l1(f32(2), f32(2), impl="fast"),
+        ValueError,
+        "^adaptdiff::rel_l1: impl",
+    ),
+]
+
+
+# ------------------------------------------------------------------------- entry points
+
+
+def _sample(**kw):
+    from adaptdiff.samplers import sample
+
+    args = dict(method="euler", steps=2, progress=False)
+    args.update(kw)
+    return lambda: sample(lambda x, t: torch.zeros_like(x), (1, 2), **args)
+
+
+def _dit(name="DiT-S/2", **kw):
+    from adaptdiff.models import create_dit
+
+    return lambda: create_dit(name, **kw)
+
+
+def _config(**kw):
+    from adaptdiff.train import TrainConfig
+
+    return lambda: TrainConfig(**kw)
+
+
+def _trainer(data=None, loss=None, model=None, **cfg):
+    from adaptdiff.train import TrainConfig, Trainer
+
+    def run():
+        m = torch.nn.Linear(2, 1) if model is None else model
+        d = torch.randn(8, 2) if data is None else data
+        fn = loss or (lambda mod, x: mod(x).square().mean())
+        trainer = Trainer(m, fn, d, TrainConfig(steps=2, batch_size=4, progress=False, **cfg))
+        trainer.fit()
+
+    return run
+
+
+def _moe(top_k=1, activation="swiglu", router="softmax", dtype=torch.float32, d_gate=4):
+    from adaptdiff.nn.functional import moe_swiglu
+
+    E, D, H = 3, 4, 5
+    return lambda: moe_swiglu(
+        f32(6, D),
+        f32(E, D),
+        f32(E, H, d_gate).to(dtype),
+        f32(E, H, D),
+        f32(E, D, H),
+        top_k,
+        activation=activation,
+        router=router,
+    )
+
+
+def _checkpoint(tmp: str, damage: str):
+    from pathlib import Path
+
+    from adaptdiff.train import load_checkpoint
+    from adaptdiff.train.checkpoint import save_checkpoint
+
+    def run():
+        path = Path(tmp) / damage
+        if damage != "missing":
+            save_checkpoint(path / "step_1", {"w": torch.ones(3)}, {"step": 1})
+        if damage == "truncated state":
+            state = path / "step_1" / "state.pt"
+            state.write_bytes(state.read_bytes()[:40])
+        elif damage == "flipped weight byte":
+            w = path / "step_1" / "model.safetensors"
+            blob = bytearray(w.read_bytes())
+            blob[-1] ^= 1
+            w.write_bytes(bytes(blob))
+        elif damage == "latest escapes the folder":
+            (path / "latest").write_text("../../etc\n")
+        elif damage == "pickled object in state":
+            torch.save(
+                {"x": Bad}, path / "step_1" / "state.pt", _use_new_zipfile_serialization=True
+            )
+        load_checkpoint(path)
+
+    return run
+
+
+def _model_json(tmp: str, content: str):
+    from pathlib import Path
+
+    from adaptdiff.demo import load_digits_model
+
+    def run():
+        out = Path(tmp) / f"json{abs(hash(content))}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.json").write_text(content)
+        load_digits_model(out)
+
+    return run
+
+
+def _cli(*argv):
+    from adaptdiff.cli import main
+
+    return lambda: main(list(argv))
+
+
+def entry_rows(tmp: str) -> list[Bad]:
+    """Entry-point rows; ``tmp`` is a scratch folder for the file-based ones."""
+    from adaptdiff._schema import SchemaError
+    from adaptdiff.train import CheckpointError
+
+    valid_json = '{"kind": "adaptdiff.digits_model", "version": 1, "model": "DiT-demo/4"}'
+    return [
+        Bad(
+            "sample()",
+            "unknown method",
+            _sample(method="rk45"),
+            ValueError,
+            "method must be one of",
+        ),
+        Bad(
+            "sample()",
+            "neither steps nor timesteps",
+            _sample(steps=None),
+            ValueError,
+            "steps must be given",
+        ),
+        Bad("sample()", "steps = 0", _sample(steps=0), ValueError, "steps must be"),
+        Bad(
+            "sample()",
+            "an option of another method",
+            _sample(eta=0.5),
+            ValueError,
+            "not an option of method",
+        ),
+        Bad(
+            "sample()", "unknown prediction", _sample(prediction="noise"), ValueError, "prediction"
+        ),
+        Bad(
+            "sample()",
+            "guidance_scale not a number",
+            _sample(guidance_scale="2"),
+            ValueError,
+            "guidance_scale",
+        ),
+        Bad(
+            "sample()",
+            "uncond keys differ from cond",
+            _sample(cond={"y": 1}, uncond={}, guidance_scale=2.0),
+            ValueError,
+            "uncond",
+        ),
+        Bad("create_dit", "unknown config name", _dit("DiT-Q/3"), ValueError, "unknown name"),
+        Bad(
+            "create_dit",
+            "unknown config field",
+            _dit(depht=3),
+            ValueError,
+            "unknown DiTConfig fields",
+        ),
+        Bad("create_dit", "depth = 0", _dit(depth=0), ValueError, "depth"),
+        Bad("TrainConfig", "steps = 0", _config(steps=0), ValueError, "steps must be > 0"),
+        Bad("TrainConfig", "lr <= 0", _config(lr=-1.0), ValueError, "lr must be > 0"),
+        Bad("TrainConfig", "betas outside [0, 1)", _config(betas=(0.9, 1.0)), ValueError, "betas"),
+        Bad(
+            "TrainConfig",
+            "unknown nonfinite policy",
+            _config(nonfinite="ignore"),
+            ValueError,
+            "nonfinite",
+        ),
+        Bad(
+            "Trainer",
+            "batch_size > samples",
+            _trainer(data=torch.randn(2, 2)),
+            ValueError,
+            "exceeds",
+        ),
+        Bad(
+            "Trainer",
+            "data tensors of different lengths",
+            _trainer(data=(torch.randn(8, 2), torch.randn(7))),
+            ValueError,
+            "share their first dim",
+        ),
+        Bad(
+            "Trainer",
+            "a model without trainable parameters",
+            _trainer(model=torch.nn.Linear(2, 1).requires_grad_(False)),
+            ValueError,
+            "no parameters",
+        ),
+        Bad(
+            "Trainer",
+            "loss_fn returns a non-scalar",
+            _trainer(loss=lambda m, x: m(x)),
+            ValueError,
+            "scalar",
+        ),
+        Bad(
+            "Trainer",
+            "NaN loss (nonfinite='raise')",
+            _trainer(loss=lambda m, x: m(x).sum() * float("nan")),
+            FloatingPointError,
+            "non-finite loss",
+        ),
+        Bad("moe_swiglu", "top_k = 0", _moe(top_k=0), ValueError, "top_k"),
+        Bad("moe_swiglu", "top_k > E", _moe(top_k=4), ValueError, "top_k"),
+        Bad("moe_swiglu", "unknown activation", _moe(activation="relu"), ValueError, "activation"),
+        Bad("moe_swiglu", "unknown router", _moe(router="argmax"), ValueError, "router"),
+        Bad(
+            "moe_swiglu", "w_gate of another dtype", _moe(dtype=torch.float64), ValueError, "w_gate"
+        ),
+        Bad("moe_swiglu", "w_gate of another shape", _moe(d_gate=3), ValueError, "w_gate"),
+        Bad(
+            "load_checkpoint",
+            "no checkpoint there",
+            _checkpoint(tmp, "missing"),
+            CheckpointError,
+            "no checkpoint",
+        ),
+        Bad(
+            "load_checkpoint",
+            "truncated state.pt",
+            _checkpoint(tmp, "truncated state"),
+            CheckpointError,
+            "truncated or corrupted",
+        ),
+        Bad(
+            "load_checkpoint",
+            "a flipped byte in the weights",
+            _checkpoint(tmp, "flipped weight byte"),
+            CheckpointError,
+            "sha256",
+        ),
+        Bad(
+            "load_checkpoint",
+            "latest naming a path outside",
+            _checkpoint(tmp, "latest escapes the folder"),
+            CheckpointError,
+            "not a checkpoint directory",
+        ),
+        Bad(
+            "load_checkpoint",
+            "a pickled class in state.pt",
+            _checkpoint(tmp, "pickled object in state"),
+            CheckpointError,
+            "truncated or corrupted",
+        ),
+        Bad(
+            "model.json", "not JSON", _model_json(tmp, "{model: DiT"), SchemaError, "not valid JSON"
+        ),
+        Bad(
+            "model.json",
+            "another kind",
+            _model_json(tmp, '{"kind": "x", "version": 1}'),
+            SchemaError,
+            "kind must be",
+        ),
+        Bad(
+            "model.json",
+            "a newer version",
+            _model_json(tmp, valid_json.replace('"version": 1', '"version": 9')),
+            SchemaError,
+            "version 9 is not supported",
+        ),
+        Bad(
+            "model.json",
+            "a field of the wrong type",
+            _model_json(tmp, valid_json.replace('"DiT-demo/4"', "4")),
+            SchemaError,
+            "model must be a string",
+        ),
+        Bad(
+            "model.json",
+            "NaN in a number field",
+            _model_json(tmp, valid_json[:-1] + ', "lr": NaN}'),
+            SchemaError,
+            "NaN",
+        ),
+        Bad("CLI", "unknown command", _cli("fly"), SystemExit, "2"),
+        Bad("CLI", "non-integer --steps", _cli("sample", "--steps", "many"), SystemExit, "2"),
+        Bad("CLI", "unknown --method", _cli("sample", "--method", "rk45"), SystemExit, "2"),
+        Bad("CLI", "--image-size not 16/32", _cli("train", "--image-size", "20"), SystemExit, "2"),
+        Bad(
+            "CLI",
+            "sample from a folder with no run",
+            _cli("sample", "--out", f"{tmp}/nothing"),
+            SystemExit,
+            "2",
+        ),
+        Bad(
+            "CLI",
+            "train --steps 0",
+            _cli("train", "--steps", "0", "--out", f"{tmp}/run"),
+            SystemExit,
+            "2",
+        ),
+    ]
+
+
+def all_rows(tmp: str) -> list[Bad]:
+    return OP_ROWS + entry_rows(tmp)
+
+
+def check(row: Bad) -> None:
+    """Call the row; raise AssertionError unless it raised ``row.error`` matching ``row.match``."""
+    try:
+        row.call()
+    except row.error as e:
+        text = str(e.code) if isinstance(e, SystemExit) else str(e)
+        first = text.splitlines()[0] if text else ""
+        if not re.search(row.match, first):
+            raise AssertionError(f"{row.id}: message {first!r} lacks {row.match!r}") from e
+        return
+    except Exception as e:
+        raise AssertionError(f"{row.id}: raised {type(e).__name__}: {e}") from e
+    raise AssertionError(f"{row.id}: did not raise {row.error.__name__}")
+
+
+def markdown(rows: list[Bad]) -> str:
+    """The README table: one line per entry point and error type, listing the inputs."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        groups.setdefault((row.target, row.error.__name__), []).append(row.what)
+    lines = ["| entry point | raises | for |", "|---|---|---|"]
+    lines += [f"| `{t}` | `{e}` | {'; '.join(whats)} |" for (t, e), whats in groups.items()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = all_rows(tmp)
+        if "--markdown" in sys.argv:
+            print(markdown(rows))
+            return 0
+        failed = 0
+        for row in rows:
+            print(f"row {row.id}", flush=True)
+            try:
+                check(row)
+            except AssertionError as e:
+                failed += 1
+                print(f"FAILED {e}", flush=True)
+        print(f"{len(rows)} rows, {failed} failed", flush=True)
+        return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

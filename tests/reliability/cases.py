@@ -1,0 +1,359 @@
+"""The per-op registry of the property tests: one :class:`OpCase` per op.
+
+Each entry draws one random call of its op with hypothesis (shapes with zero-size dims, a dtype
+of the supported set, the layout of every input, the index pattern) and checks the kernel
+against the pure-torch reference under the op's tolerance rule. Values come from a drawn seed,
+so hypothesis shrinks the structure (shape, dtype, layout, pattern) and a failure replays
+exactly. Adding an op is one entry in :data:`OP_CASES`.
+
+Tolerance rules (README "Reliability"):
+- ``exact``: data movement (gather, scatter, permute) is bitwise equal to the reference;
+- ``elementwise``: support.TOL[dtype] (same float32 arithmetic as the reference, one rounding);
+- ``reduction``: flash-attention's rule, the error against the float64 reference is at most
+  twice the reference's own error plus a small atol.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from adaptdiff import ops
+from adaptdiff.ops import reference
+from tests.ops.support import TOL
+
+DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES_CUDA = DTYPES_CPU[:3]
+LAYOUTS = ("contiguous", "sliced", "transposed", "expanded")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str
+    rule: str  # "exact", "elementwise" or "reduction" (documentation; check enforces it)
+    check: Callable[[st.DataObject, str], None]  # draw one call on a device and compare
+
+
+# ----------------------------------------------------------------------------- drawing helpers
+
+
+class Recorder:
+    """Wraps hypothesis' data object and records every labelled draw, so a failing example
+    prints as a dict that :class:`Replay` turns back into the same call (st.data() cannot be
+    pinned with ``@example``; these dicts are the regression examples)."""
+
+    def __init__(self, data):
+        self.data, self.choices = data, {}
+
+    def _key(self, label: str) -> str:
+        n = sum(1 for k in self.choices if k.split("#")[0] == label)
+        return f"{label}#{n + 1}" if n else label
+
+    def draw(self, strategy, label: str):
+        value = self.data.draw(strategy, label)
+        self.choices[self._key(label)] = value
+        return value
+
+
+class Replay(Recorder):
+    """Replays a recorded dict of draws (a regression example)."""
+
+    def __init__(self, choices: dict):
+        super().__init__(None)
+        self.recorded = choices
+
+    def draw(self, strategy, label: str):
+        key = self._key(label)
+        self.choices[key] = value = self.recorded[key]
+        return value
+
+
+def dtype_of(data: st.DataObject, device: str) -> torch.dtype:
+    return data.draw(st.sampled_from(DTYPES_CPU if device == "cpu" else DTYPES_CUDA), "dtype")
+
+
+def generator(data: st.DataObject) -> torch.Generator:
+    return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), "seed"))
+
+
+def randn(g, shape, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def laid_out(
+    data: st.DataObject, t: torch.Tensor, name: str, layouts=LAYOUTS, expand_dims=None
+) -> torch.Tensor:
+    """``t``'s values (or, for ``expanded``, values constant along one dim) in a drawn layout:
+    a contiguous copy, every other element of a wider buffer, the transpose of a contiguous
+    tensor, or a stride-0 broadcast of one slice."""
+    kind = data.draw(st.sampled_from(layouts if t.dim() else ("contiguous",)), f"{name} layout")
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "sliced":
+        wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1] + 1)
+        view = wide[..., 1::2]
+        view.copy_(t)
+        return view
+    if kind == "transposed":
+        if t.dim() < 2:
+            return t.contiguous()
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    dims = range(t.dim()) if expand_dims is None else expand_dims
+    dim = data.draw(st.sampled_from(list(dims)), f"{name} expanded dim")
+    return t.narrow(dim, 0, min(1, t.shape[dim])).expand(t.shape) if t.shape[dim] else t
+
+
+def token_index(data, B, N, K, unique, device, name="index") -> torch.Tensor:
+    """``[B, K]`` int64 in ``[0, N)``: random, all the same token, or descending (out of
+    order); ``unique`` keeps each row free of repeats (K <= N)."""
+    patterns = ["random", "descending"] + ([] if unique and K > 1 else ["all_same"])
+    pattern = data.draw(st.sampled_from(patterns), f"{name} pattern")
+    g = generator(data)
+    if pattern == "all_same":
+        index = torch.full((B, K), data.draw(st.integers(0, N - 1), "the token") if N else 0)
+    elif pattern == "descending":
+        index = torch.arange(N - 1, N - 1 - K, -1).clamp_min(0).expand(B, K)
+    elif unique:
+        rows = [torch.randperm(N, generator=g)[:K] for _ in range(B)]
+        index = torch.stack(rows) if B else torch.zeros(0, K, dtype=torch.int64)
+    else:
+        index = torch.randint(0, max(N, 1), (B, K), generator=g)
+    # Broadcasting a unique row along K would repeat its token: only along the batch then.
+    return laid_out(data, index.to(device), name, expand_dims=(0,) if unique else None)
+
+
+# ------------------------------------------------------------------------------ comparisons
+
+
+def assert_exact(got, want) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.shape, want.shape)
+    assert torch.equal(got, want), (got - want).abs().max() if got.is_floating_point() else ""
+
+
+def assert_elementwise(got, want) -> None:
+    torch.testing.assert_close(got, want, **TOL[want.dtype], equal_nan=True)
+
+
+def assert_reduction(got, ref_fn, *inputs) -> None:
+    exact = ref_fn(*(t.double() for t in inputs)).double()
+    same = ref_fn(*inputs).double()
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    err = (got.double() - exact).abs()
+    allowed = 2 * (same - exact).abs() + 2e-6 * exact.abs().clamp_min(1)
+    assert bool((err <= allowed).all()), f"error {err.max().item()}"
+
+
+# ----------------------------------------------------------------------------------- the ops
+
+
+def _gather_tokens(data, device):
+    dtype = dtype_of(data, device)
+    B, K, D = (data.draw(st.integers(0, hi), n) for n, hi in (("B", 3), ("K", 9), ("D", 17)))
+    N = data.draw(st.integers(1 if K else 0, 9), "N")
+    x = laid_out(data, randn(generator(data), (B, N, D), dtype, device), "x")
+    index = token_index(data, B, N, K, unique=False, device=device)
+    assert_exact(ops.gather_tokens(x, index, impl="kernel"), reference.gather_tokens(x, index))
+
+
+def _scatter_tokens(data, device):
+    dtype = dtype_of(data, device)
+    B, N, D = (data.draw(st.integers(0, hi), n) for n, hi in (("B", 3), ("N", 9), ("D", 17)))
+    K = data.draw(st.integers(0, N), "K")
+    g = generator(data)
+    base = laid_out(data, randn(g, (B, N, D), dtype, device), "base")
+    src = laid_out(data, randn(g, (B, K, D), dtype, device), "src")
+    index = token_index(data, B, N, K, unique=True, device=device)
+    got = ops.scatter_tokens(base, index, src, impl="kernel")
+    assert_exact(got, reference.scatter_tokens(base, index, src))
+
+
+def _indexed_linear_(data, device):
+    dtype = dtype_of(data, device)
+    dims = (("B", 3), ("N", 9), ("I", 33), ("O", 17))
+    B, N, I, O = (data.draw(st.integers(0, hi), n) for n, hi in dims)
+    K = data.draw(st.integers(0, N), "K")
+    g = generator(data)
+    out = randn(g, (B, N, O), dtype, device)  # written in place: contiguous by contract
+    x = laid_out(data, randn(g, (B, K, I), dtype, device), "x")
+    weight = laid_out(data, randn(g, (O, I), dtype, device) / max(I, 1) ** 0.5, "weight")
+    bias = None
+    if data.draw(st.booleans(), "bias"):
+        bias = laid_out(data, randn(g, (O,), dtype, device), "bias")
+    index = token_index(data, B, N, K, unique=True, device=device)
+    got, want = out.clone(), out.clone()
+    with torch.no_grad():
+        ops.indexed_linear_(got, index, x, weight, bias, impl="kernel")
+        reference.indexed_linear_(want, index, x, weight, bias)
+    assert_elementwise(got, want)
+
+
+def _patch_scores(data, device):
+    dtype = dtype_of(data, device)
+    p = data.draw(st.integers(1, 4), "patch")
+    B, C, h, w = (
+        data.draw(st.integers(0, hi), n) for n, hi in (("B", 2), ("C", 9), ("h", 3), ("w", 3))
+    )
+    metric = data.draw(st.sampled_from(["std", "l2"]), "metric")
+    v = randn(generator(data), (B, C, h * p, w * p), dtype, device)
+    if data.draw(st.booleans(), "channels_last"):
+        v = v.contiguous(memory_format=torch.channels_last)
+    else:
+        v = laid_out(data, v, "v")
+    got = ops.patch_scores(v, p, metric, impl="kernel")
+    with warnings.catch_warnings():  # std over C <= 1 channels: torch warns, both give NaN/0
+        warnings.simplefilter("ignore", UserWarning)
+        want = reference.patch_scores(v, p, metric)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, **tol, equal_nan=True)
+
+
+def _pair_reduction(op):
+    def check(data, device):
+        dtype = dtype_of(data, device)
+        shape = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=4), "shape")
+        g = generator(data)
+        a = laid_out(data, randn(g, shape, dtype, device), "a")
+        b = laid_out(data, randn(g, shape, dtype, device), "b")
+        assert_reduction(getattr(ops, op)(a, b, impl="kernel"), getattr(reference, op), a, b)
+
+    return check
+
+
+def _lincomb(data, device):
+    dtype = dtype_of(data, device)
+    count = data.draw(st.integers(1, 10), "count")  # past the CUDA kernel's 8 per launch
+    shape = data.draw(st.lists(st.integers(0, 6), min_size=0, max_size=3), "shape")
+    g = generator(data)
+    tensors = [laid_out(data, randn(g, shape, dtype, device), f"t{i}") for i in range(count)]
+    coeffs = data.draw(
+        st.lists(st.floats(-4, 4, width=32), min_size=count, max_size=count), "coeffs"
+    )
+    got = ops.lincomb(tensors, coeffs, impl="kernel")
+    assert got.is_contiguous()
+    assert_elementwise(got, reference.lincomb(tensors, coeffs))
+
+
+def expert_choice(data, T, K, E, device) -> torch.Tensor:
+    """``[T, K]`` expert ids: random, all one expert, or descending (out of order)."""
+    pattern = data.draw(st.sampled_from(["random", "all_same", "descending"]), "experts pattern")
+    itype = data.draw(st.sampled_from([torch.int32, torch.int64]), "experts dtype")
+    if pattern == "all_same":
+        experts = torch.full((T, K), data.draw(st.integers(0, E - 1), "the expert"))
+    elif pattern == "descending":
+        experts = (E - 1 - torch.arange(T * K) % E).reshape(T, K)
+    else:
+        experts = torch.randint(0, E, (T, K), generator=generator(data))
+    return laid_out(data, experts.to(device=device, dtype=itype), "experts")
+
+
+def _moe_dims(data):
+    T = data.draw(st.integers(0, 12), "T")
+    K = data.draw(st.integers(1, 3), "K")
+    E = data.draw(st.integers(1, 5), "E")
+    align = data.draw(st.sampled_from([1, 2, 4, 8]), "align")
+    D = data.draw(st.integers(0, 9), "D")
+    return T, K, E, align, D
+
+
+def _moe_permute(data, device):
+    dtype = dtype_of(data, device)
+    T, K, E, align, D = _moe_dims(data)
+    x = laid_out(data, randn(generator(data), (T, D), dtype, device), "x")
+    experts = expert_choice(data, T, K, E, device)
+    got = ops.moe_permute(x, experts, E, align, impl="kernel")
+    for g, w in zip(got, reference.moe_permute(x, experts, E, align), strict=True):
+        assert_exact(g, w)
+
+
+def _moe_unpermute(data, device):
+    dtype = dtype_of(data, device)
+    T, K, E, align, D = _moe_dims(data)
+    experts = expert_choice(data, T, K, E, device)
+    _, sorted_src, _ = reference.moe_permute(torch.zeros(T, 0, device=device), experts, E, align)
+    g = generator(data)
+    y_sorted = randn(g, (sorted_src.shape[0], D), dtype, device)
+    if data.draw(st.booleans(), "pad rows hold nan"):  # pads are ignored, even non-finite ones
+        y_sorted[sorted_src < 0] = float("nan")
+    y_sorted = laid_out(data, y_sorted, "y_sorted", ("contiguous", "sliced", "transposed"))
+    wtype = data.draw(st.sampled_from(DTYPES_CPU if device == "cpu" else DTYPES_CUDA), "w dtype")
+    weights = laid_out(data, torch.rand(T, K, generator=g).to(device, wtype), "weights")
+    got = ops.moe_unpermute(y_sorted, sorted_src, weights, impl="kernel")
+    assert_elementwise(got, reference.moe_unpermute(y_sorted, sorted_src, weights))
+
+
+OP_CASES: dict[str, OpCase] = {
+    c.op: c
+    for c in [
+        OpCase("gather_tokens", "exact", _gather_tokens),
+        OpCase("scatter_tokens", "exact", _scatter_tokens),
+        OpCase("indexed_linear_", "elementwise", _indexed_linear_),
+        OpCase("patch_scores", "elementwise", _patch_scores),
+        OpCase("rel_l1", "reduction", _pair_reduction("rel_l1")),
+        OpCase("cosine", "reduction", _pair_reduction("cosine")),
+        OpCase("lincomb", "elementwise", _lincomb),
+        OpCase("moe_permute", "exact", _moe_permute),
+        OpCase("moe_unpermute", "elementwise", _moe_unpermute),
+    ]
+}
+
+
+# ------------------------------------------------------- fixed calls (threads, determinism)
+
+
+def _fixed_inputs(op: str, g: torch.Generator):
+    """Arguments of one call of ``op``, large enough that the CPU kernels split the work
+    over threads (at::parallel_for)."""
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def unique_index(B, N, K):
+        return torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B)])
+
+    if op == "gather_tokens":
+        return r(4, 512, 96), torch.randint(0, 512, (4, 256), generator=g)
+    if op == "scatter_tokens":
+        return r(4, 512, 96), unique_index(4, 512, 256), r(4, 256, 96)
+    if op == "indexed_linear_":
+        return torch.zeros(4, 256, 64), unique_index(4, 256, 128), r(4, 128, 96), r(64, 96), r(64)
+    if op == "patch_scores":
+        return r(4, 8, 64, 64), 2, "std"
+    if op in ("rel_l1", "cosine"):
+        return r(4, 200_000), r(4, 200_000)
+    if op == "lincomb":
+        return [r(300_000) for _ in range(5)], [0.5, -1.0, 2.0, 0.25, -0.75]
+    experts = torch.randint(0, 8, (2048, 2), generator=g)
+    if op == "moe_permute":
+        return r(2048, 64), experts, 8, 4
+    if op == "moe_unpermute":
+        _, sorted_src, _ = reference.moe_permute(torch.zeros(2048, 0), experts, 8, 4)
+        return r(sorted_src.shape[0], 64), sorted_src, torch.rand(2048, 2, generator=g)
+    raise KeyError(op)
+
+
+def fixed_call(op: str, seed: int = 0):
+    """``(kernel_call, reference_call)``: zero-argument callables on fixed inputs, each
+    returning a tensor or a tuple of tensors (``indexed_linear_``: the buffer it filled)."""
+    args = _fixed_inputs(op, torch.Generator().manual_seed(seed))
+    if op == "indexed_linear_":
+        out, rest = args[0], args[1:]
+
+        def run(fn):
+            buf = out.clone()
+            with torch.no_grad():
+                fn(buf, *rest)
+            return buf
+
+        return (
+            lambda: run(lambda *a: ops.indexed_linear_(*a, impl="kernel")),
+            lambda: run(reference.indexed_linear_),
+        )
+    return (
+        lambda: getattr(ops, op)(*args, impl="kernel"),
+        lambda: getattr(reference, op)(*args),
+    )
