@@ -63,7 +63,7 @@ def test_magcache_calibration_cli(tmp_path):
     assert torch.isfinite(run(model, [handle], steps=6)).all()
 
 
-def test_schedule_searches_write_loadable_schedules(tmp_path):
+def test_schedule_searches_write_loadable_schedules(tmp_path, capsys):
     from adaptdiff.accel import Schedule
     from adaptdiff.accel.cli import random_dit
 
@@ -79,8 +79,10 @@ def test_schedule_searches_write_loadable_schedules(tmp_path):
     handle = accel.apply(model, accel.ScheduleConfig(str(path)))
     run(model, [handle], steps=3, method="heun")
     assert accel.summary(model)["default"]["hits"] > 0
-    with pytest.raises(ValueError, match="not a float"):
+    with pytest.raises(SystemExit) as exit_info:  # a bad option: one line, status 2
         _cli(tmp_path, "bac", "--option", "budget=lots")
+    assert exit_info.value.code == 2
+    assert "option value 'lots' is not a float" in capsys.readouterr().err
 
 
 def test_calibration_validation(tmp_path):
