@@ -16,14 +16,6 @@ from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_uniform_genome_is_evenly_spaced_from_the_noise_end():
     g = uniform_genome(range(100), 4)
     assert g.timesteps == (99.0, 74.0, 49.0, 24.0) and g.skips == (frozenset(),) * 4

@@ -17,14 +17,6 @@ from adaptdiff.samplers import VPSchedule, sample
 from tests.samplers.support import TinyDenoiser
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(model, accelerators=(), method="euler", steps=8, y=None, y_null=None, **kw):
     y = torch.tensor([3.0, -2.0, 5.0]) if y is None else y
     y_null = torch.zeros_like(y) if y_null is None else y_null

@@ -7,14 +7,6 @@ from adaptdiff.models import create_dit
 from adaptdiff.samplers import Accelerator, sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_dit(seed=0, **overrides):
     """DiT-tiny/2 (8x8x4, 16 tokens) with every weight random: adaLN-Zero's zero init would
     make each block the identity and the output 0, hiding any error."""

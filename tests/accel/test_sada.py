@@ -8,14 +8,6 @@ from adaptdiff.samplers import FlowSchedule, VPSchedule, sample
 from tests.samplers.support import GaussianModel, TinyDenoiser
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class AlwaysStable(SADA):
     def _momentum(self, step):
         m = super()._momentum(step)
