@@ -89,6 +89,49 @@ def _unperm(src=None, weights=None, y=None):
     return lambda: ops.moe_unpermute(y, src, weights)
 
 
+def _attn(q=None, k=None, v=None, block_size=2, layout="decode"):
+    """block_attention with valid defaults: q [1, 4, 8, 4], k and v [1, 2, 8, 4] (GQA)."""
+    q = f32(1, 4, 8, 4) if q is None else q
+    k = f32(1, 2, 8, 4) if k is None else k
+    v = f32(1, 2, 8, 4) if v is None else v
+    return lambda: ops.block_attention(q, k, v, block_size, layout)
+
+
+def _attn_bwd(grad_out=None, out=None, layout="bd3"):
+    q, k, v = f32(1, 2, 8, 4), f32(1, 2, 8, 4), f32(1, 2, 8, 4)
+    grad_out = f32(1, 2, 8, 4) if grad_out is None else grad_out
+    out = f32(1, 2, 8, 4) if out is None else out
+    bwd = torch.ops.adaptdiff.block_attention_backward.default
+    return lambda: bwd(grad_out, q, k, v, out, 2, layout, None)
+
+
+SPARSE = [1, 4, 9, 17, 29]  # sorted unique flat indices into a [6, 5] weight
+
+
+def _sara(x=None, weight=None, bias=None, indices=None, values=None, no_bias=False):
+    """sara_linear with valid defaults: x [3, 5], weight [6, 5], bias [6], 5 indices."""
+    x = f32(3, 5) if x is None else x
+    weight = f32(6, 5) if weight is None else weight
+    bias = None if no_bias else f32(6) if bias is None else bias
+    indices = i64(*SPARSE) if indices is None else indices
+    values = f32(5) if values is None else values
+    return lambda: ops.sara_linear(x, weight, bias, indices, values)
+
+
+def _sara_frozen_grad():
+    weight = f32(6, 5).requires_grad_()
+    y = ops.sara_linear(f32(3, 5), weight, f32(6), i64(*SPARSE), f32(5).requires_grad_())
+    y.sum().backward()
+
+
+def _wgrad(grad_out=None, x=None, indices=None):
+    """sampled_wgrad with valid defaults: grad_out [4, 6], x [4, 5], 5 indices into [6, 5]."""
+    grad_out = f32(4, 6) if grad_out is None else grad_out
+    x = f32(4, 5) if x is None else x
+    indices = i64(*SPARSE) if indices is None else indices
+    return lambda: ops.sampled_wgrad(grad_out, x, indices)
+
+
 OP_ROWS: list[Bad] = [
     *op_rows(
         "gather_tokens",
@@ -326,6 +369,91 @@ OP_ROWS: list[Bad] = [
                 "weights",
             ),
             ("weights on another device", _unperm(weights=meta(2, 2)), "weights"),
+        ],
+    ),
+    *op_rows(
+        "block_attention",
+        [
+            ("q of an integer dtype", _attn(q=torch.ones(1, 4, 8, 4, dtype=torch.int64)), "q"),
+            ("k of another dtype", _attn(k=f32(1, 2, 8, 4).double()), "k"),
+            ("v of another dtype", _attn(v=f32(1, 2, 8, 4).half()), "v"),
+            ("q not 4-D", _attn(q=f32(4, 8, 4)), "q"),
+            ("k not 4-D", _attn(k=f32(2, 8, 4)), "k"),
+            ("v of another shape", _attn(v=f32(1, 2, 5, 4)), "v"),
+            ("k of another head dim", _attn(k=f32(1, 2, 8, 3), v=f32(1, 2, 8, 3)), "k"),
+            ("k on another device", _attn(k=meta(1, 2, 8, 4)), "k"),
+            ("Hk not dividing H", _attn(k=f32(1, 3, 8, 4), v=f32(1, 3, 8, 4)), "Hk"),
+            ("unknown layout", _attn(layout="causal"), "layout"),
+            ("block_size = 0", _attn(block_size=0), "block_size"),
+            ("block_size < 0", _attn(block_size=-3), "block_size"),
+            (
+                "Lk != Lq (block_causal)",
+                _attn(k=f32(1, 2, 6, 4), v=f32(1, 2, 6, 4), layout="block_causal"),
+                "Lk",
+            ),
+            ("Lk != Lq (bd3)", _attn(k=f32(1, 2, 6, 4), v=f32(1, 2, 6, 4), layout="bd3"), "Lk"),
+            (
+                "odd length (bd3)",
+                _attn(f32(1, 4, 7, 4), f32(1, 2, 7, 4), f32(1, 2, 7, 4), layout="bd3"),
+                "even length",
+            ),
+            (
+                "odd length (context_causal)",
+                _attn(f32(1, 4, 7, 4), f32(1, 2, 7, 4), f32(1, 2, 7, 4), layout="context_causal"),
+                "even length",
+            ),
+        ],
+    ),
+    *op_rows(
+        "block_attention_backward",
+        [
+            ("grad_out of another shape", _attn_bwd(grad_out=f32(1, 2, 8, 2)), "grad_out"),
+            ("out of another dtype", _attn_bwd(out=f32(1, 2, 8, 4).half()), "out"),
+            ("unknown layout", _attn_bwd(layout="nope"), "layout"),
+        ],
+    ),
+    *op_rows(
+        "sara_linear",
+        [
+            ("x of an integer dtype", _sara(x=torch.ones(3, 5, dtype=torch.int64)), "x"),
+            ("weight of another dtype", _sara(weight=f32(6, 5).double()), "weight"),
+            ("weight not 2-D", _sara(weight=f32(5)), "weight"),
+            ("weight of another in_features", _sara(weight=f32(6, 4)), "weight"),
+            ("weight on another device", _sara(weight=meta(6, 5)), "weight"),
+            ("bias of another shape", _sara(bias=f32(5)), "bias"),
+            ("bias of another dtype", _sara(bias=f32(6).double()), "bias"),
+            ("indices not int64", _sara(indices=i64(*SPARSE).int()), "indices"),
+            ("indices not 1-D", _sara(indices=i64(*SPARSE)[None]), "indices"),
+            ("indices on another device", _sara(indices=i64(*SPARSE).to("meta")), "indices"),
+            ("indices unsorted", _sara(indices=i64(*SPARSE).flip(0)), "indices"),
+            ("indices with a duplicate", _sara(indices=i64(1, 1, 9, 17, 29)), "indices"),
+            ("indices >= O*I", _sara(indices=i64(1, 4, 9, 17, 30)), "indices"),
+            ("indices < 0", _sara(indices=i64(-1, 4, 9, 17, 29)), "indices"),
+            ("values of another length", _sara(values=f32(4)), "values"),
+            ("values of another dtype", _sara(values=f32(5).double()), "values"),
+            ("weight that requires grad (in backward)", _sara_frozen_grad, "weight"),
+        ],
+    ),
+    *op_rows(
+        "sampled_wgrad",
+        [
+            (
+                "grad_out of an integer dtype",
+                _wgrad(grad_out=torch.ones(4, 6, dtype=torch.int64)),
+                "grad_out",
+            ),
+            ("x of another dtype", _wgrad(x=f32(4, 5).double()), "x"),
+            ("grad_out not 2-D", _wgrad(grad_out=f32(6)), "grad_out"),
+            ("x not 2-D", _wgrad(x=f32(5)), "x"),
+            ("x with another N", _wgrad(x=f32(3, 5)), "x"),
+            ("x on another device", _wgrad(x=meta(4, 5)), "x"),
+            ("indices not int64", _wgrad(indices=i64(*SPARSE).int()), "indices"),
+            ("indices not 1-D", _wgrad(indices=i64(*SPARSE)[None]), "indices"),
+            ("indices on another device", _wgrad(indices=i64(*SPARSE).to("meta")), "indices"),
+            ("indices unsorted", _wgrad(indices=i64(*SPARSE).flip(0)), "indices"),
+            ("indices with a duplicate", _wgrad(indices=i64(1, 1, 9, 17, 29)), "indices"),
+            ("indices >= O*I", _wgrad(indices=i64(1, 4, 9, 17, 30)), "indices"),
+            ("indices < 0", _wgrad(indices=i64(-1, 4, 9, 17, 29)), "indices"),
         ],
     ),
     Bad(

@@ -10,11 +10,16 @@ Tolerance rules (README "Reliability"):
 - ``exact``: data movement (gather, scatter, permute) is bitwise equal to the reference;
 - ``elementwise``: support.TOL[dtype] (same float32 arithmetic as the reference, one rounding);
 - ``reduction``: flash-attention's rule, the error against the float64 reference is at most
-  twice the reference's own error plus a small atol.
+  twice the reference's own error plus a small atol;
+- ``attention``: against the float64 reference rounded to the dtype, within the per-dtype
+  tolerance of tests/ops/test_block_attention.py (accumulated in float32, one rounding);
+- ``sum``: against the same-dtype reference within support.TOL, atol grown with the length of
+  the sums (as in tests/ops/test_sara_linear.py and test_sampled_wgrad.py).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +39,7 @@ LAYOUTS = ("contiguous", "sliced", "transposed", "expanded")
 @dataclass(frozen=True)
 class OpCase:
     op: str
-    rule: str  # "exact", "elementwise" or "reduction" (documentation; check enforces it)
+    rule: str  # "exact", "elementwise", "reduction", "attention" or "sum" (check enforces it)
     check: Callable[[st.DataObject, str], None]  # draw one call on a device and compare
 
 
@@ -286,6 +291,119 @@ def _moe_unpermute(data, device):
     assert_elementwise(got, reference.moe_unpermute(y_sorted, sorted_src, weights))
 
 
+# The new ops' tolerances, as in their op tests (tests/ops/test_{block_attention,sara_linear,
+# sampled_wgrad}.py): attention against a float64 oracle rounded once to the dtype; the sparse
+# linear ops against the same-dtype reference, support.TOL with atol grown with the sum length.
+ATTENTION_TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=2e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+def sum_tol(dtype, n, linear=False):
+    """support.TOL with atol scaled for sums of ``n`` products: by ``4 sqrt(n)``, or for
+    float32/float64 by ``n`` when ``linear`` (sara_linear's op test)."""
+    t = dict(TOL[dtype])
+    low = dtype in (torch.float16, torch.bfloat16)
+    t["atol"] *= max(1, n) if linear and not low else max(1, n) ** 0.5 * 4
+    return t
+
+
+def _block_attention(data, device):
+    dtype = dtype_of(data, device)
+    layout = data.draw(st.sampled_from(reference.BLOCK_LAYOUTS), "layout")
+    B = data.draw(st.integers(0, 2), "B")
+    Hk = data.draw(st.integers(0, 2), "Hk")
+    H = Hk * data.draw(st.integers(1, 3), "group")  # GQA: Hk divides H
+    if layout in ("bd3", "context_causal"):
+        Lq = Lk = 2 * data.draw(st.integers(0, 6), "n")
+    elif layout == "decode":
+        Lq, Lk = data.draw(st.integers(0, 5), "Lq"), data.draw(st.integers(0, 13), "Lk")
+    else:
+        Lq = Lk = data.draw(st.integers(0, 11), "L")
+    D = data.draw(st.integers(1, 9), "Dh")
+    block_size = data.draw(st.sampled_from([1, 2, 3, 4, 16]), "block_size")
+    scale = data.draw(st.sampled_from([None, 0.3, 2.0]), "scale")
+    g = generator(data)
+    q = laid_out(data, randn(g, (B, H, Lq, D), dtype, device), "q")
+    k = laid_out(data, randn(g, (B, Hk, Lk, D), dtype, device), "k")
+    v = laid_out(data, randn(g, (B, Hk, Lk, D), dtype, device), "v")
+    got = ops.block_attention(q, k, v, block_size, layout, scale, impl="kernel")
+    assert got.dtype == dtype and got.shape == q.shape
+    if Lk == 0:  # decode against an empty cache: no key, zeros (SDPA would give NaN)
+        assert not got.any()
+        return
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    want = reference.block_attention(q64, k64, v64, block_size, layout, scale).to(dtype)
+    torch.testing.assert_close(got, want, **ATTENTION_TOL[dtype])
+
+
+def weight_indices(data, O, I, device) -> torch.Tensor:
+    """``[nnz]`` int64 sorted unique flat indices into ``[O, I]``: none, every entry, one row,
+    or a random subset (under and over the CPU sampled_wgrad's one-fifth switch)."""
+    n = O * I
+    patterns = ["empty"] + (["all", "one_row", "random"] if n else [])
+    pattern = data.draw(st.sampled_from(patterns), "indices pattern")
+    if pattern == "empty":
+        indices = torch.zeros(0, dtype=torch.int64)
+    elif pattern == "all":
+        indices = torch.arange(n)
+    elif pattern == "one_row":
+        row = data.draw(st.integers(0, O - 1), "the row")
+        indices = torch.arange(row * I, (row + 1) * I)
+    else:
+        nnz = data.draw(st.integers(1, n), "nnz")
+        indices = torch.randperm(n, generator=generator(data))[:nnz].sort().values
+    # Sorted and unique: a stride-0 broadcast would repeat an entry, so no "expanded".
+    return laid_out(data, indices.to(device), "indices", ("contiguous", "sliced"))
+
+
+def _sara_linear(data, device):
+    dtype = dtype_of(data, device)
+    lead = data.draw(st.lists(st.integers(0, 4), min_size=0, max_size=2), "lead")
+    O, I = data.draw(st.integers(0, 9), "O"), data.draw(st.integers(0, 17), "I")
+    g = generator(data)
+    x = laid_out(data, randn(g, (*lead, I), dtype, device), "x")
+    weight = laid_out(data, randn(g, (O, I), dtype, device), "weight")
+    bias = None
+    if data.draw(st.booleans(), "bias"):
+        bias = laid_out(data, randn(g, (O,), dtype, device), "bias")
+    indices = weight_indices(data, O, I, device)
+    values = laid_out(data, randn(g, tuple(indices.shape), dtype, device), "values")
+    before = weight.clone()
+    backward = data.draw(st.booleans(), "backward")
+    xr, vr = (t.detach().requires_grad_(backward) for t in (x, values))
+    xd, vd = (t.detach().requires_grad_(backward) for t in (x, values))
+    got = ops.sara_linear(xr, weight, bias, indices, vr, impl="kernel")
+    want = reference.sara_linear(xd, weight, bias, indices, vd)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **sum_tol(dtype, I, linear=True))
+    assert torch.equal(weight, before)  # the frozen weight is read, never written
+    if backward:
+        grad = randn(g, tuple(got.shape), dtype, device)
+        got.backward(grad)
+        want.backward(grad)
+        torch.testing.assert_close(xr.grad, xd.grad, **sum_tol(dtype, O, linear=True))
+        N = math.prod(lead)
+        torch.testing.assert_close(vr.grad, vd.grad, **sum_tol(dtype, N, linear=True))
+
+
+def _sampled_wgrad(data, device):
+    dtype = dtype_of(data, device)
+    dims = (("N", 20), ("O", 9), ("I", 17))
+    N, O, I = (data.draw(st.integers(0, hi), n) for n, hi in dims)
+    g = generator(data)
+    grad_out = laid_out(data, randn(g, (N, O), dtype, device), "grad_out")
+    x = laid_out(data, randn(g, (N, I), dtype, device), "x")
+    indices = weight_indices(data, O, I, device)
+    got = ops.sampled_wgrad(grad_out, x, indices, impl="kernel")
+    want = reference.sampled_wgrad(grad_out, x, indices)
+    assert got.dtype == dtype and got.shape == indices.shape
+    torch.testing.assert_close(got, want, **sum_tol(dtype, N))
+
+
 OP_CASES: dict[str, OpCase] = {
     c.op: c
     for c in [
@@ -298,6 +416,9 @@ OP_CASES: dict[str, OpCase] = {
         OpCase("lincomb", "elementwise", _lincomb),
         OpCase("moe_permute", "exact", _moe_permute),
         OpCase("moe_unpermute", "elementwise", _moe_unpermute),
+        OpCase("block_attention", "attention", _block_attention),
+        OpCase("sara_linear", "sum", _sara_linear),
+        OpCase("sampled_wgrad", "sum", _sampled_wgrad),
     ]
 }
 
@@ -327,6 +448,17 @@ def _fixed_inputs(op: str, g: torch.Generator):
         return r(4, 200_000), r(4, 200_000)
     if op == "lincomb":
         return [r(300_000) for _ in range(5)], [0.5, -1.0, 2.0, 0.25, -0.75]
+    if op == "block_attention":  # GQA, 8 tiles of 16 per row
+        q, k, v = r(2, 4, 128, 32), r(2, 2, 128, 32), r(2, 2, 128, 32)
+        return q, k, v, 16, "bd3"
+    if op in ("sara_linear", "sampled_wgrad"):
+        O, I = 96, 128
+        sparse = torch.randperm(O * I, generator=g)[: O * I // 20].sort().values  # 5%
+        # Inputs scaled to sums of size ~1: the concurrency test's sanity check against the
+        # reference is a plain 1e-5, and float32 sums of 512 unit products round to ~1e-5.
+        if op == "sara_linear":
+            return r(4, 64, I), r(O, I) / I**0.5, r(O), sparse, r(sparse.numel())
+        return r(512, O) / 512**0.5, r(512, I), sparse
     experts = torch.randint(0, 8, (2048, 2), generator=g)
     if op == "moe_permute":
         return r(2048, 64), experts, 8, 4
@@ -353,6 +485,14 @@ def fixed_call(op: str, seed: int = 0):
             lambda: run(lambda *a: ops.indexed_linear_(*a, impl="kernel")),
             lambda: run(reference.indexed_linear_),
         )
+    if op == "sampled_wgrad":  # both CPU strategies: per-entry dots and row-block GEMMs
+        grad_out, x, sparse = args
+        dense = torch.arange(0, grad_out.shape[1] * x.shape[1], 2)  # half of [O, I]
+
+        def both(fn):
+            return lambda: (fn(grad_out, x, sparse), fn(grad_out, x, dense))
+
+        return both(lambda *a: ops.sampled_wgrad(*a, impl="kernel")), both(reference.sampled_wgrad)
     return (
         lambda: getattr(ops, op)(*args, impl="kernel"),
         lambda: getattr(reference, op)(*args),
