@@ -46,10 +46,12 @@ def report() -> str:
     ]
     if KERNELS_DISABLED:
         lines.append("ADAPTDIFF_DISABLE_KERNELS=1: wrappers run the pure-torch references")
-    lines += ["", f"{'op':<18} {'CPU':<5} {'CUDA':<5} {'fake':<5} autograd"]
-    for r in op_table():
+    table = op_table()
+    w = max([2] + [len(r["op"]) for r in table]) + 1
+    lines += ["", f"{'op':<{w}} {'CPU':<5} {'CUDA':<5} {'fake':<5} autograd"]
+    for r in table:
         lines.append(
-            f"{r['op']:<18} {mark[r['cpu']]:<5} {mark[r['cuda']]:<5} {mark[r['fake']]:<5} "
+            f"{r['op']:<{w}} {mark[r['cpu']]:<5} {mark[r['cuda']]:<5} {mark[r['fake']]:<5} "
             f"{r['autograd']}"
         )
     if not b["with_cuda"]:
