@@ -5,6 +5,7 @@
 # scripts/gpu_large.py and the model-level benchmarks, most important first.
 #
 #   usage: OUT=/some/dir [GPU_CHECK_BUDGET=540] [GPU_CHECK_STAGES="tests bench ..."] \
+#          [GPU_CHECK_TESTS="tests/ops/test_x.py ..."] [GPU_CHECK_BENCH="family ..."] \
 #          bash scripts/gpu_check.sh
 #
 # GPU_CHECK_BUDGET (seconds) bounds the whole run: each stage gets at most what is left, stages
@@ -79,7 +80,7 @@ PYTEST_TIMEOUT=$("$PY" -c "import pytest_timeout" 2> /dev/null && echo "--timeou
 # 2. The CUDA test cases (the CPU ones run in CI), every failure listed.
 if wanted tests; then
   # shellcheck disable=SC2086
-  stage "tests (-m cuda)" 240 tests.log "$PY" -m pytest -q -p no:cacheprovider tests -m cuda \
+  stage "tests (-m cuda)" 240 tests.log "$PY" -m pytest -q -p no:cacheprovider ${GPU_CHECK_TESTS:-tests} -m cuda \
     $XDIST $PYTEST_TIMEOUT -o addopts="" -rf --maxfail=60
   rc=$?; ((rc == 199)) || status "tests (-m cuda)" "$(tail -1 "$LOG/tests.log") (${LAST_SECS}s)"
 fi
@@ -87,7 +88,8 @@ fi
 # 3. Kernel benchmarks against the pure-torch references in the same process (every family,
 # SaRA's included).
 if wanted bench; then
-  stage "benchmarks (cuda)" 200 bench_cuda.txt "$PY" -m benchmarks --device cuda \
+  # shellcheck disable=SC2086
+  stage "benchmarks (cuda)" 200 bench_cuda.txt "$PY" -m benchmarks ${GPU_CHECK_BENCH:-} --device cuda \
     --json "$LOG/bench_cuda.jsonl"
   rc=$?; ((rc == 199)) || status "benchmarks (cuda)" "exit $rc (${LAST_SECS}s), table in bench_cuda.txt"
 fi
