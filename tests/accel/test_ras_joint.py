@@ -9,11 +9,15 @@ from adaptdiff.accel.ras import RAS, RASConfig
 from adaptdiff.metrics import psnr
 from adaptdiff.samplers import Accelerator, sample
 
-from .test_diffusers import _build
+from .test_diffusers import _build, diffusers
 from .test_ras import AllTokensPermuted, Spy
 
-KINDS = ["sd3", "flux"]
-SHAPES = {"sd3": (2, 4, 8, 8), "flux": (2, 8, 4, 4)}  # Flux: one token per pixel, 4x4 grid
+KINDS = ["sd3", "sd35", "flux"]
+SHAPES = {
+    "sd3": (2, 4, 8, 8),
+    "sd35": (2, 4, 8, 8),
+    "flux": (2, 8, 4, 4),
+}  # Flux: one token per pixel, 4x4 grid
 
 
 class Adapter(torch.nn.Module):
@@ -38,6 +42,18 @@ class Adapter(torch.nn.Module):
 
 
 def model_for(kind):
+    if kind == "sd35":  # SD3.5: an extra image-only attention in block 0, RMS QK-norm
+        torch.manual_seed(0)
+        transformer = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+            pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
+            dual_attention_layers=(0,), qk_norm="rms_norm",
+        ).eval()  # fmt: skip
+        with torch.no_grad():
+            for p in transformer.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        return transformer, Adapter(transformer, "sd3")
     transformer = _build(kind)[0]
     return transformer, Adapter(transformer, kind)
 
@@ -158,8 +174,8 @@ def test_half_the_image_tokens_run_and_the_result_stays_close(kind):
     per_call = len(lengths) // 10
     calls = [sorted(set(lengths[i * per_call : (i + 1) * per_call])) for i in range(10)]
     text = 5  # Flux's single-stream attentions see [text, image]
-    dense = {16} if kind == "sd3" else {16, 16 + text}
-    shortened = {8} if kind == "sd3" else {8, 8 + text}
+    dense = {16, 16 + text} if kind == "flux" else {16}
+    shortened = {8, 8 + text} if kind == "flux" else {8}
     for i, seen in enumerate(calls):
         assert set(seen) == (dense if s["skips"][i] == 0 else shortened), (i, seen)
     baseline = run(model, kind, [ReuseVelocity(s["skips"])])
