@@ -200,7 +200,7 @@ def test_random_scores_select_differently_and_remove_restores_the_model(kind):
     assert torch.equal(run(model, kind, steps=6), plain)
 
 
-def test_ras_through_the_hook_api_on_flux_and_a_fused_processor_raises():
+def test_ras_through_the_hook_api_on_flux_and_bad_setups_raise():
     transformer, model = model_for("flux")
     config = RASConfig(sample_ratio=0.5, start_step=2)
     ras = RAS(transformer, config)
@@ -214,3 +214,14 @@ def test_ras_through_the_hook_api_on_flux_and_a_fused_processor_raises():
     sd3.fuse_qkv_projections()
     with pytest.raises(ValueError, match="must use JointAttnProcessor2_0"):
         RAS(sd3)
+    # Flux fed 2x2-packed tokens of an unpacked [B, 2, 8, 8] sample: 16 tokens, 64 patches.
+    packed = lambda x, t, text, pooled: model(  # noqa: E731
+        x.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 1, 4, 5, 2, 3).reshape(2, 8, 4, 4),
+        t, text, pooled,
+    ).reshape(2, 2, 8, 8)  # fmt: skip
+    ras = RAS(transformer, start_step=1)
+    with pytest.raises(ValueError, match="16 image tokens, the samples 64"):
+        g = torch.Generator().manual_seed(0)
+        cond = {"text": torch.randn(2, 5, 16, generator=g), "pooled": torch.randn(2, 8)}
+        sample(packed, (2, 2, 8, 8), method="euler", steps=3, prediction="flow", cond=cond,
+               accelerators=[ras], progress=False)  # fmt: skip

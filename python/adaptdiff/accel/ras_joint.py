@@ -99,16 +99,16 @@ def _full_kv(attn, state, x: torch.Tensor, index: torch.Tensor | None, length: i
         if x.shape[1] != length:
             raise ValueError(
                 f"RAS: the model has {x.shape[1]} image tokens, the samples {length} patches "
-                "(Flux: sample one token per pixel, see adaptdiff.accel.ras_joint)"
+                "(Flux: one token per pixel of the sample, see adaptdiff.accel.ras_joint)"
             )
         kv = tuple(lin(x) for lin in linears)
         state.kv[id(attn)] = kv
         return kv
     kv = state.kv.get(id(attn))
-    if kv is None or kv[0].shape[0] != x.shape[0] or kv[0].shape[1] != length:
+    if kv is None or kv[0].shape[:2] != (x.shape[0], length) or kv[0].dtype != x.dtype:
         raise RuntimeError(
             "RAS: no K/V cache for this model batch and sequence (a RAS step must follow a "
-            "dense step of the same batch and text length)"
+            "dense step of the same batch, dtype and text length)"
         )
     for buffer, lin in zip(kv, linears, strict=True):
         indexed_linear_(buffer, index, x, lin.weight, lin.bias)
@@ -170,6 +170,12 @@ def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def _after_text(index: torch.Tensor, text: int) -> torch.Tensor:
+    """Rows of a ``[text, image]`` sequence: every text row, then the image rows in ``index``."""
+    rows = torch.arange(text, device=index.device).expand(index.shape[0], text)
+    return torch.cat([rows, index + text], dim=1)
+
+
 def _flux_attention(attn, state, single: bool):
     """``FluxAttnProcessor`` for RAS. Double-stream: sequence ``[text, image]``, image K/V
     cached. Single-stream (``single``): ``hidden_states`` is already ``[text, image]``; the
@@ -193,9 +199,7 @@ def _flux_attention(attn, state, single: bool):
         text = 0 if context is None else context.shape[1]
         if single:  # the first rows of x are text: always active
             text = S - (index.shape[1] if ras else state.num_tokens)
-            if ras:
-                rows = torch.arange(text, device=x.device).expand(B, text)
-                index = torch.cat([rows, index + text], dim=1)
+            index = _after_text(index, text) if ras else None
         query = attn.to_q(x)
         key, value = _full_kv(attn, state, x, index, state.num_tokens + (text if single else 0))
         query = query.unflatten(-1, (-1, attn.head_dim))
@@ -214,10 +218,8 @@ def _flux_attention(attn, state, single: bool):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
             if ras:  # the query rows' positions: the text, then the active image tokens
                 cos, sin = image_rotary_emb
-                if not single:
-                    rows = torch.arange(text, device=x.device).expand(B, text)
-                    index = torch.cat([rows, index + text], dim=1)
-                query = _rope_rows(query, cos[index], sin[index])
+                rows = index if single else _after_text(index, text)
+                query = _rope_rows(query, cos[rows], sin[rows])
             else:
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         processor = attn.processor
