@@ -55,7 +55,7 @@ def test_ratio_one_is_bit_identical_to_plain_sampling(method):
 
 
 def test_dense_steps_that_fill_the_caches_are_bit_identical():
-    # Steps 0-6 dense through RAS's K/V-keeping attention, step 7 a RAS step.
+    # Steps 0-5 plain, step 6 dense through RAS's K/V-keeping attention, step 7 a RAS step.
     model = random_dit()
     plain, ras_spy = Spy(), Spy()
     run(model, [plain])
@@ -65,6 +65,67 @@ def test_dense_steps_that_fill_the_caches_are_bit_identical():
     for a, b in zip(plain.preds[:7], ras_spy.preds[:7], strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(plain.preds[7], ras_spy.preds[7])
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_only_dense_steps_before_a_ras_step_keep_kv(method):
+    model = random_dit()
+    ras = RAS(model, sample_ratio=0.5, start_step=3, error_reset_steps=(5, 6), end_step=7)
+    run(model, [ras], method=method, steps=10)
+    assert ras.summary()["skips"] == [0, 0, 0, 8, 8, 0, 0, 8, 0, 0]
+    per_step = {r["index"]: (r["kv_fill"], r["ras"]) for r in ras.records}  # Heun: both calls
+    fills = [s for s, (fill, _) in per_step.items() if fill]
+    assert fills == [2, 6]  # before steps 3 and 7; steps 0, 1, 5, 8, 9 run the plain model
+    assert [s for s, (_, r) in per_step.items() if r] == [3, 4, 7]
+
+
+class SuppliesStep(Accelerator):
+    """Supplies the prediction of one step (as a step cache would) from the previous one."""
+
+    def __init__(self, index):
+        self.index, self.last = index, None
+
+    def before_model(self, step):
+        return self.last if step.index == self.index else None
+
+    def after_model(self, step, pred):
+        self.last = pred
+        return pred
+
+
+def test_a_ras_step_after_a_supplied_step_runs_dense_and_fills_the_caches():
+    model = random_dit()
+    ras = RAS(model, sample_ratio=0.5, start_step=3)
+    out = run(model, [SuppliesStep(2), ras], steps=6)  # step 2 would have filled the caches
+    assert torch.isfinite(out).all()
+    fills = [r["index"] for r in ras.records if r["kv_fill"]]
+    assert fills == [3] and [r["index"] for r in ras.records if r["ras"]] == [4, 5]
+
+
+def test_the_guidance_batch_index_is_repeated_once_per_step():
+    model = random_dit()
+    ras = RAS(model, sample_ratio=0.5, start_step=2)
+    calls = []
+    repeat = torch.Tensor.repeat
+
+    def counting_repeat(self, *sizes):
+        calls.append(sizes)
+        return repeat(self, *sizes)
+
+    torch.Tensor.repeat = counting_repeat
+    try:
+        run(model, [ras], steps=4, batch=2)  # guidance: model batch 4, two RAS steps
+    finally:
+        torch.Tensor.repeat = repeat
+    assert calls.count((2, 1)) == 2
+    state = ras.state
+    state.active = torch.tensor([[0, 3], [1, 2]])
+    index = state.index_for(4)
+    assert state.index_for(4) is index
+    assert torch.equal(index, torch.tensor([[0, 3], [1, 2], [0, 3], [1, 2]]))
+    assert torch.equal(state.index_for(2), state.active)
+    with pytest.raises(RuntimeError, match="multiple"):
+        state.index_for(3)
 
 
 class AllTokensPermuted(RAS):

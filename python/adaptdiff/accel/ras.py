@@ -21,7 +21,9 @@ Per step ``s`` of a RAS run (see ``accel.md`` §1):
 
 Dense steps (all tokens): the first ``start_step`` steps, the ``error_reset_steps`` (they also
 refill the K/V caches), the steps after ``end_step``, and every step of a ``sample_ratio = 1``
-run, which is then exactly plain sampling (the model is not touched).
+run, which is then exactly plain sampling (the model is not touched). Only a dense step that a
+RAS step follows keeps K and V (one copy per layer); the others run the model as it is. A RAS
+step without a filled cache (the step before it was supplied by another accelerator) runs dense.
 
 Differences from the reference code, each on purpose:
 
@@ -152,20 +154,27 @@ class _State:
     num_tokens: int = 0
     model_ran: bool = False
     kv: dict = field(default_factory=dict)  # attention module id -> [B_model, N, 2D]
+    repeated: tuple = ()  # (active, batch, index): index_for's last answer, one per step
 
     def reset(self, num_tokens: int = 0) -> None:
         self.mode, self.active, self.num_tokens, self.model_ran = "off", None, num_tokens, False
         self.kv.clear()
+        self.repeated = ()
 
     def index_for(self, batch: int) -> torch.Tensor:
-        """The active index for a model batch (the guidance branches repeat the samples)."""
-        reps, rest = divmod(batch, self.active.shape[0])
+        """The active index for a model batch (the guidance branches repeat the samples); the
+        repeat is made once per step, not once per layer."""
+        active = self.active
+        if self.repeated and self.repeated[0] is active and self.repeated[1] == batch:
+            return self.repeated[2]
+        reps, rest = divmod(batch, active.shape[0])
         if rest:
             raise RuntimeError(
-                f"RAS: model batch {batch} is not a multiple of the sample batch "
-                f"{self.active.shape[0]}"
+                f"RAS: model batch {batch} is not a multiple of the sample batch {active.shape[0]}"
             )
-        return self.active if reps == 1 else self.active.repeat(reps, 1)
+        index = active if reps == 1 else active.repeat(reps, 1)
+        self.repeated = (active, batch, index)
+        return index
 
 
 def _adaptdiff_attention(attn, state: _State):
@@ -353,6 +362,8 @@ class RAS(Accelerator):
         n = self.grid[0] * self.grid[1]
         self.skips = skip_schedule(self.config, ctx.num_steps, n)
         self.state.reset(n)
+        self.ras_run = any(self.skips)
+        self.kv_filled = False  # a dense call kept K/V for the RAS steps
         self.drop_count = torch.zeros(x.shape[0], n, device=x.device)
         self.last_pred: torch.Tensor | None = None
         self.active_mask: torch.Tensor | None = None
@@ -383,25 +394,26 @@ class RAS(Accelerator):
 
     def before_model(self, step: ModelStep) -> None:
         s, state = step.index, self.state
-        ras_run = any(self.skips)
-        if not ras_run:
+        if not self.ras_run:
             state.mode = "off"
             return None
         skip = self.skips[s]
-        if skip > 0 and self.last_pred is not None:
+        if skip > 0 and self.last_pred is not None and self.kv_filled:
             if step.call == 0:
                 state.active = self._select(skip)
                 mask = torch.zeros_like(self.drop_count, dtype=torch.bool)
                 self.active_mask = mask.scatter_(1, state.active, True)
             state.mode = "ras"
+        elif skip > 0 or (s + 1 < len(self.skips) and self.skips[s + 1] > 0):
+            state.mode = "dense"  # a RAS step follows: keep K and V
         else:
-            state.mode = "dense"
+            state.mode = "off"  # a plain step: the hooks pass through
         state.model_ran = False
         return None
 
     def after_model(self, step: ModelStep, pred: torch.Tensor) -> torch.Tensor:
         state = self.state
-        if state.mode == "off":
+        if not self.ras_run:
             return pred
         if not step.evaluated:
             # Another accelerator supplied the prediction; keep it as this step's velocity.
@@ -409,6 +421,8 @@ class RAS(Accelerator):
             return pred
         if not state.model_ran:
             raise RuntimeError("RAS: the model it was created for was not called by sample()")
+        if state.mode != "ras":  # a plain call leaves the caches stale
+            self.kv_filled = state.mode == "dense"
         active = state.mode == "ras"
         if active:
             B, C, H, W = pred.shape
@@ -423,6 +437,7 @@ class RAS(Accelerator):
                 "index": step.index,
                 "call": step.call,
                 "ras": active,
+                "kv_fill": state.mode == "dense",
                 "active": n_active / state.num_tokens,
             }
         )
