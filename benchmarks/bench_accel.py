@@ -1,24 +1,28 @@
 """Training-free accelerators: quality against speed on the digits DiT and a random DiT-B/2.
 
-``python -m benchmarks.bench_accel [--quick] [--models digits,dit-b] [--threads 1 --clock cpu]
-[--out DIR] [--json PATH]``, or ``adaptdiff bench accel [...]``.
+``python -m benchmarks.bench_accel [--quick] [--models digits,dit-b,diffusers] [--threads 1
+--clock cpu] [--out DIR] [--json PATH]``, or ``adaptdiff bench accel [...]``.
 
 For each method and setting: the speedup over the exact run (same sampler, steps and noise),
 model calls (NFE), the fraction of the model's compute done (token-block evaluations for RAS,
-block evaluations for caches), PSNR/SSIM against the exact samples and, on the digits, the
-digits-FD and the classifier's accuracy. Writes ``accel.md`` (the table) and ``accel.png``
-(PSNR against speedup, Pareto points ringed) to ``--out``.
+block evaluations for caches, model calls for SADA, network evaluations per sample for AG and
+LinearAG), PSNR/SSIM against the exact samples and, on the digits, the digits-FD and the
+classifier's accuracy. Writes ``accel.md`` (the table) and ``accel.png`` (PSNR against speedup,
+Pareto points ringed) to ``--out``.
 
 Models: ``digits``: the demo's ``DiT-demo/4`` trained on the digits (trained once into
 ``--digits-dir``, default ``<adaptdiff cache>/bench-digits``, for ``--train-steps``, by default
-1500 as in the demo, then reused), 16 tokens, CFG 1.5;
+1500 as in the demo, then reused), 16 tokens, CFG 1.5; besides RAS and the caches, adaptive
+guidance, LinearAG, SADA and AutoDiffusion's searched timesteps against as many uniform ones.
 ``dit-b``: ``DiT-B/2`` on 32x32x4 latents (256 tokens) with random weights (the zero-initialised
 adaLN modulations and output layer drawn too, see :func:`random_dit_b`), class-conditional
 without guidance (one sample, one model call per step: the machine is small).
 ``diffusers``: diffusers' ``DiTTransformer2DModel`` at DiT-B/2 sizes, random weights drawn
-alike, where adaptdiff's FirstBlockCache, TaylorSeer and RAS meet diffusers' own
-``apply_first_block_cache`` / ``apply_taylorseer_cache``. All sample with Euler on flow
-matching.
+alike, where adaptdiff's caches (first-block, TeaCache, MagCache, TaylorSeer) and RAS meet
+diffusers' own ``apply_first_block_cache`` / ``apply_taylorseer_cache`` in a threshold sweep
+chosen from the indicators of one exact run (:func:`measure_indicators`, :class:`Sweep`); then
+:func:`equal_speedup` puts each adaptdiff cache's PSNR beside diffusers' FirstBlockCache's at
+the speedups (and the compute) that one reached. All sample with Euler on flow matching.
 """
 
 from __future__ import annotations
@@ -648,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-accel", help="folder for accel.md and accel.png")
     p.add_argument("--digits-dir", default=None, help="trained digits model (trained if absent)")
     p.add_argument("--train-steps", type=int, default=1500, help="digits training, if needed")
-    p.add_argument("--json", default=None, help="append JSON lines to this file")
+    p.add_argument("--json", default=None,
+                   help="append JSON lines here (with --render: the merged rows)")  # fmt: skip
     p.add_argument("--render", nargs="+", default=None, metavar="JSONL",
                    help="only redraw the table and plot of these JSON lines files")  # fmt: skip
     return p
