@@ -446,7 +446,7 @@ class Sweep:
 
     first_block: list[float]
     teacache: list[float]
-    magcache: list[float]
+    magcache: list[tuple[float, int]]  # (threshold, max skips in a row)
     taylor_intervals: list[int]
 
     @classmethod
@@ -457,11 +457,13 @@ class Sweep:
         fb, mod, mag = (_median(v[1:] or v) for v in (ind.first_block, ind.modulated,
                                                       ind.mag_error))  # fmt: skip
         if quick:
-            return cls([_round(2 * fb)], [_round(2 * mod)], [_round(2 * mag)], [3])
+            return cls([_round(2 * fb)], [_round(2 * mod)], [(_round(2 * mag), 3)], [3])
+        # MagCache's error grows slowly on a random model: past 4x its cap on skips in a row
+        # decides, so the sweep raises the cap instead.
         return cls(
-            [_round(m * fb) for m in (0.75, 1, 1.5, 2, 3, 5)],
+            [_round(m * fb) for m in (0.75, 1, 1.15, 1.3, 1.5, 2, 3, 5)],
             [_round(m * mod) for m in (1, 2, 3, 4, 6)],
-            [_round(m * mag) for m in (1, 2, 4, 8, 16)],
+            [(_round(m * mag), n) for m, n in ((1, 3), (2, 3), (4, 3), (16, 5), (16, 8))],
             [2, 3, 4],
         )
 
@@ -494,10 +496,10 @@ def diffusers_methods(steps: int, sweep: Sweep, mag_ratios: list[float]) -> list
     ]  # fmt: skip
     out += [
         _on_transformer(accel_method(
-            "MagCache", f"threshold {t}, max 3 skips",
-            lambda m, t=t: accel.MagCacheConfig(mag_ratios, threshold=t, max_skip_steps=3),
+            "MagCache", f"threshold {t}, max {n} skips",
+            lambda m, t=t, n=n: accel.MagCacheConfig(mag_ratios, threshold=t, max_skip_steps=n),
         ))
-        for t in sweep.magcache
+        for t, n in sweep.magcache
     ]  # fmt: skip
     for n in sweep.taylor_intervals:
         # Its default identifiers ("^transformer_blocks.*attn", re.fullmatch) match no module

@@ -44,6 +44,17 @@ def test_equal_speedup_compares_each_reference_point_with_our_best_cache():
     assert bench_accel.equal_speedup([_row(ref, 1.0, 99)]) == []
 
 
+def test_sweep_thresholds_are_multiples_of_the_measured_median_change():
+    # the first call's change (warm-up) is left out of the medians: 0.1, 0.05 and |1 - 1.01|
+    ind = bench_accel.Indicators([9.0, 0.1, 0.1, 0.2], [9.0, 0.05, 0.05], [1.0, 5.0, 1.01, 1.01])
+    sweep = bench_accel.Sweep.from_indicators(ind, quick=False)
+    assert sweep.first_block[:2] == [0.075, 0.1] and sweep.first_block[-1] == 0.5
+    assert sweep.teacache[:2] == [0.05, 0.1]
+    assert sweep.magcache[0] == (0.01, 3) and sweep.magcache[-1] == (0.16, 8)
+    quick = bench_accel.Sweep.from_indicators(ind, quick=True)
+    assert quick.first_block == [0.2] and quick.taylor_intervals == [3]
+
+
 @pytest.mark.slow
 def test_quick_accel_benchmark_writes_table_plot_and_json(tmp_path, capsys):
     path = tmp_path / "accel.jsonl"
