@@ -195,9 +195,10 @@ def plot(results: list[Result], path, xlabel: str = "speedup vs exact") -> None:
     axes = [axes] if len(models) == 1 else list(axes)
     for ax, name in zip(axes, models, strict=True):
         rows = [r for r in results if r.model == name and r.method != "exact" and r.psnr < 99]
-        for method in dict.fromkeys(r.method for r in rows):
+        for i, method in enumerate(dict.fromkeys(r.method for r in rows)):
             pts = sorted((r for r in rows if r.method == method), key=lambda r: r.speedup)
-            ax.plot([r.speedup for r in pts], [r.psnr for r in pts], "o-", label=method, ms=4)
+            style = "osD^v"[i // 10 % 5] + "-"  # a new marker when the 10 colours repeat
+            ax.plot([r.speedup for r in pts], [r.psnr for r in pts], style, label=method, ms=4)
         front = sorted((r for r in rows if r.pareto), key=lambda r: r.speedup)
         ax.plot([r.speedup for r in front], [r.psnr for r in front], "o", mfc="none", mec="k",
                 ms=10, label="Pareto")  # fmt: skip
