@@ -240,12 +240,22 @@ def random_dit_b(seed: int = 0, size: int = 32, name: str = "DiT-B/2"):
     return model.eval()
 
 
-def digits_model(directory: Path, train_steps: int):
-    """The demo's digits DiT, trained once into ``directory`` and reused."""
+def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
+    """The demo's digits DiT, trained once into ``directory`` and reused. A ``cached`` one
+    that no longer loads (written by an older version) is trained again; a user's raises."""
+    import shutil
+
     from adaptdiff.demo import DigitsTrainConfig, load_digits_model, train_digits
+    from adaptdiff.train.checkpoint import CheckpointError
 
     if (directory / "model.json").exists():
-        return load_digits_model(directory)
+        try:
+            return load_digits_model(directory)
+        except (ValueError, CheckpointError) as e:
+            if not cached:
+                raise
+            print(f"bench accel: the cached digits model does not load ({e}); training it again")
+            shutil.rmtree(directory)
     cfg = DigitsTrainConfig(out_dir=str(directory), steps=train_steps, preview_every=0)
     model, _ = train_digits(cfg)
     return model
@@ -255,7 +265,11 @@ def run_digits(args, steps: int) -> list:
     from adaptdiff.demo import balanced_labels
     from adaptdiff.metrics.digits import DigitsEvaluator
 
-    model = digits_model(Path(args.digits_dir), 300 if args.quick else args.train_steps)
+    model = digits_model(
+        Path(args.digits_dir),
+        300 if args.quick else args.train_steps,
+        cached=getattr(args, "digits_cached", False),
+    )
     num = 40 if args.quick else 300
     labels = balanced_labels(num)
     size = model.config.input_size
@@ -720,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    args.digits_cached = args.digits_dir is None  # ours to retrain if it no longer loads
     if args.digits_dir is None:
         from adaptdiff.metrics.digits import cache_dir
 

@@ -103,3 +103,18 @@ def test_cli_routes_bench_accel_to_its_own_options(capsys):
 
     assert main(["bench", "accel", "--models", "nope"]) == 2
     assert "--models must name" in capsys.readouterr().err
+
+
+def test_a_stale_cached_digits_model_is_trained_again_but_a_users_raises(tmp_path, monkeypatch):
+    import adaptdiff.demo as demo
+
+    trained = []
+    monkeypatch.setattr(demo, "train_digits", lambda cfg: (trained.append(cfg.out_dir), None))
+    stale = tmp_path / "cache"
+    stale.mkdir()
+    (stale / "model.json").write_text('{"steps": 600}')  # an older version's file: no kind
+    with pytest.raises(ValueError, match="kind"):
+        bench_accel.digits_model(stale, 10)
+    assert trained == [] and stale.exists()
+    assert bench_accel.digits_model(stale, 10, cached=True) is None
+    assert trained == [str(stale)] and not (stale / "model.json").exists()
