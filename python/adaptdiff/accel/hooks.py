@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..samplers.accelerator import Accelerator, SampleContext
+from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
 
 ATTR = "_adaptdiff_accel"
 DEFAULT_CONTEXT = "default"
@@ -132,7 +132,8 @@ class ContextState:
     """Everything one context (e.g. the cond or uncond branch) remembers during a generation."""
 
     name: str
-    step: int = -1  # index of the current model call; -1 before the first
+    step: int = -1  # index of the current model call (its place in the sampler's plan); -1 before
+    calls: int = 0  # model calls made
     hooks: dict = field(default_factory=dict)  # hook key -> that hook's state object
     hits: dict = field(default_factory=dict)  # counter key -> reused/skipped count
     misses: dict = field(default_factory=dict)  # counter key -> computed count
@@ -178,6 +179,10 @@ class AccelHandle(Accelerator):
         self.contexts: dict[str, ContextState] = {}
         self.current = DEFAULT_CONTEXT
         self.num_calls: int | None = None  # model calls of the running generation, if known
+        # Position of the next model call in the sampler's plan (set by before_model): with an
+        # accelerator that skips steps (SADA) the step counter follows the solver, not the
+        # number of calls made, so static schedules and "last steps" rules stay aligned.
+        self.next_call: int | None = None
         self.hooks: list[Hook] = []
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles = [model.register_forward_pre_hook(self._begin_call)]
@@ -206,12 +211,25 @@ class AccelHandle(Accelerator):
 
     @torch.compiler.disable
     def _begin_call(self, module, args):
-        self.ctx.step += 1
+        ctx = self.ctx
+        ctx.calls += 1
+        if self.next_call is None:
+            ctx.step += 1
+        else:
+            ctx.step, self.next_call = self.next_call, None
 
     # -- the Accelerator protocol
     def on_sample_start(self, ctx: SampleContext) -> None:
         self.reset()
         self.num_calls = model_calls(ctx.method, ctx.num_steps)
+        self.next_call = None
+
+    def before_model(self, step: ModelStep) -> None:
+        self.next_call = call_position(step.ctx.method, step.index, step.call)
+        return None
+
+    def on_sample_end(self, ctx: SampleContext) -> None:
+        self.next_call = None
 
     # -- wrapping
     def wrap(self, module: nn.Module, wrapper: Callable) -> None:
@@ -241,7 +259,7 @@ class AccelHandle(Accelerator):
     def summary(self) -> dict:
         out = {}
         for name, ctx in self.contexts.items():
-            entry = {"model_calls": ctx.step + 1}
+            entry = {"model_calls": ctx.calls}
             hits, misses = sum(ctx.hits.values()), sum(ctx.misses.values())
             entry["hits"], entry["misses"] = hits, misses
             entry["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
@@ -254,6 +272,11 @@ class AccelHandle(Accelerator):
 def model_calls(method: str, steps: int) -> int:
     """Model evaluations a sampler of adaptdiff makes (Heun: two per step but the last)."""
     return 2 * steps - 1 if method == "heun" else steps
+
+
+def call_position(method: str, index: int, call: int) -> int:
+    """The position of evaluation ``call`` of solver step ``index`` among the sampler's calls."""
+    return 2 * index + call if method == "heun" else index + call
 
 
 def percentiles(values: Sequence[float], qs=(10, 50, 90)) -> dict:

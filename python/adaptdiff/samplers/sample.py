@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
+from .compose import check as check_composition
 from .parameterization import check_prediction, to_x0_eps
 from .schedules import FlowSchedule, VPSchedule, randn
 from .solvers import SAMPLERS
@@ -199,6 +200,8 @@ def sample(
         prediction: what the model predicts: "eps", "v", "x0" or "flow".
         schedule: defaults to ``VPSchedule("linear")`` for eps/v/x0 and ``FlowSchedule()`` for flow.
         accelerators: :class:`Accelerator` instances, consulted in order around each model call.
+            Combinations whose assumptions conflict are refused before the first step
+            (:mod:`.compose`).
         generator: drives the initial noise and the noise of stochastic samplers.
         progress: show a tqdm bar over the steps.
         return_info: also return a dict: ``nfe`` (model calls, a batched guidance call counting
@@ -255,6 +258,7 @@ def sample(
     ctx = SampleContext(
         model, schedule, prediction, method, ts, float(guidance_scale), cond, uncond, x
     )
+    check_composition(ctx, accelerators)
     guided = _GuidedModel(ctx, accelerators)
     for acc in accelerators:
         acc.on_sample_start(ctx)
