@@ -218,6 +218,8 @@ class StackCache(Hook):
     # -- wrappers
     def _head_wrapper(self, i, sig):
         def head(inner, *args, **kwargs):
+            if self.handle.subset_call():
+                return inner(*args, **kwargs)
             st = self.state
             if i == 0:
                 st["head_in"] = BlockIO.of_call(sig, args, kwargs, False).hidden
@@ -255,6 +257,8 @@ class StackCache(Hook):
         first_mid, last_mid = self.middle[0], self.middle[-1]
 
         def middle(inner, *args, **kwargs):
+            if self.handle.subset_call():
+                return inner(*args, **kwargs)
             st = self.state
             io = BlockIO.of_call(sig, args, kwargs, st["pair"])
             if i == first_mid:

@@ -183,6 +183,10 @@ class AccelHandle(Accelerator):
         # accelerator that skips steps (SADA) the step counter follows the solver, not the
         # number of calls made, so static schedules and "last steps" rules stay aligned.
         self.next_call: int | None = None
+        # States (``.mode``) of token-subset accelerators on these blocks (RAS): on a call that
+        # runs the blocks on a subset of the tokens the hooks step aside (compute, keep their
+        # state, count nothing): their cached tensors are per token position.
+        self.token_subsets: list = []
         self.hooks: list[Hook] = []
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles = [model.register_forward_pre_hook(self._begin_call)]
@@ -217,6 +221,9 @@ class AccelHandle(Accelerator):
             ctx.step += 1
         else:
             ctx.step, self.next_call = self.next_call, None
+
+    def subset_call(self) -> bool:
+        return any(s.mode == "ras" for s in self.token_subsets)
 
     # -- the Accelerator protocol
     def on_sample_start(self, ctx: SampleContext) -> None:

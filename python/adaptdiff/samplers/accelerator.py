@@ -91,6 +91,10 @@ class ModelStep:
     # int64 [R] rows of x whose "uncond" branch runs (None: all). The other rows get their cond
     # prediction as uncond one, so u + w (c - u) is exactly c there.
     uncond_rows: torch.Tensor | None = None
+    # int64 [M] (CPU), set just before the model call: the slot of each row of the model batch,
+    # branch k's sample i being slot k * B + i (k: 0 cond, 1 uncond). Caches kept per row use it
+    # to follow a batch that guidance accelerators shrink or change between calls.
+    batch_slots: torch.Tensor | None = None
 
     @property
     def t_next(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .accelerator import Accelerator, SampleContext
 
-__all__ = ["Part", "check", "describe"]
+__all__ = ["Part", "check", "connect", "describe"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Part:
     token_subset: bool = False  # runs the blocks on a changing subset of the tokens
     row_caches: bool = False  # caches tensors per model batch row and token
     block_reuse: bool = False  # reuses block/component outputs of earlier calls
+    subset_source: bool = False  # tells accel handles which calls run a token subset (RAS)
+    yields: bool = False  # steps aside on those calls (the hooks of an accel handle)
     steps: int | None = None  # the count it was made for
     unit: str = "steps"  # ... of solver "steps" or model "calls"
     made: str = "made"  # how it got its step count ("fitted", "searched")
@@ -63,7 +65,7 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
         x, p = ctx.x, ras.patch_size
         tokens = (x.shape[2] // p) * (x.shape[3] // p) if x.ndim == 4 else 1
         active = any(skip_schedule(ras.config, ctx.num_steps, tokens))
-        return Part("RAS", active, token_subset=True, row_caches=True)
+        return Part("RAS", active, token_subset=True, subset_source=True)
 
     if isinstance(acc, AdaptiveGuidance):
         active = guided and acc.threshold <= 1.0
@@ -105,11 +107,11 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
                 sched = hook.schedule
                 reuses = sched.compute_fraction() < 1.0
                 parts.append(
-                    Part("ScheduleConfig", reuses, block_reuse=True, steps=sched.num_steps,
-                         unit="calls")
+                    Part("ScheduleConfig", reuses, block_reuse=True, yields=True,
+                         steps=sched.num_steps, unit="calls")
                 )  # fmt: skip
             else:  # the online caches decide at run time: always potentially active
-                parts.append(Part(type(hook.config).__name__, block_reuse=True))
+                parts.append(Part(type(hook.config).__name__, block_reuse=True, yields=True))
         return parts
     return None
 
@@ -140,7 +142,7 @@ def _conflict(a: Part, b: Part) -> str | None:
             return f"{y.name} uses every step's computed predictions and {x.name} skips steps"
         if x.token_subset and y.token_subset:
             return "both run the transformer blocks on a subset of the tokens"
-        if x.token_subset and y.block_reuse:
+        if x.token_subset and y.block_reuse and not (x.subset_source and y.yields):
             return (
                 f"{x.name} runs the blocks on a different subset of tokens at each step and "
                 f"{y.name} reuses block outputs by position, so it would reuse other tokens' "
@@ -157,6 +159,8 @@ def _conflict(a: Part, b: Part) -> str | None:
 def check(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> None:
     """Raise a ValueError naming the conflict when ``accelerators`` cannot run together in the
     sampling described by ``ctx`` (solver, step count, guidance)."""
+    if not accelerators:
+        return
     seen: dict[int, Accelerator] = {}
     for acc in accelerators:
         if id(acc) in seen:
@@ -180,3 +184,22 @@ def check(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> None:
         reason = _conflict(a, b)
         if reason:
             raise ValueError(f"{a.name} cannot be combined with {b.name}: {reason}")
+
+
+def connect(accelerators: Sequence[Accelerator]) -> None:
+    """Tell an accel handle about a RAS on the same blocks: its caches and schedules step aside
+    on RAS's token-subset calls and act on the dense ones (warm-up and error-reset steps)."""
+    if not accelerators:
+        return
+    from ..accel.hooks import AccelHandle
+    from ..accel.ras import RAS, RASHook
+
+    handles = [a for a in accelerators if isinstance(a, AccelHandle)]
+    rases = [a for a in accelerators if isinstance(a, RAS)]
+    for handle in handles:
+        rases_here = rases + [h.ras for h in handle.hooks if isinstance(h, RASHook)]
+        blocks = {id(b) for _, b in handle.blocks}
+        for ras in rases_here:
+            linked = any(s is ras.state for s in handle.token_subsets)
+            if id(ras._first) in blocks and not linked:
+                handle.token_subsets.append(ras.state)

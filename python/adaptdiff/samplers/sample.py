@@ -10,6 +10,7 @@ import torch
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
 from .compose import check as check_composition
+from .compose import connect
 from .parameterization import check_prediction, to_x0_eps
 from .schedules import FlowSchedule, VPSchedule, randn
 from .solvers import SAMPLERS
@@ -17,6 +18,7 @@ from .solvers import SAMPLERS
 __all__ = ["denoiser", "sample"]
 
 HISTORY = 3  # past predictions kept in ModelStep.history
+_BRANCHES = ("cond", "uncond")  # their order in the model batch slots (ModelStep.batch_slots)
 _COMMON_PARAMETERS = {
     "model_fn", "x", "timesteps", "schedule", "extra_args", "callback", "disable", "generator"
 }  # fmt: skip
@@ -85,6 +87,7 @@ class _GuidedModel:
 
     def _evaluate(self, step: ModelStep) -> list[str]:
         todo = [b for b in step.branches if b not in step.branch_preds]
+        B = step.x.shape[0]
         rows = step.uncond_rows if "uncond" in todo else None
         if rows is not None and rows.numel() == 0:  # every row takes its cond prediction
             todo.remove("uncond")
@@ -99,12 +102,15 @@ class _GuidedModel:
             kwargs, xs = self._merged[key], [step.x] * len(todo)
         else:  # per-row guidance: the uncond branch on a subset of the rows
             rows = rows.to(step.x.device)
-            B = step.x.shape[0]
             kwargs = _batch_kwargs(
                 [_take_rows(self.branch_kwargs[b], rows, B) if b == "uncond" else
                  self.branch_kwargs[b] for b in todo]
             )  # fmt: skip
             xs = [step.x[rows] if b == "uncond" else step.x for b in todo]
+        step.batch_slots = torch.cat(
+            [_BRANCHES.index(b) * B + (torch.arange(B) if x is step.x else step.uncond_rows.cpu())
+             for b, x in zip(todo, xs, strict=True)]
+        )  # fmt: skip
         x_in = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
         t_in = step.t.to(step.x.device).repeat(x_in.shape[0])
         out = _main_channels(self.ctx.model(x_in, t_in, **kwargs), step.x)
@@ -259,6 +265,7 @@ def sample(
         model, schedule, prediction, method, ts, float(guidance_scale), cond, uncond, x
     )
     check_composition(ctx, accelerators)
+    connect(accelerators)
     guided = _GuidedModel(ctx, accelerators)
     for acc in accelerators:
         acc.on_sample_start(ctx)

@@ -1,0 +1,214 @@
+"""One ``sample`` call combining a solver, AG / LinearAG, RAS, a cache or schedule and SADA."""
+
+import pytest
+import torch
+
+from adaptdiff import accel
+from adaptdiff.accel import FirstBlockCacheConfig, Schedule, ScheduleConfig, TaylorSeerConfig
+from adaptdiff.accel.autodiffusion import BlockSkipper
+from adaptdiff.accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
+from adaptdiff.accel.ras import RAS
+from adaptdiff.accel.sada import SADA
+from adaptdiff.samplers import sample
+
+from .support import tiny_dit
+
+STEPS = 8
+
+
+class AlwaysStable(SADA):
+    """SADA whose criterion always allows a skip: deterministic skipped steps."""
+
+    def _momentum(self, step):
+        m = super()._momentum(step)
+        return None if m is None else torch.zeros_like(m)
+
+
+def _noise(model, n=2, seed=0):
+    size = model.config.input_size
+    return torch.randn(
+        n, model.in_channels, size, size, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _run(model, accs=(), method="euler", labels=(1, 2), x=None, info=False):
+    y = torch.tensor(labels)
+    return sample(
+        model, _noise(model, len(labels)) if x is None else x, method=method, steps=STEPS,
+        guidance_scale=1.5, cond={"y": y}, uncond={"y": torch.full_like(y, model.null_label)},
+        prediction="flow", accelerators=list(accs), progress=False, return_info=info,
+    )  # fmt: skip
+
+
+def _guided_dit():
+    """A tiny DiT whose labels matter enough that AG switches sample 1 (label 2) at step 0 and
+    never sample 0 (label 1) at threshold 0.975."""
+    model = tiny_dit()
+    with torch.no_grad():
+        model.y_embedder.embedding_table.weight.mul_(10.0)
+    return model
+
+
+def _calls(method):
+    return 2 * STEPS - 1 if method == "heun" else STEPS
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_neutral_parts_equal_plain_cfg_bit_for_bit(method):
+    model = tiny_dit()
+    plain = _run(model, method=method)
+    ras = RAS(model, sample_ratio=1.0)
+    handle = accel.apply(model, ScheduleConfig(Schedule.for_model(model, _calls(method))))
+    accs = [AdaptiveGuidance(1.5), ras, handle, SADA(criterion="off")]
+    out, info = _run(model, accs, method=method, info=True)
+    assert torch.equal(out, plain)
+    assert info["nfe"] == _calls(method)
+    assert accel.summary(model)["default"]["misses"] == _calls(method) * 4 * 2
+    ras.remove()
+    accel.remove(model)
+
+
+def test_ag_and_a_cache_both_act():
+    model = _guided_dit()
+    ag = AdaptiveGuidance(0.975)
+    accel.apply(model, FirstBlockCacheConfig(threshold=0.3))
+    _, info = _run(model, [ag, accel.get_handle(model)], info=True)
+    s = accel.summary(model)["default"]
+    assert ag.switched_at.tolist() == [-1, 0]
+    assert info["nfe_per_sample"] == (4 + 3 * (STEPS - 1)) / 2  # then 3 rows: c0, c1, u0
+    assert s["hits"] > 0 and s["model_calls"] == STEPS
+    accel.remove(model)
+
+
+def test_ras_and_a_schedule_both_act_the_schedule_on_dense_calls_only():
+    model = tiny_dit()
+    comps = accel.layout(model)
+    sched = Schedule.for_model(model, STEPS)
+    for s in (1, 2, 4, 5):  # steps 1 and 5 are dense for RAS, 2 and 4 are RAS steps
+        sched.mask[s] = [[False, True] for _ in comps]  # reuse every attention
+    ras = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(5,))
+    handle = accel.apply(model, ScheduleConfig(sched))
+    out = _run(model, [ras, handle])
+    s = accel.summary(model)["default"]
+    assert ras.summary()["ras_calls"] == STEPS - 3
+    dense_calls = 3  # steps 0, 1, 5: the schedule counts its components there only
+    assert s["hits"] == 2 * len(comps) and s["hits"] + s["misses"] == dense_calls * 2 * len(comps)
+    ras_only = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(5,))
+    accel.remove(model)
+    assert not torch.equal(out, _run(model, [ras_only]))  # the schedule changed something
+    ras.remove()
+    ras_only.remove()
+
+
+def test_ras_and_an_online_cache_run_in_either_order():
+    for ras_first in (True, False):
+        model = tiny_dit()
+        if ras_first:
+            ras = RAS(model, sample_ratio=0.5, start_step=3)
+        handle = accel.apply(model, TaylorSeerConfig(interval=2, warmup_steps=1))
+        if not ras_first:
+            ras = RAS(model, sample_ratio=0.5, start_step=3)
+        out = _run(model, [handle, ras])
+        assert torch.isfinite(out).all()
+        assert ras.summary()["ras_calls"] == STEPS - 3
+        assert accel.summary(model)["default"]["cached_steps"] == [2]  # dense steps 0..2 only
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("guidance", ["ag", "linear_ag"])
+def test_ras_follows_the_rows_guidance_drops(seed, guidance):
+    """RAS with per-sample AG (noise seed 0: sample 1 leaves the uncond half at step 0, the
+    rows left are a prefix of RAS's K/V caches; seed 2: sample 0 leaves at step 0, the caches
+    shrink, then sample 1 at step 6) and with LinearAG (cond-only calls): every sample comes
+    out as when it is sampled alone, so the per-row K/V caches followed the rows."""
+    model = _guided_dit()
+    ras = RAS(model, sample_ratio=0.5, start_step=2)
+
+    def guide():
+        if guidance == "ag":
+            return AdaptiveGuidance(0.975)
+        return LinearAG({i: [0.5, 0.2, 0.3] for i in range(1, STEPS)}, history=1)
+
+    x = _noise(model, seed=seed)
+    g = guide()
+    both = _run(model, [g, ras], x=x)
+    assert ras.summary()["ras_calls"] == STEPS - 2
+    if guidance == "ag":
+        assert g.switched_at.tolist() == ([-1, 0] if seed == 0 else [0, 6])
+    for i, label in enumerate((1, 2)):
+        alone = _run(model, [guide(), ras], labels=(label,), x=x[i : i + 1])
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    ras.remove()
+
+
+def test_sada_and_ag_both_act():
+    model = _guided_dit()
+    ag, sada = AdaptiveGuidance(0.975), AlwaysStable(start=0.0, end=1.0)
+    _, info = _run(model, [ag, sada], info=True)
+    assert sada.skipped == [3, 5, 7] and ag.switched_at.tolist() == [-1, 0]
+    assert info["nfe"] == STEPS - 3
+
+
+def test_cache_steps_follow_the_solver_when_sada_skips():
+    """A cache's step counter is the solver's step, not the count of calls made: TaylorSeer
+    (interval 3 after 2 warm-up calls) caches steps 4 and 6 whichever steps SADA skipped."""
+    model = tiny_dit()
+    sada = AlwaysStable(start=0.0, end=1.0)
+    handle = accel.apply(model, TaylorSeerConfig(interval=3, order=1, warmup_steps=2))
+    out = _run(model, [sada, handle])
+    s = accel.summary(model)["default"]
+    assert sada.skipped == [3, 5, 7]
+    assert s["cached_steps"] == [4, 6] and s["model_calls"] == STEPS - 3
+    assert torch.isfinite(out).all()
+
+
+def _refused(model):
+    """(accelerators, method, message) of combinations ``sample`` must refuse."""
+    lag = LinearAG({i: [1.0, 0.0, 0.0] for i in range(1, STEPS)}, history=1, num_steps=STEPS)
+    sada = SADA()
+    return {
+        "ag+linear_ag": ([AdaptiveGuidance(), lag], "euler", "AdaptiveGuidance cannot be "
+                         "combined with LinearAG: both replace unconditional evaluations"),
+        "sada+sada": ([SADA(), SADA()], "euler", "SADA cannot be combined with SADA: both skip "
+                      "whole solver steps"),
+        "sada+linear_ag": ([sada, lag], "euler", "SADA cannot be combined with LinearAG: "
+                           "LinearAG uses every step's computed predictions"),
+        "sada+heun": ([sada], "heun", "SADA cannot be combined with method 'heun'"),
+        "linear_ag+heun": ([lag], "heun", "LinearAG cannot be combined with method 'heun'"),
+        "linear_ag steps": ([LinearAG({1: [1.0, 0.0, 0.0]}, num_steps=6)], "euler",
+                            "LinearAG was fitted for 6 steps but method 'euler' with 8 steps"),
+        "schedule steps": (
+            [accel.apply(model, ScheduleConfig(Schedule.for_model(model, STEPS)))], "heun",
+            "ScheduleConfig was made for 8 calls but method 'heun' with 8 steps makes 15 calls",
+        ),
+        "sada tokens+ras": ([SADA(tokens=True), RAS(model)], "euler", "SADA\\(tokens=True\\) "
+                            "cannot be combined with RAS: both run the transformer blocks on a "
+                            "subset of the tokens"),
+        "sada tokens+ag": ([AdaptiveGuidance(), SADA(tokens=True)], "euler", "keeps per-row "
+                           "caches of the model batch and AdaptiveGuidance changes the rows"),
+        "ras+block skipper": (
+            [RAS(model), BlockSkipper([frozenset()] + [frozenset({1})] * (STEPS - 1))], "euler",
+            "RAS cannot be combined with BlockSkipper: RAS runs the blocks on a different subset",
+        ),
+        "recorder+ag": ([TrajectoryRecorder(), AdaptiveGuidance()], "euler",
+                        "TrajectoryRecorder needs both branches at every step"),
+        "twice": ([sada, sada], "euler", "SADA is passed twice"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_refused(tiny_dit())))
+def test_conflicting_combinations_are_refused_before_the_first_step(case):
+    model = tiny_dit()
+    accs, method, message = _refused(model)[case]
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        _run(model, accs, method=method)
+    assert not calls
+
+
+def test_sada_tokens_and_a_cache_are_refused():
+    model = tiny_dit()
+    handle = accel.apply(model, FirstBlockCacheConfig())
+    with pytest.raises(ValueError, match="FirstBlockCacheConfig reuses block outputs by position"):
+        _run(model, [SADA(tokens=True), handle])
