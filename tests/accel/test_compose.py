@@ -115,28 +115,20 @@ def test_ras_and_an_online_cache_run_in_either_order():
 
 
 @pytest.mark.parametrize("seed", [0, 2])
-@pytest.mark.parametrize("guidance", ["ag", "linear_ag"])
-def test_ras_follows_the_rows_guidance_drops(seed, guidance):
-    """RAS with per-sample AG (noise seed 0: sample 1 leaves the uncond half at step 0, the
-    rows left are a prefix of RAS's K/V caches; seed 2: sample 0 leaves at step 0, the caches
-    shrink, then sample 1 at step 6) and with LinearAG (cond-only calls): every sample comes
-    out as when it is sampled alone, so the per-row K/V caches followed the rows."""
+def test_ras_follows_the_rows_adaptive_guidance_drops(seed):
+    """Noise seed 0: sample 1 leaves the uncond half at step 0 and the rows left are a prefix
+    of RAS's K/V caches; seed 2: sample 0 leaves at step 0 (the caches shrink), then sample 1
+    at step 6 (cond rows only). Every sample comes out as when it is sampled alone, so the
+    per-row K/V caches followed the rows."""
     model = _guided_dit()
     ras = RAS(model, sample_ratio=0.5, start_step=2)
-
-    def guide():
-        if guidance == "ag":
-            return AdaptiveGuidance(0.975)
-        return LinearAG({i: [0.5, 0.2, 0.3] for i in range(1, STEPS)}, history=1)
-
     x = _noise(model, seed=seed)
-    g = guide()
-    both = _run(model, [g, ras], x=x)
+    ag = AdaptiveGuidance(0.975)
+    both = _run(model, [ag, ras], x=x)
     assert ras.summary()["ras_calls"] == STEPS - 2
-    if guidance == "ag":
-        assert g.switched_at.tolist() == ([-1, 0] if seed == 0 else [0, 6])
+    assert ag.switched_at.tolist() == ([-1, 0] if seed == 0 else [0, 6])
     for i, label in enumerate((1, 2)):
-        alone = _run(model, [guide(), ras], labels=(label,), x=x[i : i + 1])
+        alone = _run(model, [AdaptiveGuidance(0.975), ras], labels=(label,), x=x[i : i + 1])
         torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     ras.remove()
 
@@ -160,6 +152,42 @@ def test_cache_steps_follow_the_solver_when_sada_skips():
     assert sada.skipped == [3, 5, 7]
     assert s["cached_steps"] == [4, 6] and s["model_calls"] == STEPS - 3
     assert torch.isfinite(out).all()
+
+
+def test_sada_and_ras_in_either_order():
+    """Step skippers are asked first: RAS picks no tokens for (and counts nothing of) a step
+    SADA skips, whichever comes first in the list."""
+    model = tiny_dit()
+    ras = RAS(model, sample_ratio=0.5, start_step=2)
+    outs, drops = [], []
+    for ras_first in (True, False):
+        sada = AlwaysStable(start=0.0, end=1.0)
+        outs.append(_run(model, [ras, sada] if ras_first else [sada, ras]))
+        drops.append(ras.drop_count.clone())
+        assert sada.skipped == [3, 5, 7] and ras.summary()["ras_calls"] == 3  # steps 2, 4, 6
+    assert torch.equal(outs[0], outs[1]) and torch.equal(drops[0], drops[1])
+    ras.remove()
+
+
+@pytest.mark.parametrize("method", ["euler", "dpmpp_2m"])
+def test_ag_ras_schedule_and_sada_all_act_in_one_call(method):
+    model = _guided_dit()
+    comps = accel.layout(model)
+    sched = Schedule.for_model(model, STEPS)
+    for s in (1, 4):  # dense steps for RAS (warm-up, error reset), computed by SADA
+        sched.mask[s] = [[False, True] for _ in comps]  # reuse every attention
+    ag, sada = AdaptiveGuidance(0.975), AlwaysStable(start=0.0, end=1.0)
+    ras = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(4,))
+    handle = accel.apply(model, ScheduleConfig(sched))
+    out, info = _run(model, [ag, ras, handle, sada], method=method, info=True)
+    assert torch.isfinite(out).all()
+    assert (ag.switched_at >= 0).sum() == 1
+    assert sada.skipped == [3, 5, 7] and info["nfe"] == STEPS - 3
+    assert ras.summary()["ras_calls"] == 2  # steps 2 and 6
+    # step 1 computes (AG dropped a row after step 0: another batch), step 4 reuses step 1's
+    assert accel.summary(model)["default"]["hits"] == len(comps)
+    accel.remove(model)
+    ras.remove()
 
 
 def _refused(model):
@@ -190,6 +218,8 @@ def _refused(model):
             [RAS(model), BlockSkipper([frozenset()] + [frozenset({1})] * (STEPS - 1))], "euler",
             "RAS cannot be combined with BlockSkipper: RAS runs the blocks on a different subset",
         ),
+        "linear_ag+ras": ([lag, RAS(model)], "euler", "LinearAG cannot be combined with RAS: "
+                          "LinearAG regresses on past predictions of both branches"),
         "recorder+ag": ([TrajectoryRecorder(), AdaptiveGuidance()], "euler",
                         "TrajectoryRecorder needs both branches at every step"),
         "twice": ([sada, sada], "euler", "SADA is passed twice"),

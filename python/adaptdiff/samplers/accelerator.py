@@ -6,7 +6,9 @@ An accelerator subclasses :class:`Accelerator` and overrides any of four no-op m
 - ``on_sample_start(ctx)`` once, before the first step: reset per-generation state here.
 - ``before_model(step)`` before each model call. Return a tensor to skip the call: it is used as
   the (guided) prediction, in the model's parameterisation, and the first accelerator to return
-  one wins (later ones are not asked). It may also edit ``step`` for this call only:
+  one wins (later ones are not asked; ``sample`` asks those that may skip whole steps first,
+  so the others prepare only calls that happen: :func:`.compose.call_order`). It may also edit
+  ``step`` for this call only:
   drop ``"uncond"`` from ``step.branches`` (guidance off, one branch: adaptive guidance), put a
   branch's prediction into ``step.branch_preds`` (that branch is not computed, the others are:
   LinearAG), set ``step.uncond_rows`` to evaluate the ``"uncond"`` branch for some batch rows

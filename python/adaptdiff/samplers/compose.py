@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .accelerator import Accelerator, SampleContext
 
-__all__ = ["Part", "check", "connect", "describe"]
+__all__ = ["Part", "call_order", "check", "connect", "describe"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Part:
     changes_batch: bool = False  # the model batch differs between calls
     needs_every_step: bool = False  # uses every step's computed predictions
     needs_uncond: bool = False  # uses both branches of every step
+    needs_full_preds: bool = False  # uses past branch predictions at every token
     one_call_per_step: bool = False  # assumes one model call per solver step (not Heun)
     token_subset: bool = False  # runs the blocks on a changing subset of the tokens
     row_caches: bool = False  # caches tensors per model batch row and token
@@ -48,6 +49,7 @@ class Part:
     steps: int | None = None  # the count it was made for
     unit: str = "steps"  # ... of solver "steps" or model "calls"
     made: str = "made"  # how it got its step count ("fitted", "searched")
+    after_stage: int = 1  # 0: forms the guided prediction, 1: edits it, 2: records it
 
 
 def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
@@ -69,12 +71,17 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
 
     if isinstance(acc, AdaptiveGuidance):
         active = guided and acc.threshold <= 1.0
-        return [Part("AdaptiveGuidance", active, replaces_uncond=True, changes_batch=True)]
+        return [
+            Part(
+                "AdaptiveGuidance", active, replaces_uncond=True, changes_batch=True, after_stage=0
+            )
+        ]
     if isinstance(acc, LinearAG):
         return [
             Part(
                 "LinearAG", guided and bool(acc.steps), replaces_uncond=True, changes_batch=True,
                 needs_every_step=True, one_call_per_step=True, steps=acc.num_steps, made="fitted",
+                after_stage=0, needs_full_preds=True,
             )
         ]  # fmt: skip
     if isinstance(acc, TrajectoryRecorder):
@@ -86,7 +93,7 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
         return [
             Part(
                 name, on, skips_steps=True, one_call_per_step=True, token_subset=tokens,
-                row_caches=tokens,
+                row_caches=tokens, after_stage=2,
             )
         ]  # fmt: skip
     if isinstance(acc, RAS):
@@ -140,6 +147,11 @@ def _conflict(a: Part, b: Part) -> str | None:
             return f"{y.name} needs both branches at every step and {x.name} replaces one"
         if x.skips_steps and y.needs_every_step:
             return f"{y.name} uses every step's computed predictions and {x.name} skips steps"
+        if x.subset_source and y.needs_full_preds:
+            return (
+                f"{y.name} regresses on past predictions of both branches, which {x.name} "
+                "leaves empty at the patches it cached"
+            )
         if x.token_subset and y.token_subset:
             return "both run the transformer blocks on a subset of the tokens"
         if x.token_subset and y.block_reuse and not (x.subset_source and y.yields):
@@ -203,3 +215,21 @@ def connect(accelerators: Sequence[Accelerator]) -> None:
             linked = any(s is ras.state for s in handle.token_subsets)
             if id(ras._first) in blocks and not linked:
                 handle.token_subsets.append(ras.state)
+
+
+def call_order(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> tuple[list, list]:
+    """The orders ``sample`` calls ``before_model`` and ``after_model`` in (stable otherwise).
+
+    Before the call, those that may skip the step come first, so that no other accelerator
+    prepares a call that does not happen (RAS would pick tokens and count them as cached, a
+    handle would take the call's position). After it, guidance (which forms the guided
+    prediction: LinearAG) comes first, then the rest (RAS merges its cached patches), then
+    those that record the final prediction (SADA): each sees the prediction the step ends with.
+    """
+    parts = [describe(a, ctx) for a in accelerators]
+    skips = [any(p.skips_steps for p in ps) for ps in parts]
+    before = [a for a, s in zip(accelerators, skips, strict=True) if s]
+    before += [a for a, s in zip(accelerators, skips, strict=True) if not s]
+    stages = [min((p.after_stage for p in ps), default=1) for ps in parts]
+    after = [a for _, _, a in sorted(zip(stages, range(len(stages)), accelerators, strict=True))]
+    return before, after

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
+from .compose import call_order, connect
 from .compose import check as check_composition
-from .compose import connect
 from .parameterization import check_prediction, to_x0_eps
 from .schedules import FlowSchedule, VPSchedule, randn
 from .solvers import SAMPLERS
@@ -76,6 +76,7 @@ class _GuidedModel:
 
     def __init__(self, ctx: SampleContext, accelerators: Sequence[Accelerator]):
         self.ctx, self.accelerators = ctx, list(accelerators)
+        self.consult, self.finish = call_order(ctx, self.accelerators)
         self.branch_kwargs = {"cond": ctx.cond, "uncond": ctx.uncond}
         self.guided = ctx.uncond is not None and ctx.guidance_scale != 1.0
         self.history: deque = deque(maxlen=HISTORY)
@@ -141,7 +142,7 @@ class _GuidedModel:
         )
         self.call += 1
         pred = None
-        for acc in self.accelerators:
+        for acc in self.consult:
             pred = acc.before_model(step)
             if pred is not None:
                 break
@@ -153,7 +154,7 @@ class _GuidedModel:
                 pred = preds["uncond"] + step.guidance_scale * (preds["cond"] - preds["uncond"])
             else:
                 pred = preds["cond"]
-        for acc in self.accelerators:
+        for acc in self.finish:
             pred = acc.after_model(step, pred)
             if not isinstance(pred, torch.Tensor):
                 raise TypeError(f"{type(acc).__name__}.after_model must return a tensor")
@@ -205,7 +206,10 @@ def sample(
             batch). With ``guidance_scale == 1`` or ``uncond=None`` only the cond branch runs.
         prediction: what the model predicts: "eps", "v", "x0" or "flow".
         schedule: defaults to ``VPSchedule("linear")`` for eps/v/x0 and ``FlowSchedule()`` for flow.
-        accelerators: :class:`Accelerator` instances, consulted in order around each model call.
+        accelerators: :class:`Accelerator` instances, consulted in order around each model call,
+            except that :func:`.compose.call_order` asks step skippers (SADA) first before the
+            call and, after it, lets guidance (AG, LinearAG), then RAS, then SADA see the
+            prediction.
             Combinations whose assumptions conflict are refused before the first step
             (:mod:`.compose`).
         generator: drives the initial noise and the noise of stochastic samplers.
