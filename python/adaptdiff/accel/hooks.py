@@ -8,8 +8,11 @@ method is untouched, so ``remove`` just restores what was there), which keeps pa
 State lives in :class:`ContextState` objects, one per context name: the model-call counter
 ``step`` (advanced by a forward pre-hook on the root module), each hook's private state, and
 hit/miss counters. A handle is an :class:`~adaptdiff.samplers.Accelerator`: passed to
-``sample(..., accelerators=[handle])`` it resets every context at the start of each call and
-learns how many model calls the sampler will make (``num_calls``).
+``sample(..., accelerators=[handle])`` it resets every context at the start of each call,
+learns how many model calls the sampler will make (``num_calls``) and sets ``step`` to each
+call's place among them, so a step that SADA skips leaves its index unused. On calls that a
+token-subset accelerator (RAS) runs on part of the tokens, the hooks step aside
+(``subset_call``; see :mod:`adaptdiff.samplers.compose`).
 """
 
 from __future__ import annotations

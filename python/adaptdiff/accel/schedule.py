@@ -11,7 +11,8 @@ JSON (written by :meth:`Schedule.save`, read by :meth:`Schedule.load`)::
      "meta": {"method": "bac", ...}}                 # optional: who made it and how
 
 ``mask`` entries may also be lists of 0/1 or of "compute"/"reuse". A *step* is one model call
-in a context since the last reset (Heun makes two per solver step); calls past ``steps``
+in a context since the last reset (Heun makes two per solver step; in ``sample``, the call's
+place in the sampler's plan, so ``steps`` must equal its call count); calls past ``steps``
 compute. Reuse returns the component's output from the last call that computed it (ECAD's
 pre-gate output for DiT's ``attn``/``mlp``: the current step's AdaLN gate is still applied);
 a component with nothing cached yet, or cached for another batch size, computes.
