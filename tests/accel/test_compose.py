@@ -7,7 +7,7 @@ from adaptdiff import accel
 from adaptdiff.accel import FirstBlockCacheConfig, Schedule, ScheduleConfig, TaylorSeerConfig
 from adaptdiff.accel.autodiffusion import BlockSkipper
 from adaptdiff.accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
-from adaptdiff.accel.ras import RAS
+from adaptdiff.accel.ras import RAS, RASConfig
 from adaptdiff.accel.sada import SADA
 from adaptdiff.samplers import sample
 
@@ -98,6 +98,22 @@ def test_ras_and_a_schedule_both_act_the_schedule_on_dense_calls_only():
     assert not torch.equal(out, _run(model, [ras_only]))  # the schedule changed something
     ras.remove()
     ras_only.remove()
+
+
+@pytest.mark.parametrize("ras_last", [True, False])
+def test_ras_through_the_hook_api_with_a_schedule(ras_last):
+    model = tiny_dit()
+    comps = accel.layout(model)
+    sched = Schedule.for_model(model, STEPS)
+    for s in (1, 4):  # a dense step and a RAS step
+        sched.mask[s] = [[False, True] for _ in comps]
+    configs = [ScheduleConfig(sched), RASConfig(sample_ratio=0.5, start_step=2)]
+    handle = accel.apply(model, *(configs if ras_last else configs[::-1]))
+    _run(model, [handle])
+    s = accel.summary(model)["default"]
+    assert s["ras"]["ras_calls"] == STEPS - 2
+    assert s["hits"] == len(comps) and s["hits"] + s["misses"] == 2 * 2 * len(comps)
+    accel.remove(model)
 
 
 def test_ras_and_an_online_cache_run_in_either_order():
@@ -242,3 +258,11 @@ def test_sada_tokens_and_a_cache_are_refused():
     handle = accel.apply(model, FirstBlockCacheConfig())
     with pytest.raises(ValueError, match="FirstBlockCacheConfig reuses block outputs by position"):
         _run(model, [SADA(tokens=True), handle])
+
+
+def test_ras_made_after_a_schedule_is_refused():
+    model = tiny_dit()
+    handle = accel.apply(model, ScheduleConfig(Schedule.for_model(model, STEPS)))
+    ras = RAS(model, sample_ratio=0.5)
+    with pytest.raises(ValueError, match="Make the RAS first, or pass RASConfig to apply"):
+        _run(model, [ras, handle])

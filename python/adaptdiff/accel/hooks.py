@@ -150,6 +150,7 @@ class Hook:
     """Base of the installed behaviours; one instance per config passed to :func:`apply`."""
 
     name = "hook"
+    innermost = False  # apply installs these first (their wrappers end up inside the others)
 
     def __init__(self, config, handle: AccelHandle):
         self.config, self.handle = config, handle

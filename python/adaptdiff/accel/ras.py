@@ -506,6 +506,7 @@ class RASHook(Hook):
     takes RAS off with the other hooks."""
 
     name = "ras"
+    innermost = True  # RAS's attention computes without calling what it wraps
 
     def install(self) -> None:
         handle = self.handle

@@ -55,6 +55,7 @@ class Part:
 def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
     """Parts of the accelerators of :mod:`adaptdiff.accel` (imported here: accel imports us)."""
     from ..accel.autodiffusion import BlockSkipper
+    from ..accel.caches import StackCache
     from ..accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
     from ..accel.hooks import AccelHandle
     from ..accel.ras import RAS, RASHook, skip_schedule
@@ -101,8 +102,7 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
     if isinstance(acc, BlockSkipper):
         return [
             Part(
-                "BlockSkipper", any(acc.skips), block_reuse=True, one_call_per_step=True,
-                steps=len(acc.skips),
+                "BlockSkipper", any(acc.skips), block_reuse=True, steps=len(acc.skips),
             )
         ]  # fmt: skip
     if isinstance(acc, AccelHandle):
@@ -117,8 +117,9 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
                     Part("ScheduleConfig", reuses, block_reuse=True, yields=True,
                          steps=sched.num_steps, unit="calls")
                 )  # fmt: skip
-            else:  # the online caches decide at run time: always potentially active
-                parts.append(Part(type(hook.config).__name__, block_reuse=True, yields=True))
+            else:  # online caches decide at run time: always potentially active
+                yields = isinstance(hook, StackCache)  # other hooks: unknown, assume the worst
+                parts.append(Part(type(hook.config).__name__, block_reuse=True, yields=yields))
         return parts
     return None
 
@@ -209,6 +210,15 @@ def connect(accelerators: Sequence[Accelerator]) -> None:
     handles = [a for a in accelerators if isinstance(a, AccelHandle)]
     rases = [a for a in accelerators if isinstance(a, RAS)]
     for handle in handles:
+        wrapped = {id(m) for m, _ in handle._wrapped}
+        for ras in rases:  # a RAS made after apply: its attention wraps the handle's
+            inner = [m for m, prev in ras._wrapped if prev is not None and id(m) in wrapped]
+            if any(m is not ras._first and m is not ras._out for m in inner):
+                raise ValueError(
+                    "RAS cannot be combined with an accel handle that wraps attention modules "
+                    "(ScheduleConfig) when the RAS was made after accel.apply: RAS's attention "
+                    "would run without them. Make the RAS first, or pass RASConfig to apply"
+                )
         rases_here = rases + [h.ras for h in handle.hooks if isinstance(h, RASHook)]
         blocks = {id(b) for _, b in handle.blocks}
         for ras in rases_here:
