@@ -6,8 +6,8 @@
 // the GQA group's heads in order (deterministic, no atomics). Head dims up to 128 (templates
 // 64 and 128, smaller dims zero-padded); any sequence length. "decode" (no mask) forwards to
 // ATen's attention.
-// Status: compiled, not yet run on a GPU. Scalar FMA (SIMT) math; a tensor-core version is
-// future work.
+// Status: correct on an H100 (tests, memcheck), but scalar FMA (SIMT) math reaches 6-10 TFLOP/s
+// there, 11-30x slower than SDPA with a dense mask: a tensor-core version is the open work.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/zeros.h>

@@ -106,7 +106,10 @@ at::Tensor sampled_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
       ic.const_data_ptr<int64_t>(), tile_of.mutable_data_ptr<int64_t>(), nnz, O, I, tiles_i);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Per-tile index lists: entries ordered by tile, offsets[t] = first entry of tile t.
-  const auto [sorted_tiles, order] = at::sort(tile_of, /*stable=*/true, /*dim=*/0);
+  // The optional<bool> is spelled out: a plain `true` picks the sort(self, dim, descending)
+  // overload (bool -> int64_t beats bool -> optional<bool>) and sorts along dim 1.
+  const auto [sorted_tiles, order] =
+      at::sort(tile_of, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
   const auto offsets = at::searchsorted(sorted_tiles, at::arange(tiles + 1, ic.options()));
 
   auto g = at::empty({nnz}, grad_out.options());

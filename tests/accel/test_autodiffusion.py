@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from adaptdiff import accel
 from adaptdiff.accel.autodiffusion import (
-    BlockSkipper,
     Genome,
+    apply_genome,
     evolve,
     load_schedule,
     sample_fitness,
@@ -11,7 +12,7 @@ from adaptdiff.accel.autodiffusion import (
     schedule_json,
     uniform_genome,
 )
-from adaptdiff.accel.schedule import Schedule
+from adaptdiff.accel.schedule import Schedule, ScheduleConfig
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
 
@@ -62,19 +63,23 @@ def _tiny_dit():
     return model.eval()
 
 
-def test_block_skipper_reuses_residuals():
+def test_genome_skips_run_through_the_schedule_executor():
     model = _tiny_dit()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     y = {"y": torch.tensor([1, 2])}
     kw = dict(method="ddim", timesteps=[999, 700, 400, 100], progress=False, cond=y)
     ref = sample(model, x, **kw)
-    none = sample(model, x, accelerators=[BlockSkipper([frozenset()] * 4)], **kw)
-    assert torch.equal(none, ref)
-    skip = sample(model, x, accelerators=[BlockSkipper([frozenset(), {0}, {1}, {0}])], **kw)
+    assert apply_genome(model, Genome((999.0, 700.0, 400.0, 100.0), (frozenset(),) * 4)) is None
+    g = Genome((999.0, 700.0, 400.0, 100.0), (frozenset(), {0}, {1}, {0}))
+    handle = apply_genome(model, g)
+    skip = sample(model, x, accelerators=[handle], **kw)
+    rates = accel.summary(model)["default"]["block_hit_rates"]
+    accel.remove(model)
     assert not torch.equal(skip, ref) and (skip - ref).norm() / ref.norm() < 0.5
-    assert not any(block._forward_hooks for block in model.blocks)
+    assert rates == [0.5, 0.25]  # block 0 reused at steps 1 and 3, block 1 at step 2
+    assert torch.equal(sample(model, x, **kw), ref)  # removed: plain again
     with pytest.raises(ValueError, match="step 0"):
-        BlockSkipper([{0}, set()])
+        apply_genome(model, Genome((999.0, 100.0), ({0}, frozenset())))
 
 
 def test_sample_fitness_and_schedule_json(tmp_path):
@@ -91,3 +96,24 @@ def test_sample_fitness_and_schedule_json(tmp_path):
     save_schedule(tmp_path / "s.json", g, depth=2)
     assert Schedule.load(tmp_path / "s.json").num_steps == 3  # the hooks' executor reads it
     assert load_schedule(tmp_path / "s.json") == g
+
+
+def test_saved_schedule_samples_exactly_what_the_search_scored(tmp_path):
+    model = _tiny_dit()
+    metric = lambda x: float(x.double().square().mean())  # noqa: E731
+    kw = dict(method="ddim", num_samples=4, prediction="eps", schedule=VPSchedule(), seed=3)
+    g = Genome((999.0, 600.0, 300.0, 50.0), (frozenset(), {0}, {0, 1}, {1}))
+    searched = sample_fitness(model, metric, **kw)(g)
+    save_schedule(tmp_path / "s.json", g, depth=len(model.blocks))
+    # Replay from the file alone: timesteps from meta, skips through the executor.
+    replay = load_schedule(tmp_path / "s.json")
+    labels = torch.arange(4) % 10
+    handle = accel.apply(model, ScheduleConfig(str(tmp_path / "s.json")))
+    x = sample(
+        model, (4, 4, 8, 8), method="ddim", timesteps=list(replay.timesteps), guidance_scale=1.5,
+        cond={"y": labels}, uncond={"y": torch.full_like(labels, model.null_label)},
+        prediction="eps", schedule=VPSchedule(), accelerators=[handle], progress=False,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    accel.remove(model)
+    assert metric(x) == searched

@@ -5,7 +5,6 @@ import torch
 
 from adaptdiff import accel
 from adaptdiff.accel import FirstBlockCacheConfig, Schedule, ScheduleConfig, TaylorSeerConfig
-from adaptdiff.accel.autodiffusion import BlockSkipper
 from adaptdiff.accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
 from adaptdiff.accel.ras import RAS, RASConfig
 from adaptdiff.accel.sada import SADA
@@ -230,10 +229,6 @@ def _refused(model):
                             "subset of the tokens"),
         "sada tokens+ag": ([AdaptiveGuidance(), SADA(tokens=True)], "euler", "keeps per-row "
                            "caches of the model batch and AdaptiveGuidance changes the rows"),
-        "ras+block skipper": (
-            [RAS(model), BlockSkipper([frozenset()] + [frozenset({1})] * (STEPS - 1))], "euler",
-            "RAS cannot be combined with BlockSkipper: RAS runs the blocks on a different subset",
-        ),
         "linear_ag+ras": ([lag, RAS(model)], "euler", "LinearAG cannot be combined with RAS: "
                           "LinearAG regresses on past predictions of both branches"),
         "recorder+ag": ([TrajectoryRecorder(), AdaptiveGuidance()], "euler",
@@ -266,3 +261,19 @@ def test_ras_made_after_a_schedule_is_refused():
     ras = RAS(model, sample_ratio=0.5)
     with pytest.raises(ValueError, match="Make the RAS first, or pass RASConfig to apply"):
         _run(model, [ras, handle])
+
+
+def test_ag_and_ras_on_a_joint_attention_model_are_refused():
+    from .test_ras_joint import model_for
+
+    transformer, adapter = model_for("sd3")
+    ras = RAS(transformer, sample_ratio=0.5)
+    y = {"text": torch.randn(2, 5, 16), "pooled": torch.randn(2, 8)}
+    null = {"text": torch.zeros(2, 5, 16), "pooled": torch.zeros(2, 8)}
+    with pytest.raises(ValueError, match="AdaptiveGuidance cannot be combined with RAS on sd3"):
+        sample(
+            adapter, (2, 4, 8, 8), method="euler", steps=STEPS, guidance_scale=1.5, cond=y,
+            uncond=null, prediction="flow", accelerators=[AdaptiveGuidance(), ras],
+            progress=False,
+        )  # fmt: skip
+    ras.remove()

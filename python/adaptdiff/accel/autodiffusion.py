@@ -2,10 +2,11 @@
 
 A candidate is a :class:`Genome`: k descending sampling times (the first is the schedule's noise
 end, the others a non-uniform subset of a candidate grid) and, per step, the set of blocks that
-step skips. A skipped block reuses its residual (output minus input) from the last step that
-computed it (:class:`BlockSkipper`, the "reuse" of the static-schedule JSON), so step 0 skips
-nothing. The budget bounds the executed blocks over all steps: at most
-``(1 - skip_ratio) * k * depth``.
+step skips. A skipped block reuses its components' outputs from the last step that computed
+them: the search runs each candidate through the static-schedule executor of
+:mod:`adaptdiff.accel.schedule` (:func:`apply_genome`), so a saved schedule samples exactly
+what was searched. Step 0 skips nothing. The budget bounds the executed blocks over all steps:
+at most ``(1 - skip_ratio) * k * depth``.
 
 :func:`evolve` runs the EA (population, top-k parents, per-gene mutation, uniform crossover,
 random fill) with the progressive two-stage schedule: timesteps only for ``stage1``
@@ -27,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from ..samplers import Accelerator, ModelStep, SampleContext, sample
+from ..samplers import sample
 from .calibration import register_calibrator
 
 __all__ = [
-    "BlockSkipper",
     "Genome",
     "SearchResult",
+    "apply_genome",
     "evolve",
     "load_schedule",
     "sample_fitness",
@@ -65,45 +66,22 @@ def uniform_genome(candidates: Sequence[float], k: int, depth: int = 0) -> Genom
     return Genome(tuple(picks), tuple(frozenset() for _ in range(k)))
 
 
-class BlockSkipper(Accelerator):
-    """Executes per-step block skipping on a model with ``.blocks`` (residual reuse)."""
+COMPONENTS = ("attn", "mlp")  # what a skipped DiT block reuses, in the schedule JSON
 
-    def __init__(self, skips: Sequence[frozenset]):
-        self.skips = [frozenset(s) for s in skips]
-        if self.skips and self.skips[0]:
-            raise ValueError("step 0 cannot skip blocks: nothing is cached yet")
 
-    def on_sample_start(self, ctx: SampleContext) -> None:
-        model = ctx.model
-        if not hasattr(model, "blocks"):
-            raise ValueError("BlockSkipper needs a model with .blocks")
-        if len(self.skips) != ctx.num_steps:
-            raise ValueError(f"skips has {len(self.skips)} steps, sampling uses {ctx.num_steps}")
-        self.step, self.residuals = 0, {}
-        self.handles = []
-        for j, block in enumerate(model.blocks):
-            self.handles.append(block.register_forward_hook(self._hook(j)))
-
-    def _hook(self, j):
-        def post(module, args, out):
-            x = args[0]
-            if j in self.skips[self.step] and j in self.residuals:
-                res = self.residuals[j]
-                if res.shape == x.shape:
-                    return x + res
-            self.residuals[j] = out - x
-            return out
-
-        return post
-
-    def before_model(self, step: ModelStep) -> None:
-        self.step = step.index
+def apply_genome(model, genome: Genome):
+    """Install ``genome``'s block skips on ``model`` as a static schedule (the executor of
+    :mod:`adaptdiff.accel.schedule`) and return the handle to pass to ``sample``; None when
+    the genome skips nothing. ``accel.remove(model)`` takes it off again."""
+    if genome.skips and genome.skips[0]:
+        raise ValueError("step 0 cannot skip blocks: nothing is cached yet")
+    if not any(genome.skips):
         return None
+    from . import api
+    from .schedule import ScheduleConfig
 
-    def on_sample_end(self, ctx: SampleContext) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles, self.residuals = [], {}
+    depth = len(model.blocks)
+    return api.apply(model, ScheduleConfig(schedule_json(genome, depth)))
 
 
 @dataclass
@@ -248,19 +226,26 @@ def sample_fitness(
 
     @torch.no_grad()
     def fitness(g: Genome) -> float:
-        accs = [BlockSkipper(g.skips)] if any(g.skips) else []
-        x = sample(
-            model, shape, method=method, timesteps=list(g.timesteps),
-            guidance_scale=guidance_scale, cond={"y": labels}, uncond={"y": null},
-            prediction=prediction, schedule=schedule, accelerators=accs, progress=False,
-            generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+        from . import api
+
+        handle = apply_genome(model, g)
+        try:
+            x = sample(
+                model, shape, method=method, timesteps=list(g.timesteps),
+                guidance_scale=guidance_scale, cond={"y": labels}, uncond={"y": null},
+                prediction=prediction, schedule=schedule, progress=False,
+                accelerators=[handle] if handle is not None else [],
+                generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
+        finally:
+            if handle is not None:
+                api.remove(model)
         return float(metric(x))
 
     return fitness
 
 
-def schedule_json(genome: Genome, depth: int, components=("attn", "mlp"), **meta) -> dict:
+def schedule_json(genome: Genome, depth: int, components=COMPONENTS, **meta) -> dict:
     """The static-schedule JSON (``adaptdiff.accel.schedule``): ``mask[step][block]``, one 0/1
     per component ("0": reuse), with the searched timesteps under ``meta``."""
     from .schedule import Schedule

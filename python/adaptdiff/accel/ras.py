@@ -59,6 +59,8 @@ from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
 from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
 from .api import register_config
 from .hooks import Hook
+from .ras_joint import install as _install_joint
+from .ras_joint import layout as _joint_layout
 
 __all__ = ["METRICS", "RAS", "RASConfig", "RASHook", "skip_schedule", "theoretical_speedup"]
 
@@ -310,9 +312,12 @@ def _layout(model):
     if blocks is not None and out is not None and hasattr(config, "patch_size"):
         if all(hasattr(b, "attn1") for b in blocks):  # BasicTransformerBlock: DiT, PixArt
             return blocks[0], out, int(config.patch_size), "diffusers"
+    joint = _joint_layout(model)  # SD3, Flux
+    if joint is not None:
+        return joint
     raise ValueError(
-        "RAS: model must be an adaptdiff DiT or a diffusers DiT/PixArt transformer "
-        f"(transformer_blocks of BasicTransformerBlock); got {type(model).__name__}"
+        "RAS: model must be an adaptdiff DiT or a diffusers DiT/PixArt/SD3/Flux transformer; "
+        f"got {type(model).__name__}"
     )
 
 
@@ -320,7 +325,8 @@ class RAS(Accelerator):
     """Region-adaptive sampling; pass it in ``sample(accelerators=...)``.
 
     ``model``: an adaptdiff DiT, or a diffusers ``DiTTransformer2DModel`` /
-    ``PixArtTransformer2DModel`` (the module whose blocks RAS hooks: ``sample`` may call it
+    ``PixArtTransformer2DModel`` / ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``
+    (see :mod:`.ras_joint`; the module whose blocks RAS hooks: ``sample`` may call it
     through a wrapper). Creating it installs hooks on ``model`` (they pass everything through
     outside a RAS run); :meth:`remove` takes them off. See the module docstring.
     """
@@ -376,9 +382,11 @@ class RAS(Accelerator):
         if self._kind == "adaptdiff":
             for block in self.model.blocks:
                 wrap(block.attn, _adaptdiff_attention(block.attn, state))
-        else:
+        elif self._kind == "diffusers":
             for block in self.model.transformer_blocks:
                 wrap(block.attn1, _diffusers_attention(block.attn1, state))
+        else:
+            _install_joint(self.model, self._kind, state, wrap)
 
     def remove(self) -> None:
         """Take the hooks off the model (idempotent)."""

@@ -54,7 +54,6 @@ class Part:
 
 def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
     """Parts of the accelerators of :mod:`adaptdiff.accel` (imported here: accel imports us)."""
-    from ..accel.autodiffusion import BlockSkipper
     from ..accel.caches import StackCache
     from ..accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
     from ..accel.hooks import AccelHandle
@@ -68,7 +67,10 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
         x, p = ctx.x, ras.patch_size
         tokens = (x.shape[2] // p) * (x.shape[3] // p) if x.ndim == 4 else 1
         active = any(skip_schedule(ras.config, ctx.num_steps, tokens))
-        return Part("RAS", active, token_subset=True, subset_source=True)
+        # the SD3/Flux wrappers (ras_joint) keep their K/V caches for one fixed model batch
+        joint = ras._kind not in ("adaptdiff", "diffusers")
+        name = f"RAS on {ras._kind}" if joint else "RAS"
+        return Part(name, active, token_subset=True, subset_source=True, row_caches=joint)
 
     if isinstance(acc, AdaptiveGuidance):
         active = guided and acc.threshold <= 1.0
@@ -99,12 +101,6 @@ def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
         ]  # fmt: skip
     if isinstance(acc, RAS):
         return [ras_part(acc)]
-    if isinstance(acc, BlockSkipper):
-        return [
-            Part(
-                "BlockSkipper", any(acc.skips), block_reuse=True, steps=len(acc.skips),
-            )
-        ]  # fmt: skip
     if isinstance(acc, AccelHandle):
         parts = []
         for hook in acc.hooks:
