@@ -261,6 +261,9 @@ def test_ras_made_after_a_schedule_is_refused():
     ras = RAS(model, sample_ratio=0.5)
     with pytest.raises(ValueError, match="Make the RAS first, or pass RASConfig to apply"):
         _run(model, [ras, handle])
+    ras.remove()
+    neutral = RAS(model, sample_ratio=1.0)  # its attention calls the schedule's: no conflict
+    assert torch.equal(_run(model, [neutral, handle]), _run(tiny_dit()))
 
 
 def test_ag_and_ras_on_a_joint_attention_model_are_refused():

@@ -8,13 +8,20 @@ and the reason, every pair whose assumptions conflict. A part that is neutral in
 with a threshold above 1, RAS at ratio 1, an all-compute schedule, SADA with the criterion off)
 does not act, so it conflicts with nothing.
 
-Combinations that work (see the README's "Composing accelerators"):
+Combinations that work (the full table: the README's "Composing accelerators"):
 
 - any solver with AG, RAS, caches and static schedules (their counters count model calls, Heun's
   two per step included); SADA and LinearAG need one call per step (not Heun);
 - AG or LinearAG with caches/schedules: a call whose batch differs from the cached one computes;
+- AG with RAS: RAS keeps its K/V caches per batch slot (``ModelStep.batch_slots``), so they
+  follow the rows AG drops;
+- RAS with caches/schedules (:func:`connect`): they act on RAS's dense calls and step aside on
+  its token-subset calls;
 - SADA (step skipping) with AG, RAS, caches and schedules: a cache's step counter and a static
   schedule's rows follow the solver's step, so a skipped step leaves its row unused.
+
+:func:`call_order` fixes the order of the hooks where it matters (step skippers first before the
+call; guidance, then RAS, then SADA after it).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class Part:
     yields: bool = False  # steps aside on those calls (the hooks of an accel handle)
     steps: int | None = None  # the count it was made for
     unit: str = "steps"  # ... of solver "steps" or model "calls"
-    made: str = "made"  # how it got its step count ("fitted", "searched")
+    made: str = "made"  # how it got its step count ("fitted")
     after_stage: int = 1  # 0: forms the guided prediction, 1: edits it, 2: records it
 
 
@@ -170,11 +177,11 @@ def check(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> None:
     sampling described by ``ctx`` (solver, step count, guidance)."""
     if not accelerators:
         return
-    seen: dict[int, Accelerator] = {}
+    seen: set[int] = set()
     for acc in accelerators:
         if id(acc) in seen:
             raise ValueError(f"{type(acc).__name__} is passed twice in accelerators")
-        seen[id(acc)] = acc
+        seen.add(id(acc))
     parts = [p for acc in accelerators for p in describe(acc, ctx)]
     calls = 2 * ctx.num_steps - 1 if ctx.method == "heun" else ctx.num_steps
     for p in parts:
@@ -195,7 +202,7 @@ def check(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> None:
             raise ValueError(f"{a.name} cannot be combined with {b.name}: {reason}")
 
 
-def connect(accelerators: Sequence[Accelerator]) -> None:
+def connect(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> None:
     """Tell an accel handle about a RAS on the same blocks: its caches and schedules step aside
     on RAS's token-subset calls and act on the dense ones (warm-up and error-reset steps)."""
     if not accelerators:
@@ -209,7 +216,8 @@ def connect(accelerators: Sequence[Accelerator]) -> None:
         wrapped = {id(m) for m, _ in handle._wrapped}
         for ras in rases:  # a RAS made after apply: its attention wraps the handle's
             inner = [m for m, prev in ras._wrapped if prev is not None and id(m) in wrapped]
-            if any(m is not ras._first and m is not ras._out for m in inner):
+            outside = any(m is not ras._first and m is not ras._out for m in inner)
+            if outside and describe(ras, ctx)[0].active:
                 raise ValueError(
                     "RAS cannot be combined with an accel handle that wraps attention modules "
                     "(ScheduleConfig) when the RAS was made after accel.apply: RAS's attention "

@@ -269,7 +269,7 @@ def sample(
         model, schedule, prediction, method, ts, float(guidance_scale), cond, uncond, x
     )
     check_composition(ctx, accelerators)
-    connect(accelerators)
+    connect(ctx, accelerators)
     guided = _GuidedModel(ctx, accelerators)
     for acc in accelerators:
         acc.on_sample_start(ctx)
