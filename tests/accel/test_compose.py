@@ -148,6 +148,46 @@ def test_ras_follows_the_rows_adaptive_guidance_drops(seed):
     ras.remove()
 
 
+@pytest.mark.parametrize("variant", ["heun", "hook api", "diffusers"])
+def test_ras_follows_the_rows_adaptive_guidance_drops_everywhere(variant):
+    """As above with Heun (a switch between a step's two calls), RAS through accel.apply, and
+    a diffusers DiT (its K and V caches are a pair)."""
+    if variant == "diffusers":
+        from .test_ras import DiffusersAdapter, diffusers_model
+
+        transformer = diffusers_model("dit")
+        model, threshold, seed, null = DiffusersAdapter(transformer, "dit"), 0.98, 0, 10
+    else:
+        transformer = model = _guided_dit()
+        threshold, seed, null = 0.975, 2, model.null_label
+    config = RASConfig(sample_ratio=0.5, start_step=2)
+    if variant == "hook api":
+        ras = accel.apply(model, config)
+    else:
+        ras = RAS(transformer, config)
+    method = "heun" if variant == "heun" else "euler"
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def run(rows, ag):
+        y = torch.tensor([1, 2])[rows]
+        return sample(
+            model, x[rows], method=method, steps=STEPS, guidance_scale=1.5, cond={"y": y},
+            uncond={"y": torch.full_like(y, null)}, prediction="flow", accelerators=[ag, ras],
+            progress=False,
+        )  # fmt: skip
+
+    ag = AdaptiveGuidance(threshold)
+    both = run(slice(0, 2), ag)
+    assert ag.switched_at[0] >= 0  # the first row leaves: the K/V caches shrink
+    for i in range(2):
+        alone = run(slice(i, i + 1), AdaptiveGuidance(threshold))
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    if variant == "hook api":
+        accel.remove(model)
+    else:
+        ras.remove()
+
+
 def test_sada_and_ag_both_act():
     model = _guided_dit()
     ag, sada = AdaptiveGuidance(0.975), AlwaysStable(start=0.0, end=1.0)
