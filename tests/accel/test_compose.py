@@ -79,6 +79,36 @@ def test_ag_and_a_cache_both_act():
     accel.remove(model)
 
 
+@pytest.mark.parametrize("guidance", ["ag", "linear_ag"])
+def test_a_schedule_follows_the_rows_guidance_drops(guidance):
+    """A static schedule's reuse is decided per call, so with AG (noise seed 2: sample 0 leaves
+    the uncond half at step 0, sample 1 at step 6) or LinearAG (cond-only steps) every sample
+    comes out as when it is sampled alone: reused outputs are taken row by row."""
+    model = _guided_dit()
+    comps = accel.layout(model)
+    sched = Schedule.for_model(model, STEPS)
+    for s in (1, 2, 3, 5, 7):
+        sched.mask[s] = [[False, s % 2 == 1] for _ in comps]
+    handle = accel.apply(model, ScheduleConfig(sched))
+
+    def guide():
+        if guidance == "ag":
+            return AdaptiveGuidance(0.975)
+        return LinearAG({i: [0.5, 0.2, 0.3] for i in (2, 4, 6)}, history=1, steps=(2, 4, 6))
+
+    x = _noise(model, seed=2)
+    g = guide()
+    both = _run(model, [g, handle], x=x)
+    hits = accel.summary(model)["default"]["hits"]
+    assert hits == (5 + 1) * len(comps)  # every planned reuse: 5 attention steps, 1 mlp
+    if guidance == "ag":
+        assert g.switched_at.tolist() == [0, 6]
+    for i, label in enumerate((1, 2)):
+        alone = _run(model, [guide(), handle], labels=(label,), x=x[i : i + 1])
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    accel.remove(model)
+
+
 def test_ras_and_a_schedule_both_act_the_schedule_on_dense_calls_only():
     model = tiny_dit()
     comps = accel.layout(model)
@@ -239,8 +269,8 @@ def test_ag_ras_schedule_and_sada_all_act_in_one_call(method):
     assert (ag.switched_at >= 0).sum() == 1
     assert sada.skipped == [3, 5, 7] and info["nfe"] == STEPS - 3
     assert ras.summary()["ras_calls"] == 2  # steps 2 and 6
-    # step 1 computes (AG dropped a row after step 0: another batch), step 4 reuses step 1's
-    assert accel.summary(model)["default"]["hits"] == len(comps)
+    # step 1 reuses step 0's outputs of the rows AG kept, step 4 step 1's
+    assert accel.summary(model)["default"]["hits"] == 2 * len(comps)
     accel.remove(model)
     ras.remove()
 

@@ -191,6 +191,7 @@ class AccelHandle(Accelerator):
         # runs the blocks on a subset of the tokens the hooks step aside (compute, keep their
         # state, count nothing): their cached tensors are per token position.
         self.token_subsets: list = []
+        self.step: ModelStep | None = None  # the sample() call being made (its batch_slots)
         self.hooks: list[Hook] = []
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles = [model.register_forward_pre_hook(self._begin_call)]
@@ -237,10 +238,28 @@ class AccelHandle(Accelerator):
 
     def before_model(self, step: ModelStep) -> None:
         self.next_call = call_position(step.ctx.method, step.index, step.call)
+        self.step = step
         return None
 
     def on_sample_end(self, ctx: SampleContext) -> None:
-        self.next_call = None
+        self.next_call, self.step = None, None
+
+    # -- batch rows (guidance accelerators change them between calls of one sample)
+    def batch_slots(self) -> torch.Tensor | None:
+        """The slots of this call's batch rows (``ModelStep.batch_slots``; None outside sample)."""
+        return None if self.step is None else self.step.batch_slots
+
+    def take_rows(self, slots, batch: int | None, value, now_batch: int | None):
+        """``value`` (a batch-first tensor or tuple of them) kept at a call with batch rows
+        ``slots`` (``batch`` rows), restricted to this call's rows; None when some are missing.
+        Without slots (calls outside ``sample``) the batch sizes must match."""
+        now = self.batch_slots()
+        if slots is not None and now is not None and not torch.equal(slots, now):
+            pos = slot_positions(slots, now)
+            if pos is None:
+                return None
+            return map_tensors(value, lambda v: v.index_select(0, pos.to(v.device)))
+        return value if batch == now_batch else None
 
     # -- wrapping
     def wrap(self, module: nn.Module, wrapper: Callable) -> None:
@@ -288,6 +307,35 @@ def model_calls(method: str, steps: int) -> int:
 def call_position(method: str, index: int, call: int) -> int:
     """The position of evaluation ``call`` of solver step ``index`` among the sampler's calls."""
     return 2 * index + call if method == "heun" else index + call
+
+
+def slot_positions(cached: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+    """Positions of ``slots`` in ``cached`` (ascending batch slots, ``ModelStep.batch_slots``),
+    None when some are missing."""
+    pos = torch.searchsorted(cached, slots).clamp_(max=cached.numel() - 1)
+    return pos if torch.equal(cached[pos], slots) else None
+
+
+def map_tensors(value, fn):
+    return tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
+
+
+def merge_rows(old_slots, old, slots, new):
+    """``(slots, value)`` after a call with batch rows ``slots`` computed ``new``: when they
+    are some of ``old_slots`` (guidance left rows out of this call: LinearAG's cond-only steps)
+    the other rows of ``old`` keep theirs, else ``new`` replaces it."""
+    if old_slots is None or slots is None or torch.equal(old_slots, slots):
+        return slots, new
+    pos = slot_positions(old_slots, slots)
+    if pos is None:
+        return slots, new
+
+    def put(o, n):
+        return o.clone().index_copy_(0, pos.to(o.device), n)
+
+    if isinstance(new, tuple):
+        return old_slots, tuple(put(o, n) for o, n in zip(old, new, strict=True))
+    return old_slots, put(old, new)
 
 
 def percentiles(values: Sequence[float], qs=(10, 50, 90)) -> dict:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
 from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
 from .api import register_config
-from .hooks import Hook
+from .hooks import Hook, map_tensors, slot_positions
 from .ras_joint import install as _install_joint
 from .ras_joint import layout as _joint_layout
 
@@ -213,29 +213,19 @@ def _adaptdiff_attention(attn, state: _State):
     return forward
 
 
-def _rows_of(cached: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-    """Positions of ``slots`` in ``cached`` (both ascending), None when some are missing."""
-    pos = torch.searchsorted(cached, slots).clamp_(max=cached.numel() - 1)
-    return pos if torch.equal(cached[pos], slots) else None
-
-
-def _map(cache, fn):
-    return tuple(fn(c) for c in cache) if isinstance(cache, tuple) else fn(cache)
-
-
 def _store(state: _State, attn, kv) -> None:
     """A dense call's K/V: rows missing from this call (guidance skipped them) keep theirs."""
     key, slots = id(attn), state.slots
     old, old_slots = state.kv.get(key), state.kv_slots.get(key)
     if slots is not None and old_slots is not None and not torch.equal(old_slots, slots):
-        pos = _rows_of(old_slots, slots)
+        pos = slot_positions(old_slots, slots)
         if pos is not None:
             pos = pos.to(kv[0].device if isinstance(kv, tuple) else kv.device)
             pairs = zip(old, kv, strict=True) if isinstance(kv, tuple) else [(old, kv)]
             for buf, new in pairs:
                 buf.index_copy_(0, pos, new)
             return
-    state.kv[key] = _map(kv, lambda c: c.contiguous())
+    state.kv[key] = map_tensors(kv, lambda c: c.contiguous())
     state.kv_slots[key] = slots
 
 
@@ -244,13 +234,15 @@ def _cache(state: _State, attn, x: torch.Tensor):
     cached, slots = state.kv_slots.get(id(attn)), state.slots
     if cache is not None and cached is not None and slots is not None:
         if not torch.equal(cached, slots):
-            pos = _rows_of(cached, slots)
+            pos = slot_positions(cached, slots)
             n = slots.numel()
             if pos is not None and torch.equal(pos, torch.arange(n)):
-                cache = _map(cache, lambda c: c[:n])  # cond rows only: views, writes reach it
+                cache = map_tensors(
+                    cache, lambda c: c[:n]
+                )  # cond rows only: views, writes reach it
             elif pos is not None:  # adaptive guidance dropped rows for good: shrink
                 pos = pos.to(x.device)
-                cache = state.kv[id(attn)] = _map(cache, lambda c: c.index_select(0, pos))
+                cache = state.kv[id(attn)] = map_tensors(cache, lambda c: c.index_select(0, pos))
                 state.kv_slots[id(attn)] = slots
     first = cache[0] if isinstance(cache, tuple) else cache
     if first is None or first.shape[0] != x.shape[0] or first.dtype != x.dtype:

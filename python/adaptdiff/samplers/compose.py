@@ -12,9 +12,10 @@ Combinations that work (the full table: the README's "Composing accelerators"):
 
 - any solver with AG, RAS, caches and static schedules (their counters count model calls, Heun's
   two per step included); SADA and LinearAG need one call per step (not Heun);
-- AG or LinearAG with caches/schedules: a call whose batch differs from the cached one computes;
-- AG with RAS: RAS keeps its K/V caches per batch slot (``ModelStep.batch_slots``), so they
-  follow the rows AG drops;
+- AG or LinearAG with caches/schedules: a static schedule keeps its outputs per batch slot
+  (``ModelStep.batch_slots``) and reuses the rows a call has; an online cache computes on a
+  call whose batch differs from the cached one;
+- AG with RAS: RAS keeps its K/V caches per batch slot too, so they follow the rows AG drops;
 - RAS with caches/schedules (:func:`connect`): they act on RAS's dense calls and step aside on
   its token-subset calls;
 - SADA (step skipping) with AG, RAS, caches and schedules: a cache's step counter and a static
