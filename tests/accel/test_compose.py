@@ -40,8 +40,8 @@ def _run(model, accs=(), method="euler", labels=(1, 2), x=None, info=False):
 
 
 def _guided_dit():
-    """A tiny DiT whose labels matter enough that AG switches sample 1 (label 2) at step 0 and
-    never sample 0 (label 1) at threshold 0.975."""
+    """A tiny DiT whose labels matter enough that AG (threshold 0.975) switches some samples:
+    with noise seed 0, sample 1 (label 2) at step 0 and never sample 0 (label 1)."""
     model = tiny_dit()
     with torch.no_grad():
         model.y_embedder.embedding_table.weight.mul_(10.0)
