@@ -105,7 +105,7 @@ def test_refuses_conflicting_combinations():
     model = TinyDenoiser()
     y = {"y": torch.ones(2)}
     kw = dict(method="euler", steps=8, guidance_scale=2.0, cond=y, uncond={"y": torch.zeros(2)})
-    lag = LinearAG({1: [1.0, 0.0, 0.0]}, history=1)
+    lag = LinearAG({1: [1.0, 0.0, 0.0]}, history=1, steps=[1])
     for accs in ([SADA(), lag], [lag, SADA()]):
         with pytest.raises(ValueError, match="cannot be combined"):
             sample(model, (2, 3, 4, 4), accelerators=accs, progress=False, **kw)

@@ -24,7 +24,8 @@ API (for users and for other acceleration modules):
   counter (model calls since the reset), caches and hit/miss counters.
 - ``AccelHandle`` is an :class:`~adaptdiff.samplers.Accelerator`: ``on_sample_start`` resets
   every context and sets ``handle.num_calls`` (model calls of this generation) so that
-  "last steps" rules work.
+  "last steps" rules work; in ``sample`` the step counter is the call's place in the sampler's
+  plan (steps SADA skips leave theirs unused).
 - Extending: subclass :class:`Hook` (``install`` wraps modules with ``handle.wrap(module,
   fn(inner, *args, **kwargs))``; ``self.state`` is this hook's state in the current context;
   ``handle.ctx.count(key, hit)``; ``summary(ctx)``) and ``register_config(ConfigCls, HookCls)``.

@@ -48,8 +48,11 @@ def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> Ac
             )
         hook_classes.append(hook_cls)
     handle = AccelHandle(model, blocks)
+    # hooks that replace a module's computation (RAS's attention) go innermost, so that the
+    # others' wrappers of the same modules still run around them
+    order = sorted(zip(configs, hook_classes, strict=True), key=lambda p: not p[1].innermost)
     try:
-        for cfg, hook_cls in zip(configs, hook_classes, strict=True):
+        for cfg, hook_cls in order:
             hook = hook_cls(cfg, handle)
             hook.install()
             handle.hooks.append(hook)

@@ -218,6 +218,8 @@ class StackCache(Hook):
     # -- wrappers
     def _head_wrapper(self, i, sig):
         def head(inner, *args, **kwargs):
+            if self.handle.subset_call():
+                return inner(*args, **kwargs)
             st = self.state
             if i == 0:
                 st["head_in"] = BlockIO.of_call(sig, args, kwargs, False).hidden
@@ -255,6 +257,8 @@ class StackCache(Hook):
         first_mid, last_mid = self.middle[0], self.middle[-1]
 
         def middle(inner, *args, **kwargs):
+            if self.handle.subset_call():
+                return inner(*args, **kwargs)
             st = self.state
             io = BlockIO.of_call(sig, args, kwargs, st["pair"])
             if i == first_mid:
@@ -411,9 +415,13 @@ class MagCache(StackCache):
         ratios = st.get("ratios")
         if ratios is None:
             ratios = st["ratios"] = resample(self.ratios, n)
+        prev, st["last"] = st.get("last", step - 1), step
         if step < max(1, math.ceil(cfg.retention_ratio * n)) or self.in_final(cfg.final_steps):
             return False
-        st["gamma"] = st.get("gamma", 1.0) * ratios[min(step, len(ratios) - 1)]
+        gamma = st.get("gamma", 1.0)
+        for s in range(prev + 1, step + 1):  # calls skipped by a step skipper (SADA) count too
+            gamma *= ratios[min(s, len(ratios) - 1)]
+        st["gamma"] = gamma
         st["err"] = st.get("err", 0.0) + abs(1.0 - st["gamma"])
         st["indicator"].append(st["err"])
         skip = st["err"] <= cfg.threshold and st["consecutive"] < cfg.max_skip_steps

@@ -22,7 +22,6 @@ import torch
 from ..ops import cosine, lincomb
 from ..samplers import Accelerator, ModelStep, SampleContext, sample
 from .calibration import register_calibrator
-from .sada import claim
 
 __all__ = [
     "AdaptiveGuidance",
@@ -54,7 +53,6 @@ class AdaptiveGuidance(Accelerator):
         self.switched_at: torch.Tensor | None = None
 
     def on_sample_start(self, ctx: SampleContext) -> None:
-        claim(ctx, "AdaptiveGuidance", {})
         self.switched_at = torch.full((ctx.x.shape[0],), -1, dtype=torch.long)
 
     def _active(self) -> torch.Tensor:
@@ -211,14 +209,7 @@ class LinearAG(Accelerator):
             raise ValueError(f"steps {missing} have no coefficients")
 
     def on_sample_start(self, ctx: SampleContext) -> None:
-        claim(ctx, "LinearAG", {"SADA": "SADA skips steps whose predictions LinearAG regresses on"})
-        if self.num_steps is not None and ctx.num_steps != self.num_steps:
-            raise ValueError(
-                f"LinearAG coefficients were fitted for {self.num_steps} steps, "
-                f"sampling uses {ctx.num_steps}"
-            )
-        if ctx.method == "heun":
-            raise ValueError("LinearAG: one model call per step needed; heun makes two")
+        # num_steps and the sampler (one call per step) are checked by samplers.compose
         self.conds, self.unconds = [], []
 
     def before_model(self, step: ModelStep) -> None:

@@ -8,8 +8,11 @@ method is untouched, so ``remove`` just restores what was there), which keeps pa
 State lives in :class:`ContextState` objects, one per context name: the model-call counter
 ``step`` (advanced by a forward pre-hook on the root module), each hook's private state, and
 hit/miss counters. A handle is an :class:`~adaptdiff.samplers.Accelerator`: passed to
-``sample(..., accelerators=[handle])`` it resets every context at the start of each call and
-learns how many model calls the sampler will make (``num_calls``).
+``sample(..., accelerators=[handle])`` it resets every context at the start of each call,
+learns how many model calls the sampler will make (``num_calls``) and sets ``step`` to each
+call's place among them, so a step that SADA skips leaves its index unused. On calls that a
+token-subset accelerator (RAS) runs on part of the tokens, the hooks step aside
+(``subset_call``; see :mod:`adaptdiff.samplers.compose`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..samplers.accelerator import Accelerator, SampleContext
+from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
 
 ATTR = "_adaptdiff_accel"
 DEFAULT_CONTEXT = "default"
@@ -132,7 +135,8 @@ class ContextState:
     """Everything one context (e.g. the cond or uncond branch) remembers during a generation."""
 
     name: str
-    step: int = -1  # index of the current model call; -1 before the first
+    step: int = -1  # index of the current model call (its place in the sampler's plan); -1 before
+    calls: int = 0  # model calls made
     hooks: dict = field(default_factory=dict)  # hook key -> that hook's state object
     hits: dict = field(default_factory=dict)  # counter key -> reused/skipped count
     misses: dict = field(default_factory=dict)  # counter key -> computed count
@@ -146,6 +150,7 @@ class Hook:
     """Base of the installed behaviours; one instance per config passed to :func:`apply`."""
 
     name = "hook"
+    innermost = False  # apply installs these first (their wrappers end up inside the others)
 
     def __init__(self, config, handle: AccelHandle):
         self.config, self.handle = config, handle
@@ -178,6 +183,15 @@ class AccelHandle(Accelerator):
         self.contexts: dict[str, ContextState] = {}
         self.current = DEFAULT_CONTEXT
         self.num_calls: int | None = None  # model calls of the running generation, if known
+        # Position of the next model call in the sampler's plan (set by before_model): with an
+        # accelerator that skips steps (SADA) the step counter follows the solver, not the
+        # number of calls made, so static schedules and "last steps" rules stay aligned.
+        self.next_call: int | None = None
+        # States (``.mode``) of token-subset accelerators on these blocks (RAS): on a call that
+        # runs the blocks on a subset of the tokens the hooks step aside (compute, keep their
+        # state, count nothing): their cached tensors are per token position.
+        self.token_subsets: list = []
+        self.step: ModelStep | None = None  # the sample() call being made (its batch_slots)
         self.hooks: list[Hook] = []
         self._wrapped: list[tuple[nn.Module, Any]] = []
         self._handles = [model.register_forward_pre_hook(self._begin_call)]
@@ -206,12 +220,46 @@ class AccelHandle(Accelerator):
 
     @torch.compiler.disable
     def _begin_call(self, module, args):
-        self.ctx.step += 1
+        ctx = self.ctx
+        ctx.calls += 1
+        if self.next_call is None:
+            ctx.step += 1
+        else:
+            ctx.step, self.next_call = self.next_call, None
+
+    def subset_call(self) -> bool:
+        return any(s.mode == "ras" for s in self.token_subsets)
 
     # -- the Accelerator protocol
     def on_sample_start(self, ctx: SampleContext) -> None:
         self.reset()
         self.num_calls = model_calls(ctx.method, ctx.num_steps)
+        self.next_call = None
+
+    def before_model(self, step: ModelStep) -> None:
+        self.next_call = call_position(step.ctx.method, step.index, step.call)
+        self.step = step
+        return None
+
+    def on_sample_end(self, ctx: SampleContext) -> None:
+        self.next_call, self.step = None, None
+
+    # -- batch rows (guidance accelerators change them between calls of one sample)
+    def batch_slots(self) -> torch.Tensor | None:
+        """The slots of this call's batch rows (``ModelStep.batch_slots``; None outside sample)."""
+        return None if self.step is None else self.step.batch_slots
+
+    def take_rows(self, slots, batch: int | None, value, now_batch: int | None):
+        """``value`` (a batch-first tensor or tuple of them) kept at a call with batch rows
+        ``slots`` (``batch`` rows), restricted to this call's rows; None when some are missing.
+        Without slots (calls outside ``sample``) the batch sizes must match."""
+        now = self.batch_slots()
+        if slots is not None and now is not None and not torch.equal(slots, now):
+            pos = slot_positions(slots, now)
+            if pos is None:
+                return None
+            return map_tensors(value, lambda v: v.index_select(0, pos.to(v.device)))
+        return value if batch == now_batch else None
 
     # -- wrapping
     def wrap(self, module: nn.Module, wrapper: Callable) -> None:
@@ -241,7 +289,7 @@ class AccelHandle(Accelerator):
     def summary(self) -> dict:
         out = {}
         for name, ctx in self.contexts.items():
-            entry = {"model_calls": ctx.step + 1}
+            entry = {"model_calls": ctx.calls}
             hits, misses = sum(ctx.hits.values()), sum(ctx.misses.values())
             entry["hits"], entry["misses"] = hits, misses
             entry["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
@@ -254,6 +302,40 @@ class AccelHandle(Accelerator):
 def model_calls(method: str, steps: int) -> int:
     """Model evaluations a sampler of adaptdiff makes (Heun: two per step but the last)."""
     return 2 * steps - 1 if method == "heun" else steps
+
+
+def call_position(method: str, index: int, call: int) -> int:
+    """The position of evaluation ``call`` of solver step ``index`` among the sampler's calls."""
+    return 2 * index + call if method == "heun" else index + call
+
+
+def slot_positions(cached: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+    """Positions of ``slots`` in ``cached`` (ascending batch slots, ``ModelStep.batch_slots``),
+    None when some are missing."""
+    pos = torch.searchsorted(cached, slots).clamp_(max=cached.numel() - 1)
+    return pos if torch.equal(cached[pos], slots) else None
+
+
+def map_tensors(value, fn):
+    return tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
+
+
+def merge_rows(old_slots, old, slots, new):
+    """``(slots, value)`` after a call with batch rows ``slots`` computed ``new``: when they
+    are some of ``old_slots`` (guidance left rows out of this call: LinearAG's cond-only steps)
+    the other rows of ``old`` keep theirs, else ``new`` replaces it."""
+    if old_slots is None or slots is None or torch.equal(old_slots, slots):
+        return slots, new
+    pos = slot_positions(old_slots, slots)
+    if pos is None:
+        return slots, new
+
+    def put(o, n):
+        return o.clone().index_copy_(0, pos.to(o.device), n)
+
+    if isinstance(new, tuple):
+        return old_slots, tuple(put(o, n) for o, n in zip(old, new, strict=True))
+    return old_slots, put(old, new)
 
 
 def percentiles(values: Sequence[float], qs=(10, 50, 90)) -> dict:

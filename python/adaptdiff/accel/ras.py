@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
 from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
 from .api import register_config
-from .hooks import Hook
+from .hooks import Hook, map_tensors, slot_positions
 from .ras_joint import install as _install_joint
 from .ras_joint import layout as _joint_layout
 
@@ -155,15 +155,36 @@ class _State:
     model_ran: bool = False
     kv: dict = field(default_factory=dict)  # attention module id -> [B_model, N, 2D]
     repeated: tuple = ()  # (active, batch, index): index_for's last answer, one per step
+    # When sample() gives the model batch's rows (ModelStep.batch_slots; guidance accelerators
+    # shrink or change the batch), the K/V caches are kept per row slot: see _store and _cache.
+    step: ModelStep | None = None
+    slots: torch.Tensor | None = None  # this call's slot per model row
+    index: torch.Tensor | None = None  # this call's active index when rows were dropped
+    kv_slots: dict = field(default_factory=dict)  # attention module id -> slots of its rows
 
     def reset(self, num_tokens: int = 0) -> None:
         self.mode, self.active, self.num_tokens, self.model_ran = "off", None, num_tokens, False
         self.kv.clear()
         self.repeated = ()
+        self.kv_slots.clear()
+        self.step = self.slots = self.index = None
+
+    def begin_call(self) -> None:
+        """At the first block: this call's rows, and their active index when the batch is not
+        the samples repeated per branch (adaptive guidance dropped some uncond rows)."""
+        slots = None if self.step is None else self.step.batch_slots
+        self.slots, self.index = slots, None
+        if slots is not None and self.mode == "ras":
+            n, m = self.active.shape[0], slots.numel()
+            if m % n or not torch.equal(slots, torch.arange(m)):
+                self.index = self.active[(slots % n).to(self.active.device)]
 
     def index_for(self, batch: int) -> torch.Tensor:
-        """The active index for a model batch (the guidance branches repeat the samples); the
-        repeat is made once per step, not once per layer."""
+        """The active index for a model batch (the guidance branches repeat the samples, unless
+        guidance dropped rows: then begin_call's index); the repeat is made once per step, not
+        once per layer."""
+        if self.index is not None and self.index.shape[0] == batch:
+            return self.index
         active = self.active
         if self.repeated and self.repeated[0] is active and self.repeated[1] == batch:
             return self.repeated[2]
@@ -187,7 +208,7 @@ def _adaptdiff_attention(attn, state: _State):
         H, hd = attn.num_heads, attn.head_dim
         if state.mode == "dense":  # the original computation, keeping K and V
             qkv = attn.qkv(x)
-            state.kv[id(attn)] = qkv[..., D:].contiguous()  # [B, N, 2D]
+            _store(state, attn, qkv[..., D:])  # [B, N, 2D]
             q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             cache = _cache(state, attn, x)
@@ -202,8 +223,37 @@ def _adaptdiff_attention(attn, state: _State):
     return forward
 
 
+def _store(state: _State, attn, kv) -> None:
+    """A dense call's K/V: rows missing from this call (guidance skipped them) keep theirs."""
+    key, slots = id(attn), state.slots
+    old, old_slots = state.kv.get(key), state.kv_slots.get(key)
+    if slots is not None and old_slots is not None and not torch.equal(old_slots, slots):
+        pos = slot_positions(old_slots, slots)
+        if pos is not None:
+            pos = pos.to(kv[0].device if isinstance(kv, tuple) else kv.device)
+            pairs = zip(old, kv, strict=True) if isinstance(kv, tuple) else [(old, kv)]
+            for buf, new in pairs:
+                buf.index_copy_(0, pos, new)
+            return
+    state.kv[key] = map_tensors(kv, lambda c: c.contiguous())
+    state.kv_slots[key] = slots
+
+
 def _cache(state: _State, attn, x: torch.Tensor):
     cache = state.kv.get(id(attn))
+    cached, slots = state.kv_slots.get(id(attn)), state.slots
+    if cache is not None and cached is not None and slots is not None:
+        if not torch.equal(cached, slots):
+            pos = slot_positions(cached, slots)
+            n = slots.numel()
+            if pos is not None and torch.equal(pos, torch.arange(n)):
+                cache = map_tensors(
+                    cache, lambda c: c[:n]
+                )  # cond rows only: views, writes reach it
+            elif pos is not None:  # adaptive guidance dropped rows for good: shrink
+                pos = pos.to(x.device)
+                cache = state.kv[id(attn)] = map_tensors(cache, lambda c: c.index_select(0, pos))
+                state.kv_slots[id(attn)] = slots
     first = cache[0] if isinstance(cache, tuple) else cache
     if first is None or first.shape[0] != x.shape[0] or first.dtype != x.dtype:
         raise RuntimeError(
@@ -227,12 +277,13 @@ def _diffusers_attention(attn, state: _State):
         B = x.shape[0]
         query = attn.to_q(x)
         if state.mode == "dense":
-            state.kv[id(attn)] = (attn.to_k(x), attn.to_v(x))
+            key, value = attn.to_k(x), attn.to_v(x)
+            _store(state, attn, (key, value))
         else:
             index = state.index_for(B)
-            for buffer, linear in zip(_cache(state, attn, x), (attn.to_k, attn.to_v), strict=True):
+            key, value = _cache(state, attn, x)
+            for buffer, linear in zip((key, value), (attn.to_k, attn.to_v), strict=True):
                 indexed_linear_(buffer, index, x, linear.weight, linear.bias)
-        key, value = state.kv[id(attn)]
         heads = attn.heads
         head_dim = key.shape[-1] // heads
         query = query.view(B, -1, heads, head_dim).transpose(1, 2)
@@ -310,6 +361,7 @@ class RAS(Accelerator):
         state = self.state
 
         def gather(inner, *args, **kwargs):  # the first block: keep the active tokens
+            state.begin_call()
             if state.mode == "ras":
                 if args:
                     h = args[0]
@@ -394,6 +446,7 @@ class RAS(Accelerator):
 
     def before_model(self, step: ModelStep) -> None:
         s, state = step.index, self.state
+        state.step = step
         if not self.ras_run:
             state.mode = "off"
             return None
@@ -469,6 +522,7 @@ class RASHook(Hook):
     takes RAS off with the other hooks."""
 
     name = "ras"
+    innermost = True  # RAS's attention computes without calling what it wraps
 
     def install(self) -> None:
         handle = self.handle

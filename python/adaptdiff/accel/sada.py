@@ -39,26 +39,9 @@ from ..ops import gather_tokens, lincomb, scatter_tokens
 from ..samplers import Accelerator, ModelStep, SampleContext
 from ..samplers.parameterization import target, to_x0_eps
 
-__all__ = ["SADA", "claim", "lagrange_weights", "momentum"]
+__all__ = ["SADA", "lagrange_weights", "momentum"]
 
 APPROXIMATIONS = ("auto", "eps", "velocity", "lagrange")
-
-
-def claim(ctx: SampleContext, name: str, conflicts: dict[str, str]) -> None:
-    """Register accelerator ``name`` for this sample call; refuse combinations that conflict.
-
-    ``conflicts`` maps other names to the reason they cannot be combined with ``name``; each
-    accelerator checks the ones registered before it, so the order does not matter.
-    """
-    present = ctx.state.setdefault("accelerators", [])
-    for other in present:
-        if other in conflicts:
-            raise ValueError(f"{name} cannot be combined with {other}: {conflicts[other]}")
-        reason = ctx.state.get("conflicts", {}).get(other, {}).get(name)
-        if reason:
-            raise ValueError(f"{other} cannot be combined with {name}: {reason}")
-    present.append(name)
-    ctx.state.setdefault("conflicts", {})[name] = conflicts
 
 
 def lagrange_weights(nodes: list[float], at: float) -> list[float]:
@@ -150,17 +133,7 @@ class SADA(Accelerator):
 
     # -- per-sample state ---------------------------------------------------------------------
     def on_sample_start(self, ctx: SampleContext) -> None:
-        conflicts = {
-            "LinearAG": "LinearAG needs every step's conditional prediction (SADA skips steps)",
-        }
-        if self.tokens:
-            conflicts["AdaptiveGuidance"] = (
-                "token-wise SADA caches block outputs per batch row, and per-sample adaptive "
-                "guidance changes the rows of each call (use tokens=False)"
-            )
-        claim(ctx, "SADA", conflicts)
-        if ctx.method == "heun":
-            raise ValueError("SADA needs one model call per step; method 'heun' makes two")
+        # the sampler (one call per step) and the other accelerators: samplers.compose
         self.approx = self.approximation
         if self.approx == "auto":
             self.approx = "velocity" if ctx.prediction == "flow" else "eps"

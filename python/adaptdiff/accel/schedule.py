@@ -11,7 +11,8 @@ JSON (written by :meth:`Schedule.save`, read by :meth:`Schedule.load`)::
      "meta": {"method": "bac", ...}}                 # optional: who made it and how
 
 ``mask`` entries may also be lists of 0/1 or of "compute"/"reuse". A *step* is one model call
-in a context since the last reset (Heun makes two per solver step); calls past ``steps``
+in a context since the last reset (Heun makes two per solver step; in ``sample``, the call's
+place in the sampler's plan, so ``steps`` must equal its call count); calls past ``steps``
 compute. Reuse returns the component's output from the last call that computed it (ECAD's
 pre-gate output for DiT's ``attn``/``mlp``: the current step's AdaLN gate is still applied);
 a component with nothing cached yet, or cached for another batch size, computes.
@@ -29,7 +30,7 @@ from torch import nn
 
 from .api import register_config
 from .calibration import model_signature
-from .hooks import Hook, block_rates, layout
+from .hooks import Hook, block_rates, layout, merge_rows
 
 FORMAT, VERSION = "adaptdiff.schedule", 1
 
@@ -217,29 +218,49 @@ class ScheduleExecutor(Hook):
                 self.handle.wrap(getattr(block, name), self._wrapper(b, c))
 
     def new_state(self):
-        return {}  # (block, component) -> (batch, cached output)
+        return {}  # (block, component) -> (batch, batch slots, output, previous entry)
+
+    def _settle(self, b: int, c: int):
+        """The kept entry of (b, c), with the last computed output merged into the one before
+        it when it covered some of its rows only (the merge waits until here, outside the
+        compiled graph)."""
+        entry = self.state.get((b, c))
+        if entry is None or entry[3] is None:
+            return entry
+        batch, slots, out, (old_batch, old_slots, old, _) = entry
+        kept_slots, kept = merge_rows(old_slots, old, slots, out)
+        if kept is not out:
+            batch = old_batch
+        entry = self.state[(b, c)] = (batch, kept_slots, kept, None)
+        return entry
 
     @torch.compiler.disable
     def _cached(self, b: int, c: int, batch):
-        """The output to reuse at this call, or None to compute; counts the decision."""
+        """(the output to reuse at this call or None to compute, this call's batch slots, whether
+        a computed output must be merged into the kept one); counts the decision. An output
+        kept for other batch rows gives the rows this call has (guidance dropped some)."""
         ctx = self.handle.ctx
         step, mask = ctx.step, self.schedule.mask
+        entry = self._settle(b, c)
         hit = None
-        if 0 <= step < len(mask) and not mask[step][b][c]:
-            entry = self.state.get((b, c))
-            if entry is not None and entry[0] == batch:
-                hit = entry[1]
+        if 0 <= step < len(mask) and not mask[step][b][c] and entry is not None:
+            hit = self.handle.take_rows(entry[1], entry[0], entry[2], batch)
         ctx.count(("block", b), hit is not None)
-        return hit
+        slots = self.handle.batch_slots()
+        # keep the entry until this call's output is merged into it only when the rows differ
+        merge = entry is not None and entry[1] is not None and slots is not None
+        return hit, slots, merge and not torch.equal(entry[1], slots)
 
     def _wrapper(self, b: int, c: int):
         def component(inner, *args, **kwargs):
+            if self.handle.subset_call():
+                return inner(*args, **kwargs)
             batch = _batch(args, kwargs)
-            hit = self._cached(b, c, batch)
+            hit, slots, merge = self._cached(b, c, batch)
             if hit is not None:
                 return hit
             out = inner(*args, **kwargs)
-            self.state[(b, c)] = (batch, out)
+            self.state[(b, c)] = (batch, slots, out, self.state[(b, c)] if merge else None)
             return out
 
         return component

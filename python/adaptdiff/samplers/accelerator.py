@@ -6,7 +6,9 @@ An accelerator subclasses :class:`Accelerator` and overrides any of four no-op m
 - ``on_sample_start(ctx)`` once, before the first step: reset per-generation state here.
 - ``before_model(step)`` before each model call. Return a tensor to skip the call: it is used as
   the (guided) prediction, in the model's parameterisation, and the first accelerator to return
-  one wins (later ones are not asked). It may also edit ``step`` for this call only:
+  one wins (later ones are not asked; ``sample`` asks those that may skip whole steps first,
+  so the others prepare only calls that happen: :func:`.compose.call_order`). It may also edit
+  ``step`` for this call only:
   drop ``"uncond"`` from ``step.branches`` (guidance off, one branch: adaptive guidance), put a
   branch's prediction into ``step.branch_preds`` (that branch is not computed, the others are:
   LinearAG), set ``step.uncond_rows`` to evaluate the ``"uncond"`` branch for some batch rows
@@ -91,6 +93,10 @@ class ModelStep:
     # int64 [R] rows of x whose "uncond" branch runs (None: all). The other rows get their cond
     # prediction as uncond one, so u + w (c - u) is exactly c there.
     uncond_rows: torch.Tensor | None = None
+    # int64 [M] (CPU), set just before the model call: the slot of each row of the model batch,
+    # branch k's sample i being slot k * B + i (k: 0 cond, 1 uncond). Caches kept per row use it
+    # to follow a batch that guidance accelerators shrink or change between calls.
+    batch_slots: torch.Tensor | None = None
 
     @property
     def t_next(self) -> torch.Tensor:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
+from .compose import call_order, connect
+from .compose import check as check_composition
 from .parameterization import check_prediction, to_x0_eps
 from .schedules import FlowSchedule, VPSchedule, randn
 from .solvers import SAMPLERS
@@ -16,6 +18,7 @@ from .solvers import SAMPLERS
 __all__ = ["denoiser", "sample"]
 
 HISTORY = 3  # past predictions kept in ModelStep.history
+_BRANCHES = ("cond", "uncond")  # their order in the model batch slots (ModelStep.batch_slots)
 _COMMON_PARAMETERS = {
     "model_fn", "x", "timesteps", "schedule", "extra_args", "callback", "disable", "generator"
 }  # fmt: skip
@@ -73,6 +76,7 @@ class _GuidedModel:
 
     def __init__(self, ctx: SampleContext, accelerators: Sequence[Accelerator]):
         self.ctx, self.accelerators = ctx, list(accelerators)
+        self.consult, self.finish = call_order(ctx, self.accelerators)
         self.branch_kwargs = {"cond": ctx.cond, "uncond": ctx.uncond}
         self.guided = ctx.uncond is not None and ctx.guidance_scale != 1.0
         self.history: deque = deque(maxlen=HISTORY)
@@ -84,6 +88,7 @@ class _GuidedModel:
 
     def _evaluate(self, step: ModelStep) -> list[str]:
         todo = [b for b in step.branches if b not in step.branch_preds]
+        B = step.x.shape[0]
         rows = step.uncond_rows if "uncond" in todo else None
         if rows is not None and rows.numel() == 0:  # every row takes its cond prediction
             todo.remove("uncond")
@@ -98,12 +103,15 @@ class _GuidedModel:
             kwargs, xs = self._merged[key], [step.x] * len(todo)
         else:  # per-row guidance: the uncond branch on a subset of the rows
             rows = rows.to(step.x.device)
-            B = step.x.shape[0]
             kwargs = _batch_kwargs(
                 [_take_rows(self.branch_kwargs[b], rows, B) if b == "uncond" else
                  self.branch_kwargs[b] for b in todo]
             )  # fmt: skip
             xs = [step.x[rows] if b == "uncond" else step.x for b in todo]
+        step.batch_slots = torch.cat(
+            [_BRANCHES.index(b) * B + (torch.arange(B) if x is step.x else step.uncond_rows.cpu())
+             for b, x in zip(todo, xs, strict=True)]
+        )  # fmt: skip
         x_in = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
         t_in = step.t.to(step.x.device).repeat(x_in.shape[0])
         out = _main_channels(self.ctx.model(x_in, t_in, **kwargs), step.x)
@@ -134,7 +142,7 @@ class _GuidedModel:
         )
         self.call += 1
         pred = None
-        for acc in self.accelerators:
+        for acc in self.consult:
             pred = acc.before_model(step)
             if pred is not None:
                 break
@@ -146,7 +154,7 @@ class _GuidedModel:
                 pred = preds["uncond"] + step.guidance_scale * (preds["cond"] - preds["uncond"])
             else:
                 pred = preds["cond"]
-        for acc in self.accelerators:
+        for acc in self.finish:
             pred = acc.after_model(step, pred)
             if not isinstance(pred, torch.Tensor):
                 raise TypeError(f"{type(acc).__name__}.after_model must return a tensor")
@@ -198,7 +206,12 @@ def sample(
             batch). With ``guidance_scale == 1`` or ``uncond=None`` only the cond branch runs.
         prediction: what the model predicts: "eps", "v", "x0" or "flow".
         schedule: defaults to ``VPSchedule("linear")`` for eps/v/x0 and ``FlowSchedule()`` for flow.
-        accelerators: :class:`Accelerator` instances, consulted in order around each model call.
+        accelerators: :class:`Accelerator` instances, consulted in order around each model call,
+            except that :func:`.compose.call_order` asks step skippers (SADA) first before the
+            call and, after it, lets guidance (AG, LinearAG), then RAS, then SADA see the
+            prediction.
+            Combinations whose assumptions conflict are refused before the first step
+            (:mod:`.compose`).
         generator: drives the initial noise and the noise of stochastic samplers.
         progress: show a tqdm bar over the steps.
         return_info: also return a dict: ``nfe`` (model calls, a batched guidance call counting
@@ -255,6 +268,8 @@ def sample(
     ctx = SampleContext(
         model, schedule, prediction, method, ts, float(guidance_scale), cond, uncond, x
     )
+    check_composition(ctx, accelerators)
+    connect(ctx, accelerators)
     guided = _GuidedModel(ctx, accelerators)
     for acc in accelerators:
         acc.on_sample_start(ctx)
