@@ -119,9 +119,12 @@ def test_ras_and_a_schedule_both_act_the_schedule_on_dense_calls_only():
     handle = accel.apply(model, ScheduleConfig(sched))
     out = _run(model, [ras, handle])
     s = accel.summary(model)["default"]
-    assert ras.summary()["ras_calls"] == STEPS - 3
-    dense_calls = 3  # steps 0, 1, 5: the schedule counts its components there only
-    assert s["hits"] == 2 * len(comps) and s["hits"] + s["misses"] == dense_calls * 2 * len(comps)
+    # A dense call whose attention the schedule reused stores no K/V, so the RAS step after it
+    # runs dense to fill them: steps 1 and 2 (both reuse attention) leave them empty, step 3
+    # fills, step 4 is RAS; step 5 reuses, 6 fills, 7 is RAS.
+    assert [r["ras"] for r in ras.records] == [False] * 4 + [True] + [False] * 2 + [True]
+    dense_calls = 6  # the schedule counts its components on them only
+    assert s["hits"] == 3 * len(comps) and s["hits"] + s["misses"] == dense_calls * 2 * len(comps)
     ras_only = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(5,))
     accel.remove(model)
     assert not torch.equal(out, _run(model, [ras_only]))  # the schedule changed something
@@ -140,8 +143,9 @@ def test_ras_through_the_hook_api_with_a_schedule(ras_last):
     handle = accel.apply(model, *(configs if ras_last else configs[::-1]))
     _run(model, [handle])
     s = accel.summary(model)["default"]
-    assert s["ras"]["ras_calls"] == STEPS - 2
-    assert s["hits"] == len(comps) and s["hits"] + s["misses"] == 2 * 2 * len(comps)
+    # Step 1 reused attention, so it kept no K/V: step 2 runs dense to fill them.
+    assert s["ras"]["ras_calls"] == STEPS - 3
+    assert s["hits"] == len(comps) and s["hits"] + s["misses"] == 3 * 2 * len(comps)
     accel.remove(model)
 
 
@@ -155,8 +159,10 @@ def test_ras_and_an_online_cache_run_in_either_order():
             ras = RAS(model, sample_ratio=0.5, start_step=3)
         out = _run(model, [handle, ras])
         assert torch.isfinite(out).all()
-        assert ras.summary()["ras_calls"] == STEPS - 3
-        assert accel.summary(model)["default"]["cached_steps"] == [2]  # dense steps 0..2 only
+        # TaylorSeer forecast step 2, the dense step before RAS's first: no K/V were kept, so
+        # step 3 runs dense to fill them and RAS runs from step 4.
+        assert [r["ras"] for r in ras.records] == [False] * 4 + [True] * (STEPS - 4)
+        assert accel.summary(model)["default"]["cached_steps"] == [2]  # dense steps 0..3 only
 
 
 @pytest.mark.parametrize("seed", [0, 2])
@@ -260,7 +266,7 @@ def test_ag_ras_schedule_and_sada_all_act_in_one_call(method):
     comps = accel.layout(model)
     sched = Schedule.for_model(model, STEPS)
     for s in (1, 4):  # dense steps for RAS (warm-up, error reset), computed by SADA
-        sched.mask[s] = [[False, True] for _ in comps]  # reuse every attention
+        sched.mask[s] = [[True, False] for _ in comps]  # reuse every MLP (attention keeps K/V)
     ag, sada = AdaptiveGuidance(0.975), AlwaysStable(start=0.0, end=1.0)
     ras = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(4,))
     handle = accel.apply(model, ScheduleConfig(sched))

@@ -161,6 +161,7 @@ class _State:
     slots: torch.Tensor | None = None  # this call's slot per model row
     index: torch.Tensor | None = None  # this call's active index when rows were dropped
     kv_slots: dict = field(default_factory=dict)  # attention module id -> slots of its rows
+    kv_writes: int = 0  # attention layers that stored K/V during this call
 
     def reset(self, num_tokens: int = 0) -> None:
         self.mode, self.active, self.num_tokens, self.model_ran = "off", None, num_tokens, False
@@ -173,7 +174,7 @@ class _State:
         """At the first block: this call's rows, and their active index when the batch is not
         the samples repeated per branch (adaptive guidance dropped some uncond rows)."""
         slots = None if self.step is None else self.step.batch_slots
-        self.slots, self.index = slots, None
+        self.slots, self.index, self.kv_writes = slots, None, 0
         if slots is not None and self.mode == "ras":
             n, m = self.active.shape[0], slots.numel()
             if m % n or not torch.equal(slots, torch.arange(m)):
@@ -226,6 +227,7 @@ def _adaptdiff_attention(attn, state: _State):
 def _store(state: _State, attn, kv) -> None:
     """A dense call's K/V: rows missing from this call (guidance skipped them) keep theirs."""
     key, slots = id(attn), state.slots
+    state.kv_writes += 1
     old, old_slots = state.kv.get(key), state.kv_slots.get(key)
     if slots is not None and old_slots is not None and not torch.equal(old_slots, slots):
         pos = slot_positions(old_slots, slots)
@@ -359,6 +361,11 @@ class RAS(Accelerator):
 
     def _install(self, wrap) -> None:
         state = self.state
+        self.num_attention = 0
+
+        def wrap_attention(module, wrapper):  # counted: a dense call must refill every one
+            self.num_attention += 1
+            wrap(module, wrapper)
 
         def gather(inner, *args, **kwargs):  # the first block: keep the active tokens
             state.begin_call()
@@ -383,12 +390,12 @@ class RAS(Accelerator):
         wrap(self._out, scatter)
         if self._kind == "adaptdiff":
             for block in self.model.blocks:
-                wrap(block.attn, _adaptdiff_attention(block.attn, state))
+                wrap_attention(block.attn, _adaptdiff_attention(block.attn, state))
         elif self._kind == "diffusers":
             for block in self.model.transformer_blocks:
-                wrap(block.attn1, _diffusers_attention(block.attn1, state))
+                wrap_attention(block.attn1, _diffusers_attention(block.attn1, state))
         else:
-            _install_joint(self.model, self._kind, state, wrap)
+            _install_joint(self.model, self._kind, state, wrap_attention)
 
     def remove(self) -> None:
         """Take the hooks off the model (idempotent)."""
@@ -474,8 +481,9 @@ class RAS(Accelerator):
             return pred
         if not state.model_ran:
             raise RuntimeError("RAS: the model it was created for was not called by sample()")
-        if state.mode != "ras":  # a plain call leaves the caches stale
-            self.kv_filled = state.mode == "dense"
+        if state.mode != "ras":  # a plain call leaves the caches stale; so does a dense call
+            # in which another accelerator reused some attention layer's output (a schedule)
+            self.kv_filled = state.mode == "dense" and state.kv_writes == self.num_attention
         active = state.mode == "ras"
         if active:
             B, C, H, W = pred.shape

@@ -103,6 +103,7 @@ def _full_kv(attn, state, x: torch.Tensor, index: torch.Tensor | None, length: i
             )
         kv = tuple(lin(x) for lin in linears)
         state.kv[id(attn)] = kv
+        state.kv_writes += 1
         return kv
     kv = state.kv.get(id(attn))
     if kv is None or kv[0].shape[:2] != (x.shape[0], length) or kv[0].dtype != x.dtype:
