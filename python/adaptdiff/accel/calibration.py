@@ -49,24 +49,32 @@ def model_signature(model: nn.Module) -> dict:
     }
 
 
-def load_calibration(source, method: str, model: nn.Module | None = None) -> dict:
-    """Read and validate a calibration (a path or an already loaded dict)."""
-    where = source if isinstance(source, (str, Path)) else "calibration"
+def read_document(source, kind: str, fmt: str, version: int) -> tuple[dict, str]:
+    """A JSON document of ``adaptdiff.accel`` (a path, or an already loaded dict) with its
+    ``format`` and ``version`` checked; returns it and the name its errors use. ``kind`` names
+    it in messages ("calibration", "schedule")."""
+    where = str(source) if isinstance(source, (str, Path)) else kind
     if isinstance(source, (str, Path)):
         try:
             doc = json.loads(Path(source).read_text())
         except FileNotFoundError:
-            raise ValueError(f"calibration file {source} not found") from None
+            raise ValueError(f"{kind} file {source} not found") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"calibration file {source} is not JSON: {e}") from None
+            raise ValueError(f"{kind} file {source} is not JSON: {e}") from None
     else:
         doc = source
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ValueError(f"{where}: not an adaptdiff calibration (format must be {FORMAT!r})")
-    if doc.get("version") != VERSION:
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"{where}: not an adaptdiff {kind} (format must be {fmt!r})")
+    if doc.get("version") != version:
         raise ValueError(
-            f"{where}: version {doc.get('version')!r} unsupported (expected {VERSION})"
+            f"{where}: version {doc.get('version')!r} unsupported (expected {version})"
         )
+    return doc, where
+
+
+def load_calibration(source, method: str, model: nn.Module | None = None) -> dict:
+    """Read and validate a calibration (a path or an already loaded dict)."""
+    doc, where = read_document(source, "calibration", FORMAT, VERSION)
     if doc.get("method") != method:
         raise ValueError(f"{where}: calibrates {doc.get('method')!r}, not {method!r}")
     if model is not None:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .api import register_config
-from .calibration import model_signature
+from .calibration import model_signature, read_document
 from .hooks import Hook, block_rates, layout, merge_rows
 
 FORMAT, VERSION = "adaptdiff.schedule", 1
@@ -141,22 +141,7 @@ class Schedule:
     @classmethod
     def load(cls, source, model: nn.Module | None = None, blocks=None) -> Schedule:
         """From a path or dict; with ``model``, checks it fits (components and signature)."""
-        where = str(source) if isinstance(source, (str, Path)) else "schedule"
-        if isinstance(source, (str, Path)):
-            try:
-                doc = json.loads(Path(source).read_text())
-            except FileNotFoundError:
-                raise ValueError(f"schedule file {source} not found") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"schedule file {source} is not JSON: {e}") from None
-        else:
-            doc = source
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError(f"{where}: not an adaptdiff schedule (format must be {FORMAT!r})")
-        if doc.get("version") != VERSION:
-            raise ValueError(
-                f"{where}: version {doc.get('version')!r} unsupported (expected {VERSION})"
-            )
+        doc, where = read_document(source, "schedule", FORMAT, VERSION)
         for key in ("components", "mask", "steps"):
             if key not in doc:
                 raise ValueError(f"{where}: missing {key!r}")
