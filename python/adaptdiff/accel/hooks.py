@@ -263,26 +263,14 @@ class AccelHandle(Accelerator):
 
     # -- wrapping
     def wrap(self, module: nn.Module, wrapper: Callable) -> None:
-        """Make ``module(...)`` call ``wrapper(inner, *args, **kwargs)``; ``inner`` is the
-        forward that was in place (the class's, or an earlier wrapper)."""
-        previous = module.__dict__.get("forward")
-        inner = module.forward
-
-        def forward(*args, **kwargs):
-            return wrapper(inner, *args, **kwargs)
-
-        module.forward = forward
-        self._wrapped.append((module, previous))
+        """Make ``module(...)`` call ``wrapper(inner, *args, **kwargs)`` (see
+        :func:`wrap_forward`)."""
+        wrap_forward(module, wrapper, self._wrapped)
 
     def remove(self) -> None:
-        for module, previous in reversed(self._wrapped):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+        restore_forwards(self._wrapped)
         for h in self._handles:
             h.remove()
-        self._wrapped.clear()
         self._handles.clear()
 
     # -- reporting
@@ -352,3 +340,27 @@ def block_rates(ctx: ContextState, prefix: str, n: int) -> list[float]:
         h, m = ctx.hits.get((prefix, i), 0), ctx.misses.get((prefix, i), 0)
         rates.append(h / (h + m) if h + m else 0.0)
     return rates
+
+
+def wrap_forward(module: nn.Module, wrapper: Callable, wrapped: list) -> None:
+    """Make ``module(...)`` call ``wrapper(inner, *args, **kwargs)``; ``inner`` is the forward
+    that was in place (the class's, or an earlier wrapper). Records ``(module, previous)`` in
+    ``wrapped`` for :func:`restore_forwards`."""
+    previous = module.__dict__.get("forward")
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        return wrapper(inner, *args, **kwargs)
+
+    module.forward = forward
+    wrapped.append((module, previous))
+
+
+def restore_forwards(wrapped: list) -> None:
+    """Undo :func:`wrap_forward` calls, newest first, and empty ``wrapped``."""
+    for module, previous in reversed(wrapped):
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+    wrapped.clear()

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
 from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
 from .api import register_config
-from .hooks import Hook, map_tensors, slot_positions
+from .hooks import Hook, map_tensors, restore_forwards, slot_positions, wrap_forward
 from .ras_joint import install as _install_joint
 from .ras_joint import layout as _joint_layout
 
@@ -351,13 +351,7 @@ class RAS(Accelerator):
 
     def _wrap(self, module, wrapper) -> None:
         """``module(...)`` calls ``wrapper(inner, *args, **kwargs)`` (as ``AccelHandle.wrap``)."""
-        previous, inner = module.__dict__.get("forward"), module.forward
-
-        def forward(*args, **kwargs):
-            return wrapper(inner, *args, **kwargs)
-
-        module.forward = forward
-        self._wrapped.append((module, previous))
+        wrap_forward(module, wrapper, self._wrapped)
 
     def _install(self, wrap) -> None:
         state = self.state
@@ -399,12 +393,7 @@ class RAS(Accelerator):
 
     def remove(self) -> None:
         """Take the hooks off the model (idempotent)."""
-        for module, previous in reversed(self._wrapped):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-        self._wrapped.clear()
+        restore_forwards(self._wrapped)
         self._installed = False
         self.state.reset()
 
