@@ -46,7 +46,7 @@ from adaptdiff.accel.evaluate import (
     pareto,
     plot,
 )
-from adaptdiff.accel.ras import RAS, RASConfig
+from adaptdiff.accel.tokens.ras import RAS, RASConfig
 from adaptdiff.models import create_dit
 from adaptdiff.models.dit import DIT_CONFIGS
 
@@ -99,7 +99,7 @@ def accel_method(name: str, setting: str, make_config) -> Method:
 def cache_methods(steps: int, quick: bool) -> list[Method]:
     """adaptdiff.accel's online caches and a static DeepCache-like schedule."""
     from adaptdiff import accel
-    from adaptdiff.accel.producers import interval_schedule
+    from adaptdiff.accel.caching.producers import interval_schedule
 
     def schedule(interval):
         return lambda m: accel.ScheduleConfig(interval_schedule(accel.layout(m), steps, interval))
@@ -149,8 +149,9 @@ def methods(steps: int, quick: bool) -> list[Method]:
 
 
 def sada_methods(steps: int, quick: bool) -> list[Method]:
-    """SADA's stability-guided step skipping (adaptdiff.accel.sada); compute: model calls made."""
-    from adaptdiff.accel.sada import SADA
+    """SADA's stability-guided step skipping (adaptdiff.accel.steps.sada); compute: model calls
+    made."""
+    from adaptdiff.accel.steps.sada import SADA
 
     def method(setting, **kwargs) -> Method:
         def apply(model) -> Applied:
@@ -164,11 +165,15 @@ def sada_methods(steps: int, quick: bool) -> list[Method]:
 
 
 def guidance_methods(model, steps: int, quick: bool) -> list[Method]:
-    """Adaptive guidance and LinearAG (adaptdiff.accel.guidance) for a CFG-sampled digits model;
-    compute: network evaluations per sample against CFG's two per step. LinearAG's coefficients
-    are fitted here on full-CFG runs of other noise than the evaluation's."""
-    from adaptdiff.accel.guidance import AdaptiveGuidance, LinearAG, calibrate_linear_ag
-    from adaptdiff.demo import balanced_labels
+    """Adaptive guidance and LinearAG (adaptdiff.accel.guidance.adaptive) for a CFG-sampled digits
+    model; compute: network evaluations per sample against CFG's two per step. LinearAG's
+    coefficients are fitted here on full-CFG runs of other noise than the evaluation's."""
+    from adaptdiff.accel.guidance.adaptive import (
+        AdaptiveGuidance,
+        LinearAG,
+        calibrate_linear_ag,
+    )
+    from adaptdiff.recipes.digits import balanced_labels
 
     def ag(threshold: float) -> Method:
         def apply(model) -> Applied:
@@ -206,7 +211,7 @@ def guidance_methods(model, steps: int, quick: bool) -> list[Method]:
 def autodiffusion_methods(model, fd, k: int = 6) -> list[Method]:
     """AutoDiffusion's searched k timesteps (timesteps only: a small search, digits-FD of 100
     samples of other noise) against k uniform Euler steps."""
-    from adaptdiff.accel.autodiffusion import evolve, sample_fitness
+    from adaptdiff.accel.steps.autodiffusion import evolve, sample_fitness
 
     fitness = sample_fitness(model, fd, method="euler", num_samples=100, seed=1000)
     found = evolve(fitness, [i / 1000 for i in range(1, 1001)], k, generations=6,
@@ -245,7 +250,7 @@ def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
     that no longer loads (written by an older version) is trained again; a user's raises."""
     import shutil
 
-    from adaptdiff.demo import DigitsTrainConfig, load_digits_model, train_digits
+    from adaptdiff.recipes.digits import DigitsTrainConfig, load_digits_model, train_digits
     from adaptdiff.train.checkpoint import CheckpointError
 
     if (directory / "model.json").exists():
@@ -262,8 +267,8 @@ def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
 
 
 def run_digits(args, steps: int) -> list:
-    from adaptdiff.demo import balanced_labels
     from adaptdiff.metrics.digits import DigitsEvaluator
+    from adaptdiff.recipes.digits import balanced_labels
 
     model = digits_model(
         Path(args.digits_dir),

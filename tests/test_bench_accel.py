@@ -106,7 +106,7 @@ def test_cli_routes_bench_accel_to_its_own_options(capsys):
 
 
 def test_a_stale_cached_digits_model_is_trained_again_but_a_users_raises(tmp_path, monkeypatch):
-    import adaptdiff.demo as demo
+    import adaptdiff.recipes.digits as demo
 
     trained = []
     monkeypatch.setattr(demo, "train_digits", lambda cfg: (trained.append(cfg.out_dir), None))

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from .data import digits
-from .demo import DigitsTrainConfig, SamplingSetting, build_model, generate
 from .metrics.digits import DigitsEvaluator, frechet_distance, gaussian_stats
+from .recipes.digits import DigitsTrainConfig, SamplingSetting, build_model, generate
 from .samplers import FlowSchedule
 from .samplers.parameterization import append_dims, target
 from .train import DiffusionObjective, TrainConfig, Trainer, load_weights

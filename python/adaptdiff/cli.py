@@ -69,7 +69,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .demo import DigitsTrainConfig, train_digits
+    from .recipes.digits import DigitsTrainConfig, train_digits
 
     cfg = DigitsTrainConfig(
         model=args.model,
@@ -86,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .demo import (
+    from .recipes.digits import (
         SamplingSetting,
         evaluate_sampling,
         format_table,

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from adaptdiff import accel
-from adaptdiff.accel.autodiffusion import (
+from adaptdiff.accel.caching.schedule import Schedule, ScheduleConfig
+from adaptdiff.accel.steps.autodiffusion import (
     Genome,
     apply_genome,
     evolve,
@@ -12,7 +13,6 @@ from adaptdiff.accel.autodiffusion import (
     schedule_json,
     uniform_genome,
 )
-from adaptdiff.accel.schedule import Schedule, ScheduleConfig
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
 

@@ -10,7 +10,7 @@ from adaptdiff.accel import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from adaptdiff.accel.caches import resample
+from adaptdiff.accel.caching.online import resample
 
 from .support import run, tiny_dit
 

@@ -5,9 +5,13 @@ import torch
 
 from adaptdiff import accel
 from adaptdiff.accel import FirstBlockCacheConfig, Schedule, ScheduleConfig, TaylorSeerConfig
-from adaptdiff.accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
-from adaptdiff.accel.ras import RAS, RASConfig
-from adaptdiff.accel.sada import SADA
+from adaptdiff.accel.guidance.adaptive import (
+    AdaptiveGuidance,
+    LinearAG,
+    TrajectoryRecorder,
+)
+from adaptdiff.accel.steps.sada import SADA
+from adaptdiff.accel.tokens.ras import RAS, RASConfig
 from adaptdiff.samplers import sample
 
 from .support import tiny_dit

@@ -13,8 +13,8 @@ from adaptdiff.accel import (
     TaylorSeerConfig,
     TeaCacheConfig,
 )
-from adaptdiff.accel.ecad import ecad_search
-from adaptdiff.accel.producers import (
+from adaptdiff.accel.caching.ecad import ecad_search
+from adaptdiff.accel.caching.producers import (
     asdm_schedule,
     bac_schedule,
     collect_features,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from adaptdiff.accel.entropy_scaling import (
+from adaptdiff.accel.tokens.entropy_scaling import (
     apply_entropy_scaling,
     apply_entropy_scaling_diffusers,
     entropy_scale,

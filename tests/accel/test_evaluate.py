@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptdiff.accel.evaluate import Applied, Method, Result, evaluate, format_table, pareto, plot
-from adaptdiff.accel.ras import RAS
+from adaptdiff.accel.tokens.ras import RAS
 
 from .test_ras import random_dit
 

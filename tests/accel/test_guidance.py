@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptdiff import cli
-from adaptdiff.accel.guidance import (
+from adaptdiff.accel.guidance.adaptive import (
     AdaptiveGuidance,
     LinearAG,
     calibrate_linear_ag,

@@ -5,7 +5,7 @@ import torch
 
 from adaptdiff import accel
 from adaptdiff.accel import FirstBlockCacheConfig, Schedule, ScheduleConfig
-from adaptdiff.accel.producers import interval_schedule
+from adaptdiff.accel.caching.producers import interval_schedule
 from adaptdiff.samplers import sample
 
 from .support import run, tiny_dit

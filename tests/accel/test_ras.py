@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from adaptdiff import accel
-from adaptdiff.accel.ras import RAS, RASConfig, skip_schedule, theoretical_speedup
+from adaptdiff.accel.tokens.ras import RAS, RASConfig, skip_schedule, theoretical_speedup
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import Accelerator, sample
 
@@ -335,7 +335,8 @@ def test_ras_through_the_accel_hook_api_matches_the_standalone_accelerator():
 
 
 def test_demo_rows_make_ras_per_run_and_take_it_off_after():
-    from adaptdiff.demo import DEFAULT_SETTINGS, SamplingSetting, generate
+    from adaptdiff.demo import DEFAULT_SETTINGS
+    from adaptdiff.recipes.digits import SamplingSetting, generate
 
     ras_rows = [s for s in DEFAULT_SETTINGS if s.name().startswith("RAS")]
     assert ras_rows and all(callable(a) for s in ras_rows for a in s.accelerators)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adaptdiff import accel
-from adaptdiff.accel.ras import RAS, RASConfig
+from adaptdiff.accel.tokens.ras import RAS, RASConfig
 from adaptdiff.metrics import psnr
 from adaptdiff.samplers import Accelerator, sample
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from adaptdiff.accel.guidance import AdaptiveGuidance, LinearAG
-from adaptdiff.accel.sada import ADAMS, SADA, lagrange_weights, momentum
+from adaptdiff.accel.guidance.adaptive import AdaptiveGuidance, LinearAG
+from adaptdiff.accel.steps.sada import ADAMS, SADA, lagrange_weights, momentum
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import FlowSchedule, VPSchedule, sample
 from tests.samplers.support import GaussianModel, TinyDenoiser

@@ -9,14 +9,14 @@ import torch
 
 from adaptdiff import accel
 from adaptdiff.accel import Schedule, ScheduleConfig
-from adaptdiff.accel.ecad import (
+from adaptdiff.accel.caching.ecad import (
     dominates,
     ecad_search,
     feature_fitness,
     non_dominated_sort,
     nsga2,
 )
-from adaptdiff.accel.producers import (
+from adaptdiff.accel.caching.producers import (
     asdm_schedule,
     asdm_steps,
     bac_dp,

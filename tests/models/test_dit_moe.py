@@ -219,7 +219,7 @@ def test_upcycle_every_other_block_keeps_dense_mlps():
 @pytest.mark.slow
 def test_digits_training_of_the_moe_demo_model_and_its_load_table(tmp_path):
     from adaptdiff.cli import build_parser
-    from adaptdiff.demo import DigitsTrainConfig, expert_load_table, train_digits
+    from adaptdiff.recipes.digits import DigitsTrainConfig, expert_load_table, train_digits
 
     cfg = DigitsTrainConfig(
         model="DiT-MoE-demo/4", steps=2, batch_size=8, warmup_steps=1, out_dir=str(tmp_path),

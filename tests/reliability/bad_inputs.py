@@ -550,7 +550,7 @@ def _checkpoint(tmp: str, damage: str):
 def _model_json(tmp: str, content: str):
     from pathlib import Path
 
-    from adaptdiff.demo import load_digits_model
+    from adaptdiff.recipes.digits import load_digits_model
 
     def run():
         out = Path(tmp) / f"json{abs(hash(content))}"

@@ -44,8 +44,13 @@ validates the JSON (format, version, method, model class / blocks / parameters).
 schedules.
 """
 
+import importlib as _importlib
+import sys as _sys
+
 from .api import apply, context, get_handle, register_config, remove, reset, summary
-from .caches import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from .caching.online import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerConfig, TeaCacheConfig
+from .caching.schedule import Schedule, ScheduleConfig
+from .caching.searches import calibrate_bac, calibrate_ecad  # noqa: F401  (registers bac, ecad)
 from .calibration import (
     CALIBRATORS,
     CalibrationSetup,
@@ -54,8 +59,22 @@ from .calibration import (
     run_calibration,
 )
 from .hooks import AccelHandle, ContextState, Hook, find_blocks, find_components, layout
-from .schedule import Schedule, ScheduleConfig
-from .searches import calibrate_bac, calibrate_ecad  # noqa: F401  (registers bac, ecad)
+
+# Module paths before the family grouping, kept importable (``adaptdiff.accel.ras`` and so on).
+_OLD_PATHS = {
+    "caches": "caching.online",
+    "schedule": "caching.schedule",
+    "producers": "caching.producers",
+    "ecad": "caching.ecad",
+    "searches": "caching.searches",
+    "ras": "tokens.ras",
+    "ras_joint": "tokens.ras_joint",
+    "entropy_scaling": "tokens.entropy_scaling",
+    "sada": "steps.sada",
+    "autodiffusion": "steps.autodiffusion",
+}
+for _old, _new in _OLD_PATHS.items():
+    _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f".{_new}", __name__)
 
 __all__ = [
     "CALIBRATORS",

@@ -67,7 +67,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.model is None):
         raise SystemExit("adaptdiff calibrate: give exactly one of --checkpoint and --model")
     if args.checkpoint is not None:
-        from ..demo import load_digits_model
+        from ..recipes.digits import load_digits_model
 
         model = load_digits_model(args.checkpoint)
     else:

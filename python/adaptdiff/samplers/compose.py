@@ -62,12 +62,12 @@ class Part:
 
 def _accel_parts(acc, ctx: SampleContext) -> list[Part] | None:
     """Parts of the accelerators of :mod:`adaptdiff.accel` (imported here: accel imports us)."""
-    from ..accel.caches import StackCache
-    from ..accel.guidance import AdaptiveGuidance, LinearAG, TrajectoryRecorder
+    from ..accel.caching.online import StackCache
+    from ..accel.caching.schedule import ScheduleExecutor
+    from ..accel.guidance.adaptive import AdaptiveGuidance, LinearAG, TrajectoryRecorder
     from ..accel.hooks import AccelHandle
-    from ..accel.ras import RAS, RASHook, skip_schedule
-    from ..accel.sada import SADA
-    from ..accel.schedule import ScheduleExecutor
+    from ..accel.steps.sada import SADA
+    from ..accel.tokens.ras import RAS, RASHook, skip_schedule
 
     guided = ctx.uncond is not None and ctx.guidance_scale != 1.0
 
@@ -209,7 +209,7 @@ def connect(ctx: SampleContext, accelerators: Sequence[Accelerator]) -> None:
     if not accelerators:
         return
     from ..accel.hooks import AccelHandle
-    from ..accel.ras import RAS, RASHook
+    from ..accel.tokens.ras import RAS, RASHook
 
     handles = [a for a in accelerators if isinstance(a, AccelHandle)]
     rases = [a for a in accelerators if isinstance(a, RAS)]

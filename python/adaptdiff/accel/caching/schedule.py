@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import register_config
-from .calibration import model_signature, read_document
-from .hooks import Hook, block_rates, layout, merge_rows
+from ..api import register_config
+from ..calibration import model_signature, read_document
+from ..hooks import Hook, block_rates, layout, merge_rows
 
 FORMAT, VERSION = "adaptdiff.schedule", 1
 

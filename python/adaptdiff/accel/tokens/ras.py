@@ -57,10 +57,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
-from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
-from .api import register_config
-from .hooks import Hook, map_tensors, restore_forwards, slot_positions, wrap_forward
+from ...ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
+from ...samplers.accelerator import Accelerator, ModelStep, SampleContext
+from ..api import register_config
+from ..hooks import Hook, map_tensors, restore_forwards, slot_positions, wrap_forward
 from .ras_joint import install as _install_joint
 from .ras_joint import layout as _joint_layout
 

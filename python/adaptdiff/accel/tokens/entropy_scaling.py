@@ -35,7 +35,7 @@ def apply_entropy_scaling(model, train_tokens: int | None = None) -> list:
     ``train_tokens`` defaults to the model's training grid (``model.grid_size ** 2``). Returns
     the hook handles; :func:`remove_entropy_scaling` undoes it.
     """
-    from ..models.layers import Attention
+    from ...models.layers import Attention
 
     if train_tokens is None:
         if not hasattr(model, "grid_size"):

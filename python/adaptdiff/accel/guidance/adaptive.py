@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..ops import cosine, lincomb
-from ..samplers import Accelerator, ModelStep, SampleContext, sample
-from .calibration import register_calibrator
+from ...ops import cosine, lincomb
+from ...samplers import Accelerator, ModelStep, SampleContext, sample
+from ..calibration import register_calibrator
 
 __all__ = [
     "AdaptiveGuidance",

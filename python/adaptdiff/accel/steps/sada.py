@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import gather_tokens, lincomb, scatter_tokens
-from ..samplers import Accelerator, ModelStep, SampleContext
-from ..samplers.parameterization import target, to_x0_eps
+from ...ops import gather_tokens, lincomb, scatter_tokens
+from ...samplers import Accelerator, ModelStep, SampleContext
+from ...samplers.parameterization import target, to_x0_eps
 
 __all__ = ["SADA", "lagrange_weights", "momentum"]
 

@@ -1,6 +1,6 @@
 """RAS on diffusers' joint-attention transformers: ``SD3Transformer2DModel`` (MM-DiT joint
 blocks) and ``FluxTransformer2DModel`` (double-stream joint blocks, then single-stream blocks
-over the concatenated text + image sequence). :class:`~adaptdiff.accel.ras.RAS` finds these
+over the concatenated text + image sequence). :class:`~adaptdiff.accel.tokens.ras.RAS` finds these
 models through :func:`layout` and installs the wrappers below with :func:`install`.
 
 Only image tokens are selected and cached; text (encoder) tokens are computed on every step.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import indexed_linear_
+from ...ops import indexed_linear_
 
 __all__ = ["install", "layout"]
 
@@ -99,7 +99,7 @@ def _full_kv(attn, state, x: torch.Tensor, index: torch.Tensor | None, length: i
         if x.shape[1] != length:
             raise ValueError(
                 f"RAS: the model has {x.shape[1]} image tokens, the samples {length} patches "
-                "(Flux: one token per pixel of the sample, see adaptdiff.accel.ras_joint)"
+                "(Flux: one token per pixel of the sample, see adaptdiff.accel.tokens.ras_joint)"
             )
         kv = tuple(lin(x) for lin in linears)
         state.kv[id(attn)] = kv

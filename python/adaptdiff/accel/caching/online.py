@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..ops import lincomb, rel_l1
-from .api import register_config
-from .calibration import load_calibration
-from .hooks import BlockIO, Hook, block_rates, find_components, percentiles, split_output
+from ...ops import lincomb, rel_l1
+from ..api import register_config
+from ..calibration import load_calibration
+from ..hooks import BlockIO, Hook, block_rates, find_components, percentiles, split_output
 
 __all__ = [
     "FirstBlockCacheConfig",

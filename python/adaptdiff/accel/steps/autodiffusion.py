@@ -4,7 +4,7 @@ A candidate is a :class:`Genome`: k descending sampling times (the first is the 
 end, the others a non-uniform subset of a candidate grid) and, per step, the set of blocks that
 step skips. A skipped block reuses its components' outputs from the last step that computed
 them: the search runs each candidate through the static-schedule executor of
-:mod:`adaptdiff.accel.schedule` (:func:`apply_genome`), so a saved schedule samples exactly
+:mod:`adaptdiff.accel.caching.schedule` (:func:`apply_genome`), so a saved schedule samples exactly
 what was searched. Step 0 skips nothing. The budget bounds the executed blocks over all steps:
 at most ``(1 - skip_ratio) * k * depth``.
 
@@ -13,9 +13,9 @@ random fill) with the progressive two-stage schedule: timesteps only for ``stage
 generations, then the allowed skip ratio grows by ``max_skip / 5`` per generation up to
 ``max_skip``. Fitness is any ``genome -> float`` (lower is better), e.g.
 :func:`sample_fitness` (digits-FD or MMD² of a small sample). :func:`save_schedule` writes the
-winner in the static-schedule JSON of :mod:`adaptdiff.accel.schedule` (``mask[step][block]``,
-"0" = reuse; the timesteps under ``meta``); ``adaptdiff calibrate --method autodiffusion``
-runs the search on a digits checkpoint.
+winner in the static-schedule JSON of :mod:`adaptdiff.accel.caching.schedule`
+(``mask[step][block]``, "0" = reuse; the timesteps under ``meta``);
+``adaptdiff calibrate --method autodiffusion`` runs the search on a digits checkpoint.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..samplers import sample
-from .calibration import register_calibrator
+from ...samplers import sample
+from ..calibration import register_calibrator
 
 __all__ = [
     "Genome",
@@ -71,14 +71,14 @@ COMPONENTS = ("attn", "mlp")  # what a skipped DiT block reuses, in the schedule
 
 def apply_genome(model, genome: Genome):
     """Install ``genome``'s block skips on ``model`` as a static schedule (the executor of
-    :mod:`adaptdiff.accel.schedule`) and return the handle to pass to ``sample``; None when
+    :mod:`adaptdiff.accel.caching.schedule`) and return the handle to pass to ``sample``; None when
     the genome skips nothing. ``accel.remove(model)`` takes it off again."""
     if genome.skips and genome.skips[0]:
         raise ValueError("step 0 cannot skip blocks: nothing is cached yet")
     if not any(genome.skips):
         return None
-    from . import api
-    from .schedule import ScheduleConfig
+    from .. import api
+    from ..caching.schedule import ScheduleConfig
 
     depth = len(model.blocks)
     return api.apply(model, ScheduleConfig(schedule_json(genome, depth)))
@@ -226,7 +226,7 @@ def sample_fitness(
 
     @torch.no_grad()
     def fitness(g: Genome) -> float:
-        from . import api
+        from .. import api
 
         handle = apply_genome(model, g)
         try:
@@ -246,9 +246,9 @@ def sample_fitness(
 
 
 def schedule_json(genome: Genome, depth: int, components=COMPONENTS, **meta) -> dict:
-    """The static-schedule JSON (``adaptdiff.accel.schedule``): ``mask[step][block]``, one 0/1
-    per component ("0": reuse), with the searched timesteps under ``meta``."""
-    from .schedule import Schedule
+    """The static-schedule JSON (``adaptdiff.accel.caching.schedule``): ``mask[step][block]``, one
+    0/1 per component ("0": reuse), with the searched timesteps under ``meta``."""
+    from ..caching.schedule import Schedule
 
     mask = [[[j not in s] * len(components) for j in range(depth)] for s in genome.skips]
     meta = {"method": "autodiffusion", "timesteps": list(genome.timesteps), **meta}
@@ -262,7 +262,7 @@ def save_schedule(path, genome: Genome, depth: int, **meta) -> None:
 
 def load_schedule(path) -> Genome:
     """The genome of a schedule written by :func:`save_schedule` (timesteps from ``meta``)."""
-    from .schedule import Schedule
+    from ..caching.schedule import Schedule
 
     sched = Schedule.load(path)
     if not sched.meta or "timesteps" not in sched.meta:
@@ -279,7 +279,7 @@ def load_schedule(path) -> Genome:
     "--option max_skip=0.1), fitness digits-FD of --option num=100 samples (digits checkpoints)",
 )
 def _calibrate(setup) -> dict:
-    from ..metrics.digits import DigitsEvaluator
+    from ...metrics.digits import DigitsEvaluator
 
     model, opts = setup.model, setup.options
     cfg = getattr(model, "config", None)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .calibration import CalibrationSetup, model_signature, register_calibrator
+from ..calibration import CalibrationSetup, model_signature, register_calibrator
+from ..hooks import layout
 from .ecad import ecad_search
-from .hooks import layout
 from .producers import bac_schedule, collect_features
 
 

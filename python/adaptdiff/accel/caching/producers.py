@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .hooks import find_blocks, find_components
+from ..hooks import find_blocks, find_components
 from .schedule import Schedule
 
 __all__ = [

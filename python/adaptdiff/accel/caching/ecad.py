@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .api import apply, remove
-from .hooks import find_blocks
+from ..api import apply, remove
+from ..hooks import find_blocks
 from .producers import interval_schedule
 from .schedule import Schedule, ScheduleConfig
 
@@ -247,7 +247,7 @@ def ecad_search(
     quality objective; the computed share of the components' parameters is the second.
     Seeds the population with all-compute and interval schedules (ECAD's heuristic seeds).
     """
-    from .hooks import layout
+    from ..hooks import layout
 
     if getattr(model, "_adaptdiff_accel", None) is not None:
         raise ValueError("ecad_search: remove the model's adaptdiff.accel hooks first")
