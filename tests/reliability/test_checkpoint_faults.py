@@ -17,7 +17,7 @@ import torch
 
 from adaptdiff.train import CheckpointError, Trainer
 from adaptdiff.train import checkpoint as ckpt
-from tests.train.tiny import mlp, mse, regression_data
+from tests.support.regression import mlp, mse, regression_data
 
 from .ckpt_worker import config, trainer
 
