@@ -48,3 +48,8 @@ def test_experts_must_divide_among_ranks(distributed_result):
         "num_experts (3) must be divisible by the world size (2)"
         in distributed_result["indivisible"]
     )
+
+
+@pytest.mark.slow
+def test_only_swiglu_experts_are_sharded(distributed_result):
+    assert "only activation='swiglu' experts" in distributed_result["gelu"]
