@@ -1,16 +1,12 @@
 import torch
 
 from adaptdiff.models import create_dit
+from tests.support.models import tiny_dit
 
 
 def noisy_dit(name="DiT-tiny/2", seed=3):
     """A DiT whose adaLN-Zero gates are not zero (so every block does something)."""
-    torch.manual_seed(seed)
-    model = create_dit(name).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return tiny_dit(name, seed=seed, perturb=0.05)
 
 
 def plain_copy(model, name="DiT-tiny/2"):

@@ -18,27 +18,13 @@ from adaptdiff.adapters import (
     unmerge_lora,
 )
 from adaptdiff.adapters.lora import lora_state_dict
-from adaptdiff.models import create_dit
+from tests.support.models import tiny_dit
 
-
-def _inputs(b=3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(b, 4, 8, 8, generator=g)
-    return x, torch.rand(b, generator=g) * 999, torch.arange(b) % 10
-
-
-def _randomise(params):
-    with torch.no_grad():
-        for p in params:
-            p.normal_(0, 0.2)
+from .support import inputs, plain_copy, randomise
 
 
 def _dit():
-    model = create_dit("DiT-tiny/2").eval()
-    with torch.no_grad():  # adaLN-Zero starts every block as the identity: wake them up
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return tiny_dit(perturb=0.05)  # adaLN-Zero starts every block as the identity: wake them up
 
 
 def test_apply_lora_freezes_base_and_returns_the_adapter():
@@ -53,7 +39,7 @@ def test_apply_lora_freezes_base_and_returns_the_adapter():
     D, H = 16, 64
     assert sum(p.numel() for p in params) == 2 * 2 * ((D + 3 * D) + 2 * D + (D + H) + (H + D))
     assert sum(p.numel() for p in model.parameters()) == n_before + sum(p.numel() for p in params)
-    x, t, y = _inputs()
+    x, t, y = inputs()
     assert isinstance(model.blocks[0].attn.qkv.base, nn.Linear)
     out = model(x, t, y)
     out.square().mean().backward()
@@ -64,14 +50,14 @@ def test_apply_lora_freezes_base_and_returns_the_adapter():
 
 def test_new_adapter_is_identity_and_scaling_is_alpha_over_rank():
     model = _dit()
-    x, t, y = _inputs()
+    x, t, y = inputs()
     before = model(x, t, y)
     apply_lora(model, rank=4, alpha=2)
     torch.testing.assert_close(model(x, t, y), before)
     lin = nn.Linear(5, 3)
     layer = LoraLinear(lin)
     layer.add_adapter("a", 2, 6.0)
-    _randomise(layer.lora_B.parameters())
+    randomise(layer.lora_B.parameters())
     xs = torch.randn(7, 5)
     want = lin(xs) + 3.0 * xs @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T
     torch.testing.assert_close(layer(xs), want)
@@ -79,10 +65,10 @@ def test_new_adapter_is_identity_and_scaling_is_alpha_over_rank():
 
 def test_merge_unmerge_round_trip():
     model = _dit()
-    x, t, y = _inputs()
+    x, t, y = inputs()
     base = model(x, t, y)
     weights = [p.clone() for p in model.parameters()]
-    _randomise(apply_lora(model, rank=3, alpha=6))
+    randomise(apply_lora(model, rank=3, alpha=6))
     adapted = model(x, t, y)
     assert (adapted - base).abs().max() > 1e-3
     merge_lora(model)
@@ -100,12 +86,12 @@ def test_merge_unmerge_round_trip():
 
 def test_several_named_adapters_set_adapter_and_weights():
     model = _dit()
-    x, t, y = _inputs()
+    x, t, y = inputs()
     base = model(x, t, y)
-    _randomise(apply_lora(model, rank=2, adapter_name="a"))
+    randomise(apply_lora(model, rank=2, adapter_name="a"))
     set_adapter(model, "a")
     only_a = model(x, t, y) - base
-    _randomise(apply_lora(model, rank=3, target_modules=["mlp.fc1"], adapter_name="b"))
+    randomise(apply_lora(model, rank=3, target_modules=["mlp.fc1"], adapter_name="b"))
     set_adapter(model, "b")
     only_b = model(x, t, y) - base
     layer = model.blocks[0].mlp.fc1
@@ -154,33 +140,25 @@ def test_regex_targets_follow_peft():
 
 def test_save_load_adaptdiff_format(tmp_path):
     model = _dit()
-    _randomise(apply_lora(model, rank=2, alpha=3))
-    x, t, y = _inputs()
+    randomise(apply_lora(model, rank=2, alpha=3))
+    x, t, y = inputs()
     want = model(x, t, y)
     save_adapter(model, tmp_path / "a.safetensors")
-    fresh = _copy_base(model)
+    fresh = plain_copy(model)
     apply_lora(fresh, rank=2, alpha=3)
     load_adapter(fresh, tmp_path / "a.safetensors")
     torch.testing.assert_close(fresh(x, t, y), want)
-    wrong = _copy_base(model)
+    wrong = plain_copy(model)
     apply_lora(wrong, rank=3)
     with pytest.raises(ValueError, match="shape"):
         load_adapter(wrong, tmp_path / "a.safetensors")
 
 
-def _copy_base(model):
-    """A plain DiT with ``model``'s base weights."""
-    fresh = create_dit("DiT-tiny/2").eval()
-    base = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    fresh.load_state_dict(base)
-    return fresh
-
-
 @pytest.mark.parametrize("fmt", ["peft", "diffusers"])
 def test_peft_and_diffusers_files_round_trip(tmp_path, fmt):
     model = _dit()
-    _randomise(apply_lora(model, rank=2, alpha=5))
-    x, t, y = _inputs()
+    randomise(apply_lora(model, rank=2, alpha=5))
+    x, t, y = inputs()
     want = model(x, t, y)
     path = tmp_path / ("dir" if fmt == "peft" else "lora.safetensors")
     weights = save_lora(model, path, format=fmt)
@@ -192,7 +170,7 @@ def test_peft_and_diffusers_files_round_trip(tmp_path, fmt):
     assert f"{prefix}blocks.0.attn.qkv.lora_A.weight" in keys
     assert f"{prefix}blocks.1.mlp.fc2.lora_B.weight" in keys
     assert len(keys) == 2 * 8
-    fresh = _copy_base(model)
+    fresh = plain_copy(model)
     load_lora(fresh, path)  # alpha from adapter_config.json / the metadata
     torch.testing.assert_close(fresh(x, t, y), want)
     assert lora_state_dict(fresh, format=fmt).keys() == set(keys)
@@ -200,15 +178,15 @@ def test_peft_and_diffusers_files_round_trip(tmp_path, fmt):
 
 def test_load_lora_accepts_peft_in_memory_keys_and_rejects_junk():
     model = _dit()
-    _randomise(apply_lora(model, rank=2))
+    randomise(apply_lora(model, rank=2))
     sd = {f"base_model.model.{k}": v for k, v in model.state_dict().items() if "lora_" in k}
     assert any(".lora_A.default.weight" in k for k in sd)
-    fresh = _copy_base(model)
+    fresh = plain_copy(model)
     load_lora(fresh, sd)
-    x, t, y = _inputs()
+    x, t, y = inputs()
     torch.testing.assert_close(fresh(x, t, y), model(x, t, y))
     with pytest.raises(ValueError, match="not a LoRA"):
-        load_lora(_copy_base(model), {"blocks.0.attn.qkv.weight": torch.zeros(1)})
+        load_lora(plain_copy(model), {"blocks.0.attn.qkv.weight": torch.zeros(1)})
     one = {k: v for k, v in sd.items() if "lora_A" in k}
     with pytest.raises(ValueError, match="both lora_A and lora_B"):
-        load_lora(_copy_base(model), one)
+        load_lora(plain_copy(model), one)

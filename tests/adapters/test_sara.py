@@ -209,14 +209,9 @@ def test_default_lr():
     assert 4.9e-4 < sara_default_lr() < 5.0e-4
 
 
-def test_whole_dit_including_timestep_embedder():
-    from adaptdiff.models import create_dit
-
-    torch.manual_seed(0)
-    model = create_dit("DiT-tiny/2")
-    with torch.no_grad():  # leave adaLN-Zero's zero init, so that every layer gets a gradient
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+def test_whole_dit_including_timestep_embedder(tiny_dit):
+    # leave adaLN-Zero's zero init, so that every layer gets a gradient
+    model = tiny_dit(randomize=0.2, train=True)
     x, t, y = torch.randn(2, model.in_channels, 8, 8), torch.rand(2), torch.tensor([0, 1])
     expected = model(x, t, y)
     params = apply_sara(model, fraction=0.1)

@@ -13,14 +13,8 @@ V = 23
 
 
 @pytest.fixture
-def model():
-    torch.manual_seed(0)
-    m = create_block_lm("BlockLM-tiny", vocab_size=V).eval()
-    with torch.no_grad():  # sharper logits than the 0.02 init, so comparisons mean something
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(20)
-    return m
+def model(tiny_block_lm):
+    return tiny_block_lm(V, sharpen=20)
 
 
 def ids(b, n, seed=1):

@@ -17,14 +17,7 @@ from adaptdiff.models import (
     get_2d_sincos_pos_embed,
     perturb_condition,
 )
-
-
-def randomize(model: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
-    """Gives every parameter (the zero-initialised adaLN and output layers too) random values."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model
+from tests.support.models import randomize_
 
 
 def inputs(model: DiT, batch: int = 3, size: int | None = None):
@@ -109,7 +102,7 @@ def test_output_shape(learn_sigma, num_classes):
 
 
 def test_other_resolutions_including_non_square():
-    model = randomize(create_dit("DiT-tiny/2")).eval()
+    model = randomize_(create_dit("DiT-tiny/2")).eval()
     x, t, y = inputs(model)
     assert model(torch.randn(3, 4, 12, 6), t, y).shape == (3, 8, 12, 6)
     # The computed position embedding for the training grid equals the stored one, so a
@@ -203,7 +196,7 @@ def test_init_follows_dit():
 
 
 def test_block_is_the_sum_of_its_branches():
-    model = randomize(create_dit("DiT-tiny/2"))
+    model = randomize_(create_dit("DiT-tiny/2"))
     block = model.blocks[0]
     h, c = torch.randn(3, 16, 16), torch.randn(3, 16)
     after_attn = h + block.attn_branch(h, c)
@@ -221,7 +214,7 @@ def test_block_is_the_sum_of_its_branches():
 
 
 def test_a_hook_can_replace_a_branch_output():
-    model = randomize(create_dit("DiT-tiny/2")).eval()
+    model = randomize_(create_dit("DiT-tiny/2")).eval()
     block = model.blocks[1]
     h, c = torch.randn(3, 16, 16), torch.randn(3, 16)
     handle = block.attn_branch.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
@@ -234,7 +227,7 @@ def test_a_hook_can_replace_a_branch_output():
 
 
 def test_branches_own_no_parameters_and_follow_deepcopy():
-    model = randomize(create_dit("DiT-tiny/2")).eval()
+    model = randomize_(create_dit("DiT-tiny/2")).eval()
     assert not any(".attn_branch." in k or ".mlp_branch." in k for k in model.state_dict())
     clone = copy.deepcopy(model)
     assert clone.blocks[0].attn_branch.block is clone.blocks[0]
@@ -245,7 +238,7 @@ def test_branches_own_no_parameters_and_follow_deepcopy():
 
 
 def test_attention_matches_softmax_with_its_scale():
-    attn = randomize(Attention(16, num_heads=2), std=0.5)
+    attn = randomize_(Attention(16, num_heads=2), std=0.5)
     x = torch.randn(2, 5, 16)
 
     def manual(scale):
@@ -263,7 +256,7 @@ def test_attention_matches_softmax_with_its_scale():
 
 
 def test_time_scale_multiplies_t():
-    base = randomize(create_dit("DiT-tiny/2")).eval()
+    base = randomize_(create_dit("DiT-tiny/2")).eval()
     scaled = DiT(dataclasses.replace(base.config, time_scale=1000.0)).eval()
     scaled.load_state_dict(base.state_dict())
     x, _, y = inputs(base)
@@ -273,7 +266,7 @@ def test_time_scale_multiplies_t():
 
 
 def test_scalar_t_broadcasts():
-    model = randomize(create_dit("DiT-tiny/2")).eval()
+    model = randomize_(create_dit("DiT-tiny/2")).eval()
     x, _, y = inputs(model)
     torch.testing.assert_close(
         model(x, torch.tensor(250.0), y), model(x, torch.full((3,), 250.0), y)
@@ -281,7 +274,7 @@ def test_scalar_t_broadcasts():
 
 
 def test_label_dropout_and_null_label():
-    model = randomize(create_dit("DiT-tiny/2", class_dropout_prob=1.0))
+    model = randomize_(create_dit("DiT-tiny/2", class_dropout_prob=1.0))
     x, t, y = inputs(model)
     null = torch.full_like(y, model.null_label)
     assert model.null_label == 10 and create_dit("DiT-tiny/2", num_classes=0).null_label is None
@@ -331,7 +324,7 @@ def test_dtr_masks_clamp_and_use_scaled_t():
 
 
 def test_dtr_block_routes_the_input_only():
-    model = randomize(create_dit("DiT-tiny/2", dtr=True))
+    model = randomize_(create_dit("DiT-tiny/2", dtr=True))
     block = model.blocks[0]
     h, c = torch.randn(3, 16, 16), torch.randn(3, 16)
     mask = model.dtr_masks(torch.tensor([0.0, 600.0, 999.0]))
@@ -343,7 +336,7 @@ def test_dtr_block_routes_the_input_only():
 
 
 def test_dtr_off_by_default_and_on_changes_the_output():
-    plain = randomize(create_dit("DiT-tiny/2")).eval()
+    plain = randomize_(create_dit("DiT-tiny/2")).eval()
     routed = DiT(dataclasses.replace(plain.config, dtr=True)).eval()
     routed.load_state_dict(plain.state_dict())  # DTR adds no parameters
     x, t, y = inputs(plain)
@@ -355,7 +348,7 @@ def test_dtr_off_by_default_and_on_changes_the_output():
 
 
 def test_cep_off_changes_nothing():
-    plain = randomize(create_dit("DiT-tiny/2")).train()
+    plain = randomize_(create_dit("DiT-tiny/2")).train()
     x, t, y = inputs(plain)
     torch.manual_seed(1)
     reference = plain(x, t, y)
@@ -384,7 +377,7 @@ def test_cep_noise_has_the_stated_scale():
 
 
 def test_state_dict_round_trips_through_safetensors(tmp_path):
-    source = randomize(create_dit("DiT-tiny/2")).eval()
+    source = randomize_(create_dit("DiT-tiny/2")).eval()
     save_file(source.state_dict(), tmp_path / "dit.safetensors")
     target = create_dit("DiT-tiny/2").eval()
     target.load_state_dict(load_file(tmp_path / "dit.safetensors"), strict=True)

@@ -17,13 +17,7 @@ from adaptdiff.models.layers import modulate
 from adaptdiff.nn import MoEFeedForward, moe_swiglu
 from adaptdiff.samplers import FlowSchedule
 from adaptdiff.train import DiffusionObjective
-
-
-def randomize(model, std=0.3):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model
+from tests.support.models import randomize_
 
 
 def inputs(model, batch=3, seed=0):
@@ -72,7 +66,7 @@ def test_moe_every_makes_every_nth_block_sparse():
 
 def test_forward_backward_aux_loss_and_load():
     torch.manual_seed(0)
-    model = randomize(create_dit("DiT-MoE-tiny/2", moe_z_loss_weight=1e-3))
+    model = randomize_(create_dit("DiT-MoE-tiny/2", moe_z_loss_weight=1e-3))
     x, t, y = inputs(model)
     out = model(x, t, y)
     assert out.shape == (3, 8, 8, 8)
@@ -94,7 +88,7 @@ def test_moe_aux_loss_of_a_dense_model_is_zero():
 
 
 def test_diffusion_objective_adds_the_aux_loss_for_moe_models():
-    model = randomize(create_dit("DiT-MoE-tiny/2", class_dropout_prob=0.0))
+    model = randomize_(create_dit("DiT-MoE-tiny/2", class_dropout_prob=0.0))
     x0, _, y = inputs(model)
     with_aux = DiffusionObjective(FlowSchedule(), prediction="flow")
     without = DiffusionObjective(FlowSchedule(), prediction="flow", moe_aux=False)
@@ -106,7 +100,7 @@ def test_diffusion_objective_adds_the_aux_loss_for_moe_models():
 
 
 def test_mlp_branch_calls_the_moe_mlp_and_hooks_still_work():
-    model = randomize(create_dit("DiT-MoE-tiny/2")).eval()
+    model = randomize_(create_dit("DiT-MoE-tiny/2")).eval()
     block = model.blocks[0]
     h = torch.randn(2, 16, 16)
     c = torch.randn(2, 16)
@@ -178,7 +172,7 @@ def test_gelu_expert_arguments_are_checked():
 @pytest.mark.parametrize("uniform_router", [True, False])
 def test_upcycled_model_reproduces_the_dense_model(uniform_router):
     torch.manual_seed(0)
-    dense = randomize(create_dit("DiT-tiny/2", depth=3)).eval()
+    dense = randomize_(create_dit("DiT-tiny/2", depth=3)).eval()
     moe = upcycle_to_moe(dense, num_experts=4, top_k=2, generator=torch.Generator().manual_seed(1))
     assert moe.config.num_experts == 4 and moe.config.num_shared_experts == 0
     assert moe.config.moe_renormalize and not moe.training
@@ -195,7 +189,7 @@ def test_upcycled_model_reproduces_the_dense_model(uniform_router):
 
 
 def test_upcycling_without_renormalisation_changes_the_output():
-    dense = randomize(create_dit("DiT-tiny/2")).eval()
+    dense = randomize_(create_dit("DiT-tiny/2")).eval()
     moe = upcycle_to_moe(dense, num_experts=4, top_k=2, renormalize=False)
     x, t, y = inputs(dense)
     with torch.no_grad():  # top-2 of ~uniform over 4 experts weights the MLP by ~1/2
@@ -203,7 +197,7 @@ def test_upcycling_without_renormalisation_changes_the_output():
 
 
 def test_upcycle_every_other_block_keeps_dense_mlps():
-    dense = randomize(create_dit("DiT-tiny/2", depth=4)).eval()
+    dense = randomize_(create_dit("DiT-tiny/2", depth=4)).eval()
     moe = upcycle_to_moe(dense, num_experts=2, top_k=1, moe_every=2)
     assert [type(b.mlp) for b in moe.blocks] == [Mlp, MoEFeedForward] * 2
     x, t, y = inputs(dense)

@@ -4,17 +4,15 @@ import torch
 from adaptdiff.models import NoiseRoutedMoE, create_dit, moe_aux_loss, precompute_experts
 from adaptdiff.nn.functional import swiglu
 from adaptdiff.samplers import FlowSchedule
+from tests.support.models import tiny_dit
 
 
 def mode_model(shared=1, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = create_dit(
-        "DiT-MoE-tiny/2", moe_routing="noise", num_shared_experts=shared, time_scale=1000.0, **kw
-    )
-    with torch.no_grad():  # random gates and a strong router, so routing varies with t
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    # random gates and a strong router, so routing varies with t
+    return tiny_dit(
+        "DiT-MoE-tiny/2", seed=seed, randomize=0.3,
+        moe_routing="noise", num_shared_experts=shared, time_scale=1000.0, **kw,
+    )  # fmt: skip
 
 
 def batch(model, n=4, seed=0):

@@ -100,9 +100,9 @@ def seeded_construction_matches_dense(rank: int, world: int) -> bool:
     )
 
 
-def indivisible_experts_error() -> str:
+def construction_error(*args, **kwargs) -> str:
     try:
-        ExpertParallelMoE(8, 16, 3, 2)
+        ExpertParallelMoE(*args, **kwargs)
     except ValueError as e:
         return str(e)
     return ""
@@ -114,7 +114,8 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {name: run_case(name, rank, world) for name in CASES}
     results["seeded"] = seeded_construction_matches_dense(rank, world)
-    results["indivisible"] = indivisible_experts_error()
+    results["indivisible"] = construction_error(8, 16, 3, 2)
+    results["gelu"] = construction_error(8, 16, 4, 2, activation="gelu_tanh")
     if rank == 0:
         results["world_size"] = world
         torch.save(results, out / "result.pt")

@@ -1,14 +1,10 @@
 """Expert parallelism on 2 CPU processes (gloo, torchrun) against the single-process layer."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from adaptdiff.nn import moe_swiglu
+from tests.support.launch import torchrun
 
 from .ep_worker import CASES, make_case
 
@@ -16,13 +12,7 @@ from .ep_worker import CASES, make_case
 @pytest.fixture(scope="module")
 def distributed_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep")
-    worker = Path(__file__).with_name("ep_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run = subprocess.run(
-        [*cmd, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    torchrun("tests.nn.ep_worker", out, timeout=120)
     return torch.load(out / "result.pt", weights_only=True)
 
 
@@ -58,3 +48,8 @@ def test_experts_must_divide_among_ranks(distributed_result):
         "num_experts (3) must be divisible by the world size (2)"
         in distributed_result["indivisible"]
     )
+
+
+@pytest.mark.slow
+def test_only_swiglu_experts_are_sharded(distributed_result):
+    assert "only activation='swiglu' experts" in distributed_result["gelu"]

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from adaptdiff.train import TrainConfig, Trainer
-from tests.train.tiny import mlp, mse, regression_data
+from tests.support.regression import mlp, mse, regression_data
 
 
 def config(out_dir: str, every: int = 2) -> TrainConfig:

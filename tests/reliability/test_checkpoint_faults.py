@@ -8,8 +8,6 @@ import errno
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,10 @@ import torch
 
 from adaptdiff.train import CheckpointError, Trainer
 from adaptdiff.train import checkpoint as ckpt
-from tests.train.tiny import mlp, mse, regression_data
+from tests.support.launch import worker
+from tests.support.regression import mlp, mse, regression_data
 
 from .ckpt_worker import config, trainer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def states_equal(a: dict, b: dict) -> bool:
@@ -29,18 +26,8 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 def start_worker(out_dir: Path, steps: int, mode: str = "fit", kill_at: str | None = None):
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-    )
-    env.pop("ADAPTDIFF_CKPT_KILL_AT", None)
-    if kill_at is not None:
-        env["ADAPTDIFF_CKPT_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "tests.reliability.ckpt_worker", str(out_dir), str(steps), mode]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    args = ("tests.reliability.ckpt_worker", out_dir, steps, mode)
+    return worker(*args, ADAPTDIFF_CKPT_KILL_AT=kill_at)  # None: no kill point inherited
 
 
 def assert_resumes_bit_identically(out_dir: Path, straight: Trainer) -> None:

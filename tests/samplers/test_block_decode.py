@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from adaptdiff.models import create_block_lm
 from adaptdiff.samplers import ar_decode, block_decode
 from adaptdiff.samplers.block_decode import (
     RULES,
@@ -9,19 +8,14 @@ from adaptdiff.samplers.block_decode import (
     schedule_count,
     select_tokens,
 )
+from tests.support.models import tiny_block_lm
 
 V = 17
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = create_block_lm("BlockLM-tiny", vocab_size=V).eval()
-    with torch.no_grad():  # peaked, varied distributions: ties would make the tests vacuous
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(15)
-    return m
+    return tiny_block_lm(V, sharpen=15)  # peaked, varied distributions: ties would be vacuous
 
 
 def prompts(b, n, seed=0):

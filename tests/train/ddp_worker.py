@@ -7,11 +7,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from adaptdiff.train import TrainConfig, Trainer  # noqa: E402
-from adaptdiff.train import trainer as trainer_module  # noqa: E402
-from tests.train.tiny import ResMLP, mse, regression_data  # noqa: E402
+from adaptdiff.train import TrainConfig, Trainer
+from adaptdiff.train import trainer as trainer_module
+from tests.support.regression import ResMLP, mse, regression_data
 
 STEPS = 8
 

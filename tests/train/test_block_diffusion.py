@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from adaptdiff.data.text import CharTokenizer, pydoc_corpus
-from adaptdiff.models import create_block_lm
 from adaptdiff.train import (
     BlockLMLoss,
     TrainConfig,
@@ -17,13 +16,13 @@ from adaptdiff.train import (
     sdar_loss,
     text_dataset,
 )
+from tests.support.models import tiny_block_lm
 
 V = 19
 
 
 def tiny(seed=0, vocab=V):
-    torch.manual_seed(seed)
-    return create_block_lm("BlockLM-tiny", vocab_size=vocab)
+    return tiny_block_lm(vocab, seed=seed, train=True)
 
 
 def batch(b=3, n=16, seed=0):

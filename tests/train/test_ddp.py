@@ -1,10 +1,7 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+
+from tests.support.launch import torchrun
 
 from .ddp_worker import STEPS, make_trainer
 
@@ -13,13 +10,7 @@ from .ddp_worker import STEPS, make_trainer
 def distributed_runs(tmp_path_factory):
     """One torchrun launch (2 CPU processes, gloo) runs DDP and then FSDP2."""
     out = tmp_path_factory.mktemp("dist")
-    worker = Path(__file__).with_name("ddp_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run = subprocess.run(
-        [*cmd, str(worker), str(out)], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    torchrun("tests.train.ddp_worker", out, timeout=240)
     return out
 
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
 from adaptdiff.train.mmd import MMDConfig, ddim_chain, finetune_mmd, mmd2_unbiased
 
@@ -36,17 +35,8 @@ def test_cubic_kernel_mmd_is_differentiable_and_positive_for_different_laws():
         mmd2_unbiased(x[:1], y)
 
 
-def _tiny_dit():
-    torch.manual_seed(0)
-    model = create_dit("DiT-tiny/2", learn_sigma=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def test_ddim_chain_matches_the_sampler_and_checkpointing_keeps_gradients():
-    model, schedule = _tiny_dit(), VPSchedule()
+def test_ddim_chain_matches_the_sampler_and_checkpointing_keeps_gradients(tiny_dit):
+    model, schedule = tiny_dit(perturb=0.05, learn_sigma=False), VPSchedule()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ts = schedule.timesteps(4)
     y = torch.tensor([1, 2])
@@ -65,8 +55,8 @@ def test_ddim_chain_matches_the_sampler_and_checkpointing_keeps_gradients():
     assert grads[0].abs().sum() > 0
 
 
-def test_finetune_runs_and_moves_the_weights():
-    model, schedule = _tiny_dit(), VPSchedule()
+def test_finetune_runs_and_moves_the_weights(tiny_dit):
+    model, schedule = tiny_dit(perturb=0.05, learn_sigma=False), VPSchedule()
     real = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     before = [p.detach().clone() for p in model.parameters()]
     cfg = MMDConfig(steps=3, k=2, batch_size=8, lr=1e-3, log_every=0)

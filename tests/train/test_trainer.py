@@ -14,8 +14,7 @@ from adaptdiff.train import (
     warmup_cosine,
 )
 from adaptdiff.train import checkpoint as ckpt
-
-from .tiny import mlp, mse, regression_data
+from tests.support.regression import mlp, mse, regression_data
 
 
 def quiet(**kw) -> TrainConfig:

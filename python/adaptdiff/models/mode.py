@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..nn.functional import MoEAux, expert_swiglu, routing_aux, swiglu
-from ..nn.moe import xavier_uniform_experts_
+from ..nn.moe import ExpertLayer
 
 
 def _key(t: float) -> float:
@@ -32,7 +32,7 @@ def _key(t: float) -> float:
     return round(float(t), 3)
 
 
-class NoiseRoutedMoE(nn.Module):
+class NoiseRoutedMoE(ExpertLayer):
     """Top-k SwiGLU experts chosen per sample from the noise-level embedding (MoDE).
 
     Parameters: router ``router_gate, router_up [R, D]``, ``router_down [E, R]`` (MoDE's SwiGLU
@@ -58,30 +58,13 @@ class NoiseRoutedMoE(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if min(dim, hidden, num_experts) < 1:
-            raise ValueError("NoiseRoutedMoE: dim, hidden and num_experts must be >= 1")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"NoiseRoutedMoE: top_k must be in [1, {num_experts}], got {top_k}")
-        if num_shared_experts < 0:
-            raise ValueError(
-                f"NoiseRoutedMoE: num_shared_experts must be >= 0, got {num_shared_experts}"
-            )
-        self.dim, self.hidden, self.num_experts, self.top_k = dim, hidden, num_experts, top_k
-        self.num_shared_experts = num_shared_experts
-        shared_hidden = shared_hidden or 2 * dim
+        self.set_sizes(dim, hidden, num_experts, top_k, num_shared_experts, shared_hidden)
         router_hidden = router_hidden or dim
         kw = dict(device=device, dtype=dtype)
         self.router_gate = nn.Parameter(torch.empty(router_hidden, dim, **kw))
         self.router_up = nn.Parameter(torch.empty(router_hidden, dim, **kw))
         self.router_down = nn.Parameter(torch.empty(num_experts, router_hidden, **kw))
-        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
-        self.w_up = nn.Parameter(torch.empty(num_experts, hidden, dim, **kw))
-        self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden, **kw))
-        if num_shared_experts:
-            width = num_shared_experts * shared_hidden
-            self.shared_gate = nn.Parameter(torch.empty(width, dim, **kw))
-            self.shared_up = nn.Parameter(torch.empty(width, dim, **kw))
-            self.shared_down = nn.Parameter(torch.empty(dim, width, **kw))
+        self.add_expert_weights(**kw)
         self.noise_level: tuple[torch.Tensor, torch.Tensor] | None = None
         self.aux: MoEAux | None = None
         # {timestep key: (w_gate [kH(+S), D], w_up, w_down [D, kH(+S)])}, set by precompute.
@@ -89,15 +72,9 @@ class NoiseRoutedMoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for w in (self.router_gate, self.router_up, self.router_down):
+        for w in self.router_weights():
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-        for w in (self.w_gate, self.w_up, self.w_down, *(self.shared_weights() or ())):
-            xavier_uniform_experts_(w)
-
-    def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if not self.num_shared_experts:
-            return None
-        return self.shared_gate, self.shared_up, self.shared_down
+        self.reset_expert_weights()
 
     def route(self, t_emb: torch.Tensor):
         """``(logits, probs [B, E] float32, top_p [B, K] renormalised, top_idx [B, K])``:
@@ -181,8 +158,7 @@ class NoiseRoutedMoE(nn.Module):
         return gate, up, scaled, experts
 
     def extra_repr(self) -> str:
-        text = f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, "
-        text += f"top_k={self.top_k}, routing='noise'"
+        text = f"{self.sizes_repr()}, routing='noise'"
         if self.num_shared_experts:
             text += f", num_shared_experts={self.num_shared_experts}"
         if self.fused is not None:

@@ -149,6 +149,8 @@ class ExpertParallelMoE(MoEFeedForward):
         self, dim: int, hidden: int, num_experts: int, top_k: int, *, group=None, **kwargs
     ):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if kwargs.get("activation", "swiglu") != "swiglu":  # moe_swiglu_ep runs SwiGLU experts
+            raise ValueError("ExpertParallelMoE: only activation='swiglu' experts can be sharded")
         if num_experts % world:
             raise ValueError(
                 f"ExpertParallelMoE: num_experts ({num_experts}) must be divisible by the "
@@ -184,20 +186,16 @@ class ExpertParallelMoE(MoEFeedForward):
                 getattr(layer, name).copy_(w[mine] if name in ("w_gate", "w_up", "w_down") else w)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"ExpertParallelMoE: x must be [..., {self.dim}], got {list(x.shape)}")
-        y, self.aux = moe_swiglu_ep(
-            x.reshape(-1, self.dim),
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """:func:`moe_swiglu_ep` on this rank's ``tokens [T, D]``: ``(y, aux)``."""
+        return moe_swiglu_ep(
+            tokens,
             self.router_weight,
             *self.expert_weights(),
             self.top_k,
             group=self.group,
-            renormalize=self.renormalize,
-            shared=self.shared_weights(),
-            router=self.router,
+            **self.routing_options(),
         )
-        return y.view(x.shape)
 
     def extra_repr(self) -> str:
         last = self.first_expert + self.local_experts - 1

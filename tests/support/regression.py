@@ -1,4 +1,4 @@
-"""Tiny models and data for the trainer tests (also imported by the DDP worker script)."""
+"""Tiny regression data and MLPs for the trainer, DDP and checkpoint-fault tests and workers."""
 
 import torch
 import torch.nn.functional as F

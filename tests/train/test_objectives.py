@@ -1,4 +1,4 @@
-"""DiffusionObjective (adaptdiff.train.objectives): its tests live beside the schedules it uses."""
+"""DiffusionObjective (adaptdiff.train.objectives) over the VP and flow schedules it trains with."""
 
 import pytest
 import torch
