@@ -1,6 +1,6 @@
 """``adaptdiff demo --lm``: AR -> block-diffusion conversion of a tiny char model on the CPU.
 
-The plan of research note ``dllm.md`` §9: train a 0.81M-parameter char-level AR model on the
+The LM demo of ``docs/block-diffusion.md``: train a 0.81M-parameter char-level AR model on the
 Python help topics (``pydoc_data``, no download), convert copies of it by the SDAR recipe
 (unshifted, ``bd3`` layout, B=4) and the NBDiff recipe (shifted, ``context_causal``, AR aux
 loss, block curriculum 1 -> 2 -> 4), then continue held-out prompts with AR + KV cache and with

@@ -9,7 +9,7 @@ import adaptdiff
 
 HAS_CUDA = torch.cuda.is_available()
 
-# The ops of the contract (DESIGN.md §3) that this build implements.
+# The ops of the contract (docs/ops.md) that this build implements.
 CONTRACT_OPS = frozenset(
     {
         "gather_tokens",

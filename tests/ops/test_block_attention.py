@@ -48,7 +48,7 @@ def lengths(layout, L):
 
 
 def test_mask_pictures_of_the_spec():
-    """research/dllm.md §2: 2 blocks x 3 tokens, rows queries, columns keys."""
+    """docs/ops.md, block-attention layouts: 2 blocks x 3 tokens, rows queries, columns keys."""
     bd3 = [
         "111000000000",
         "111000000000",

@@ -1,7 +1,7 @@
 #pragma once
 // block_attention's mask, shared by the CPU and CUDA kernels: a closed-form predicate of
 // (query i, key j, lengths, block size) and the tile arithmetic built on it. Nothing dense is
-// ever materialised. Layouts (DESIGN.md §3, research/dllm.md §2 and §7):
+// ever materialised. Layouts (docs/ops.md: block-attention layouts, tile skipping):
 //   block_causal    j // bs <= i // bs                                   (Lq = Lk)
 //   bd3             noisy i: own noisy block + clean blocks < block(i);
 //                   clean i: clean blocks <= block(i)                    (Lq = Lk = 2n)

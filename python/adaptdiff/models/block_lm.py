@@ -86,7 +86,8 @@ class BlockLMConfig:
 BLOCK_LM_CONFIGS: dict[str, dict] = {
     # ~0.09M parameters: unit tests.
     "BlockLM-tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128),
-    # ~0.81M parameters: the CPU demo (research note §9: 4 layers, d=128, 4 heads).
+    # ~0.81M parameters: the CPU demo (docs/block-diffusion.md, the LM demo): 4 layers, d=128,
+    # 4 heads.
     "BlockLM-demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384),
     # ~24M parameters: a small word-piece model.
     "BlockLM-S": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1408),

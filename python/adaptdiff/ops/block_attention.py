@@ -1,6 +1,6 @@
 """block_attention: softmax attention under a block-diffusion mask, masked tiles skipped.
 
-Layouts (``i`` query, ``j`` key, ``bs`` block size; DESIGN.md §3):
+Layouts (``i`` query, ``j`` key, ``bs`` block size; ``docs/ops.md``, block-attention layouts):
 
 - ``"block_causal"`` (prefill, ``Lq = Lk``): ``j // bs <= i // bs``.
 - ``"bd3"`` (SDAR/BD3-LM training, ``Lq = Lk = 2n``, ``[noisy x_t | clean x_0]``): a noisy

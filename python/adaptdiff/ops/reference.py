@@ -131,7 +131,8 @@ def block_mask(
 
     Training layouts (``bd3``, ``context_causal``) take ``Lq = Lk = 2n``: positions < n are the
     noisy copy x_t, >= n the clean copy x_0, blocks counted within each half. Written straight
-    from the rules of DESIGN.md §3, independently of the kernels' interval arithmetic.
+    from the rules of ``docs/ops.md`` (block-attention layouts), independently of the kernels'
+    interval arithmetic.
     """
     i = torch.arange(Lq, device=device).unsqueeze(1)
     j = torch.arange(Lk, device=device).unsqueeze(0)

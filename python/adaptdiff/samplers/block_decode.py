@@ -1,9 +1,9 @@
 """Block decoding for block-diffusion LMs with an exact KV cache, and an AR baseline decoder.
 
 :func:`block_decode` generates ``max_new_tokens`` after a prompt, one block of ``block_size``
-tokens at a time (research note ``dllm.md`` §3, §5, §6). Committed blocks never change, so their
-K/V are exact and cached (:class:`~adaptdiff.models.KVCache`); a *peek* forward runs the current
-block against the cache without committing, a *commit* forward writes the finished block.
+tokens at a time (``docs/block-diffusion.md``, block decoding). Committed blocks never change,
+so their K/V are exact and cached (:class:`~adaptdiff.models.KVCache`); a *peek* forward runs the
+current block against the cache without committing, a *commit* forward writes the finished block.
 
 - Unshifted models (SDAR / BD3-LM, ``shifted=False``): blocks are counted from position 0 of the
   prompt; the ``⌊P/B⌋·B`` full prompt blocks are prefilled block-causally and the prompt tail
@@ -17,7 +17,7 @@ block against the cache without committing, a *commit* forward writes the finish
   the next block. There is nothing to fuse.
 
 Rules (``rule``) choose which still-masked positions of the active (sub-)block to unmask after a
-peek, scored by the confidence p̂ of the sampled token (§5); ``k_s`` is the static schedule,
+peek, scored by the confidence p̂ of the sampled token; ``k_s`` is the static schedule,
 ``⌊n/S⌋`` (+1 for the first ``n mod S`` steps) for the ``n`` masks of a (sub-)block and
 ``S = steps``:
 

@@ -1,5 +1,5 @@
 """Training recipes for :class:`~adaptdiff.models.BlockDiffusionLM`: AR pre-training and the two
-AR -> block-diffusion conversions (research note ``dllm.md`` §1, §3).
+AR -> block-diffusion conversions (``docs/block-diffusion.md``, training recipes).
 
 - :func:`ar_loss`: next-token cross-entropy, causal layout.
 - :func:`sdar_loss` (SDAR / BD3-LM): ``bd3`` layout on ``[x_t | x_0]``, *unshifted* targets (the
@@ -11,11 +11,12 @@ AR -> block-diffusion conversions (research note ``dllm.md`` §1, §3).
   stream; :func:`curriculum_block_size` grows the block 1 -> 2 -> 4 -> 8.
 
 The masked diffusion ELBO is ``E_t (1/t) Σ_masked -log p(x0_i | x_t)``; ``normalize`` picks the
-denominator (§1): ``"tokens"`` (SDAR: the loss-bearing tokens of the batch), ``"answer"`` (LLaDA
-SFT / DiffusionVL: per sample by its answer length, then the batch mean), ``"sequence"`` (LLaDA
-pre-training: batch x sequence length) or ``"masked"`` (the mean over masked tokens: a plain
-denoising loss, not a bound). Cross-entropy is computed by :func:`chunked_cross_entropy`, which
-never holds full-vocabulary logits for more than ``chunk_size`` tokens at a time.
+denominator (``docs/block-diffusion.md``): ``"tokens"`` (SDAR: the loss-bearing tokens of the
+batch), ``"answer"`` (LLaDA SFT / DiffusionVL: per sample by its answer length, then the batch
+mean), ``"sequence"`` (LLaDA pre-training: batch x sequence length) or ``"masked"`` (the mean
+over masked tokens: a plain denoising loss, not a bound). Cross-entropy is computed by
+:func:`chunked_cross_entropy`, which never holds full-vocabulary logits for more than
+``chunk_size`` tokens at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 NORMALIZE = ("tokens", "answer", "sequence", "masked")
 T_PER = ("sample", "block")
-EPS = 1e-3  # t ~ U(eps, 1), as in every codebase the note read
+EPS = 1e-3  # t ~ U(eps, 1), as in the SDAR, BD3-LM and LLaDA code
 
 
 def _ce_chunk(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:

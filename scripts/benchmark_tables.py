@@ -1,0 +1,474 @@
+"""Regenerate the benchmark tables of README.md and docs/*.md from the recorded results.
+
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a Markdown file and is
+rebuilt from ``benchmarks/results/*.jsonl`` and the demo's ``*.json``, so that a rerun of a
+benchmark that rewrites its record updates the docs. The prose around a table (the machine, the
+command, what it shows) is written by hand.
+
+    python scripts/benchmark_tables.py           # rewrite the tables in place
+    python scripts/benchmark_tables.py --check   # exit 1 when a file is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
+
+# The recorded runs the tables read (one file per run: a rerun replaces its file).
+KERNELS_CPU = "cpu-2core-epyc-1thread-2026-11-26.jsonl"
+KERNELS_H100 = "cuda-h100-2026-11-26.jsonl"
+BLOCK_ATTENTION_CPU = "block_attention-cpu-1thread-2026-11-26.jsonl"
+BLOCK_ATTENTION_H100 = "block_attention-cuda-h100-2026-11-26.jsonl"
+MODELS_H100 = "models-cuda-h100-2026-11-26.jsonl"
+ADAPTERS_H100 = "adapters-cuda-h100-2026-11-26.jsonl"
+ACCEL_SWEEP = "accel-sweep-cpu-2core-epyc-2026-11-26.jsonl"
+ACCEL_DIFFUSERS_RUN1 = "accel-diffusers-sweep-run1-cpu-2core-epyc-2026-11-26.jsonl"
+ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
+ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
+DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
+
+OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
+OPS += ["lincomb"]
+SHAPES = [("DiT-XL/2 256px", "float32"), ("DiT-XL/2 256px", "bfloat16")]
+SHAPES += [("SD3 1024px", "float32"), ("SD3 1024px", "bfloat16")]
+MOE_SHAPES = {
+    "DiT-MoE-S B=8": "DiT-MoE-S B=8 T=2048 D=384 E=8",
+    "DiT-MoE-XL B=8": "DiT-MoE-XL B=8 T=2048 D=1152 E=64",
+    "DiT-MoE-S B=64": "DiT-MoE-S B=64 T=16384 D=384 E=64",
+    "DiT-MoE-XL B=64": "DiT-MoE-XL B=64 T=16384 D=1152 E=8",
+    "DiT-MoE-S B=256": "DiT-MoE-S B=256 T=65536 D=384 E=64",
+}
+
+
+def records(name: str) -> list[dict]:
+    with open(RESULTS / name) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def times(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}×"
+
+
+def span(values: list[float]) -> str:
+    return f"{min(values):.2f}–{max(values):.2f}×"
+
+
+def op_ratios(name: str) -> dict[tuple, float]:
+    """(op, variant, label, dtype) -> reference time / kernel time."""
+    return {
+        (r["op"], r["variant"], r["label"], r["dtype"]): r["ratio"]
+        for r in records(name)
+        if r.get("op") and r["impl"] == "kernel" and r["status"] == "ok"
+    }
+
+
+def op_rows(ratios: dict[tuple, float]) -> list[tuple[str, str]]:
+    """(op, variant) pairs of the copy/reduction ops, in the contract's order."""
+    seen = {(op, variant) for op, variant, _, _ in ratios if op in OPS}
+    return sorted(seen, key=lambda ov: (OPS.index(ov[0]), ov[1]))
+
+
+def op_label(op: str, variant: str) -> str:
+    return f"`{op}`" + (f" ({variant})" if variant else "")
+
+
+def kernels(name: str) -> str:
+    ratios = op_ratios(name)
+    header = ["op", "DiT-XL/2 fp32", "DiT-XL/2 bf16", "SD3-1024 fp32", "SD3-1024 bf16"]
+    rows = [
+        [op_label(op, v)] + [times(ratios.get((op, v, *shape))) for shape in SHAPES]
+        for op, v in op_rows(ratios)
+    ]
+    return table(header, rows)
+
+
+def kernels_headline() -> str:
+    cpu, gpu = op_ratios(KERNELS_CPU), op_ratios(KERNELS_H100)
+    header = ["op (SD3-1024, bf16)", "CPU, 1 thread", "H100"]
+    rows = [
+        [op_label(op, v), times(cpu.get((op, v, *SHAPES[3]))), times(gpu.get((op, v, *SHAPES[3])))]
+        for op, v in op_rows(cpu)
+        if (op, v) not in HEADLINE_SKIP
+    ]
+    return table(header, rows)
+
+
+HEADLINE_SKIP = {("patch_scores", "l2"), ("lincomb", "n=4")}
+
+
+def moe_dispatch(name: str) -> str:
+    ratios = op_ratios(name)
+    header = ["shape (K=2)", "`moe_permute` fp32", "bf16", "`moe_unpermute` fp32", "bf16"]
+    rows = []
+    for label, shape in MOE_SHAPES.items():
+        cells = [
+            times(ratios.get((op, "", label, dt)))
+            for op in ("moe_permute", "moe_unpermute")
+            for dt in ("float32", "bfloat16")
+        ]
+        rows.append([shape, *cells])
+    return table(header, rows)
+
+
+def moe_layer(name: str) -> str:
+    rows = [r for r in records(name) if r.get("benchmark") == "moe"]
+    out = []
+    for r in rows:
+        if r["impl"] != "adaptdiff":
+            continue
+        same = [s for s in rows if (s["T"], s["E"], s["dtype"]) == (r["T"], r["E"], r["dtype"])]
+        vs = {s["impl"]: s["vs_adaptdiff"] for s in same}
+        out.append(
+            [
+                f"{r['T']}, {r['E']}",
+                r["dtype"],
+                f"{r['tflops']:.2f}",
+                f"{vs['dit-moe-mask']:.2f}×",
+                f"{vs['gshard-capacity']:.2f}×",
+            ]
+        )
+    header = ["T, E", "dtype", "adaptdiff TFLOP/s", "vs DiT-MoE mask loop", "vs GShard capacity"]
+    return table(header, out)
+
+
+def sampling_h100() -> str:
+    rows = [r for r in records(MODELS_H100) if r.get("benchmark") == "sampling"]
+    header = ["model", "latent", "solver", "steps", "NFE", "ms/step", "images/s"]
+    return table(
+        header,
+        [
+            [
+                r["model"],
+                "×".join(map(str, r["latent"])),
+                r["method"],
+                str(r["steps"]),
+                str(r["nfe"]),
+                f"{r['ms_per_step']:.2f}",
+                f"{r['images_per_s']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def parse_attention_variant(variant: str) -> tuple[str, str, str]:
+    layout, bs, mode = variant.split()
+    return layout, bs.removeprefix("bs="), mode
+
+
+def block_attention(name: str, shapes: set[tuple[str, str, str]] | None = None) -> str:
+    """Kernel vs SDPA with a dense mask, forward and forward + backward per shape."""
+    kern = [r for r in records(name) if r["impl"] == "kernel"]
+    cells: dict[tuple, dict] = {}
+    for r in kern:
+        layout, bs, mode = parse_attention_variant(r["variant"])
+        if shapes is not None and (layout, r["label"], bs) not in shapes:
+            continue
+        cells.setdefault((layout, r["label"], bs, r["dtype"]), {})[mode] = r
+    header = ["layout", "shape", "bs", "dtype", "forward", "forward + backward", "TFLOP/s (fwd)"]
+    rows = []
+    for (layout, label, bs, dtype), modes in cells.items():
+        fwd, both = modes.get("fwd"), modes.get("fwd+bwd")
+        training = layout in ("bd3", "context_causal")
+        rows.append(
+            [
+                f"`{layout}`",
+                ("2×" if training else "") + label,
+                bs,
+                dtype,
+                f"{fwd['ratio']:.2f}×" if fwd else "",
+                f"{both['ratio']:.2f}×" if both else "",
+                f"{fwd['tflops']:.3g}" if fwd else "",
+            ]
+        )
+    return table(header, rows)
+
+
+def slow_on_h100() -> str:
+    kern = [r for r in records(KERNELS_H100) if r.get("op") in ("sara_linear", "sampled_wgrad")]
+    header = ["op", "variant", "layer", "N", "dtype", "vs reference", "kernel µs"]
+    rows = [
+        [
+            f"`{r['op']}`",
+            r["variant"],
+            r["label"],
+            str(r["shape"]["N"]),
+            r["dtype"],
+            f"{r['ratio']:.2f}×",
+            f"{r['median_us']:.0f}",
+        ]
+        for r in kern
+        if r["impl"] == "kernel"
+    ]
+    return table(header, rows)
+
+
+def adapters_h100() -> str:
+    header = ["method", "trainable", "%", "peak added MiB", "ms/step", "memory vs full"]
+    rows = [
+        [
+            r["method"],
+            f"{r['trainable']:,}",
+            f"{100 * r['trainable'] / r['total']:.2f}%",
+            f"{r['peak_added_mib']:.0f}",
+            f"{r['median_ms']:.1f}",
+            f"{r['memory_vs_full']:.2f}",
+        ]
+        for r in records(ADAPTERS_H100)
+    ]
+    return table(header, rows)
+
+
+def number(x: float | None, fmt: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def accel_row(r: dict) -> list[str]:
+    exact = r["method"] == "exact"
+    return [
+        r["model"],
+        r["method"] + (" *" if r["pareto"] and not exact else ""),
+        r["setting"],
+        f"{r['seconds']:.2f}",
+        f"{r['speedup']:.2f}x",
+        str(r["nfe"]),
+        "" if math.isnan(r["compute"]) else f"{100 * r['compute']:.0f}%",
+        "exact" if exact else f"{r['psnr']:.1f}",
+        f"{r['ssim']:.3f}",
+        number(r["fd"], ".2f"),
+        "" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+    ]
+
+
+ACCEL_HEADER = ["model", "method", "setting", "s", "speedup", "NFE", "compute", "PSNR dB", "SSIM"]
+ACCEL_HEADER += ["digits-FD", "acc"]
+
+
+def accel(name: str, models: Callable[[str], bool] = lambda m: True) -> str:
+    rows = [r for r in records(name) if "method" in r and models(r["model"])]
+    return table(ACCEL_HEADER, [accel_row(r) for r in rows])
+
+
+def accel_headline() -> str:
+    picks = {
+        ("RAS", "ratio 0.5, resets 12,20"),
+        ("FirstBlockCache", "threshold 0.08"),
+        ("TeaCache", "threshold 0.1, raw indicator"),
+        ("TaylorSeer", "interval 3, order 1"),
+        ("SADA", "default (max 1 skip in a row)"),
+        ("AG", "cos >= 0.99"),
+    }
+    rows = [r for r in records(ACCEL_SWEEP) if (r.get("method"), r.get("setting")) in picks]
+    rows = [r for r in rows if r["model"] == "digits DiT-demo/4"]
+    header = ["method (digits DiT-demo/4)", "speedup", "compute", "PSNR dB", "digits-FD"]
+    return table(
+        header,
+        [
+            [
+                f"{r['method']} ({r['setting']})",
+                f"{r['speedup']:.2f}×",
+                f"{100 * r['compute']:.0f}%",
+                f"{r['psnr']:.1f}",
+                number(r["fd"], ".2f"),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def first_block_pairs(name: str) -> str:
+    """diffusers' and adaptdiff's first-block caches at the same thresholds."""
+    rows = [r for r in records(name) if r.get("method", "").endswith("FirstBlockCache")]
+    rows = [r for r in rows if r["model"].startswith("diffusers")]
+    by = {(r["method"], r["setting"]): r for r in rows}
+    thresholds = sorted({r["setting"] for r in rows}, key=lambda s: float(s.split()[-1]))
+
+    def cell(r: dict) -> str:
+        if r["psnr"] >= 99:
+            return f"{r['speedup']:.2f}×, {100 * r['compute']:.0f} %, never skips"
+        return f"{r['speedup']:.2f}×, {100 * r['compute']:.0f} %, {r['psnr']:.1f} dB"
+
+    header = ["threshold", "diffusers FirstBlockCache", "adaptdiff FirstBlockCache"]
+    return table(
+        header,
+        [
+            [
+                t.split()[-1],
+                cell(by["diffusers FirstBlockCache", t]),
+                cell(by["FirstBlockCache", t]),
+            ]
+            for t in thresholds
+        ],
+    )
+
+
+def matched(name: str, on: str) -> str:
+    rows = [r for r in records(name) if r.get("matched_on") == on]
+    methods = list(rows[0]["psnr"])
+    at = "speedup" if on == "speedup" else "compute saved"
+    header = [at, "diffusers FBC dB", *methods, "best adaptdiff", "verdict"]
+    out = []
+    for r in rows:
+        delta = r["best_psnr"] - r["reference_psnr"]
+        verdict = (
+            "equal"
+            if abs(delta) < 0.1
+            else (f"adaptdiff +{delta:.1f} dB" if delta > 0 else f"diffusers +{-delta:.1f} dB")
+        )
+        point = f"{r['at']:.2f}×" if on == "speedup" else f"{100 * r['at']:.0f} %"
+        out.append(
+            [
+                point,
+                f"{r['reference_psnr']:.1f}",
+                *[number(r["psnr"][m], ".1f") for m in methods],
+                f"{r['best']} {r['best_psnr']:.1f}",
+                verdict,
+            ]
+        )
+    return table(header, out)
+
+
+def accel_h100() -> str:
+    rows = [r for r in records(ACCEL_H100) if r["method"] != "exact"]
+    keys = list(
+        dict.fromkeys((r["model"].split(" random")[0], r["method"], r["setting"]) for r in rows)
+    )
+    sizes = {"32x32x4": "256 px (256 tokens)", "64x64x4": "512 px (1024 tokens)"}
+    header = ["model", "method", "setting", *sizes.values()]
+    out = []
+    for model, method, setting in keys:
+        cells = []
+        for size in sizes:
+            hit = [
+                r
+                for r in rows
+                if (r["model"], r["method"], r["setting"])
+                == (f"{model} random, {size}", method, setting)
+            ]
+            psnr = (
+                ""
+                if not hit
+                else "identical"
+                if hit[0]["psnr"] >= 99
+                else f"{hit[0]['psnr']:.1f} dB"
+            )
+            cells.append(f"{hit[0]['speedup']:.2f}× at {psnr}" if hit else "")
+        out.append([model, method, setting, *cells])
+    return table(header, out)
+
+
+def demo(rows_wanted: Callable[[str], bool] = lambda name: True) -> str:
+    doc = json.loads((RESULTS / DEMO).read_text())
+    header = ["sampler", "steps", "NFE", "wall s", "digits-FD", "class accuracy"]
+    out = []
+    for r in doc["rows"]:
+        if not rows_wanted(r["name"]):
+            continue
+        sampler = r["name"].rsplit(" ", 1)[0].replace("RAS 0.5 ", "RAS 0.5, ")
+        out.append(
+            [
+                sampler,
+                str(r["steps"]),
+                str(r["nfe"]),
+                f"{r['seconds']:.2f}",
+                f"{r['fd']:.2f}",
+                f"{100 * r['accuracy']:.1f} %",
+            ]
+        )
+    floor = f"{100 * doc['classifier_test_accuracy']:.1f} % (classifier, held-out)"
+    out.append(
+        [
+            f"{doc['num_samples']} real training digits",
+            "",
+            "",
+            "",
+            f"{doc['reference_fd']:.2f}",
+            floor,
+        ]
+    )
+    return table(header, out)
+
+
+HEADLINE_DEMO = {"euler 16", "heun 4", "dpmpp_2m 8", "RAS 0.5 euler 16", "MoE dpmpp_2m 8"}
+
+TABLES: dict[str, Callable[[], str]] = {
+    "demo": demo,
+    "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO),
+    "kernels-cpu": lambda: kernels(KERNELS_CPU),
+    "kernels-h100": lambda: kernels(KERNELS_H100),
+    "kernels-headline": kernels_headline,
+    "moe-dispatch-cpu": lambda: moe_dispatch(KERNELS_CPU),
+    "moe-dispatch-h100": lambda: moe_dispatch(KERNELS_H100),
+    "moe-layer-cpu": lambda: moe_layer(KERNELS_CPU),
+    "moe-layer-h100": lambda: moe_layer(MODELS_H100),
+    "sampling-h100": sampling_h100,
+    "block-attention-cpu": lambda: block_attention(BLOCK_ATTENTION_CPU),
+    "block-attention-headline": lambda: block_attention(
+        BLOCK_ATTENTION_CPU, {("block_causal", "L=2048 Dh=64", "16"), ("bd3", "L=1024 Dh=64", "16")}
+    ),
+    "block-attention-h100": lambda: block_attention(BLOCK_ATTENTION_H100),
+    "sara-h100": slow_on_h100,
+    "adapters-h100": adapters_h100,
+    "accel-sweep": lambda: accel(ACCEL_SWEEP, lambda m: not m.startswith("diffusers")),
+    "accel-sweep-diffusers": lambda: accel(ACCEL_SWEEP, lambda m: m.startswith("diffusers")),
+    "accel-headline": accel_headline,
+    "accel-first-block": lambda: first_block_pairs(ACCEL_SWEEP),
+    "accel-matched-speedup": lambda: matched(ACCEL_SWEEP, "speedup"),
+    "accel-matched-compute": lambda: matched(ACCEL_SWEEP, "saved"),
+    "accel-diffusers-run1": lambda: accel(ACCEL_DIFFUSERS_RUN1),
+    "accel-cpu-first": lambda: accel(ACCEL_CPU_FIRST),
+    "accel-h100": accel_h100,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every marked table regenerated."""
+
+    def fill(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise KeyError(f"unknown table {name!r} (known: {', '.join(TABLES)})")
+        return m.group(1) + TABLES[name]() + m.group(4)
+
+    return MARKER.sub(fill, text)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when a table is stale")
+    args = p.parse_args(argv)
+    stale = []
+    for path in documents():
+        old = path.read_text()
+        new = render(old)
+        if new != old:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(new)
+    verb = "stale" if args.check else "rewrote"
+    for path in stale:
+        print(f"{verb}: {path}")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
