@@ -1,52 +1,56 @@
-"""``python -m benchmarks [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``."""
+"""``adaptdiff bench``: the kernel suite (``adaptdiff bench [families or ops] [options]``) or one
+end-to-end benchmark with options of its own (``adaptdiff bench NAME [options]``)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from . import FAMILIES, OPS, run
+from .arguments import bench_parser
+from .kernels import FAMILIES, OPS, run
+
+# The end-to-end benchmarks: a module of adaptdiff.bench each (imported only when run), with
+# what it measures.
+BENCHMARKS = {
+    "sampling": "ms per solver step and images/s of random-weight DiTs",
+    "block_decode": "block decoding against AR decoding of BlockDiffusionLM",
+    "mode": "MoDE expert fusion against the routed MoE layers",
+    "moe_layer": "the MoE layer's training step against two torch dispatches",
+    "adapters": "one fine-tuning step under each adaptation method",
+    "accel": "training-free accelerators: quality against speed",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="adaptdiff kernels against their pure-torch references",
+    p = bench_parser(
+        "",
+        "adaptdiff kernels against their pure-torch references, or one end-to-end benchmark",
+        ("quick", "json", "device", "min_run_time", "clock", "threads"),
+    )
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.usage = "adaptdiff bench [families or ops] [options]\n       adaptdiff bench NAME [options]"
+    p.epilog = "end-to-end benchmarks (`adaptdiff bench NAME --help` for their options):\n" + (
+        "\n".join(f"  {name:<14}{about}" for name, about in BENCHMARKS.items())
     )
     p.add_argument(
         "families",
         nargs="*",
-        help=f"families ({', '.join(FAMILIES)}) or ops ({', '.join(OPS)}); default: all",
+        help=f"kernel families ({', '.join(FAMILIES)}) or ops ({', '.join(OPS)}); default: all",
     )
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke test)")
-    p.add_argument("--json", default=None, metavar="PATH", help="append JSON lines to PATH")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
         "--compiled",
         action="store_true",
         help="also time the reference under torch.compile (slow to compile)",
     )
-    p.add_argument(
-        "--min-run-time",
-        type=float,
-        default=None,
-        metavar="S",
-        help="CPU seconds per timing (default 0.25, 0.02 with --quick)",
-    )
-    p.add_argument(
-        "--clock",
-        default="wall",
-        choices=["wall", "cpu"],
-        help="CPU timing by the wall clock or by process CPU time (for a loaded machine; "
-        "use with --threads 1)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in BENCHMARKS:
+        module = importlib.import_module(f"{__package__}.{argv[0]}")
+        return module.main(argv[1:])
     args = build_parser().parse_args(argv)
     return run(
         args.families,
@@ -58,7 +62,3 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         clock=args.clock,
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())
