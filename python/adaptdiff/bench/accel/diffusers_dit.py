@@ -28,7 +28,7 @@ class DiffusersDiT(torch.nn.Module):
 
 def random_diffusers_dit_b(seed: int = 0, size: int = 32, name: str = "DiT-B/2"):
     """diffusers' DiT at the sizes of ``name`` with random weights drawn like
-    :func:`random_dit_b`."""
+    :func:`.dit_b.random_dit_b`."""
     import diffusers
 
     cfg = DIT_CONFIGS[name]

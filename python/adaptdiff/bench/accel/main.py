@@ -28,6 +28,7 @@ flow matching.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ RUNNERS = {"digits": run_digits, "dit-b": run_dit_b, "diffusers": run_diffusers}
 MODELS = tuple(RUNNERS)
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = bench_parser(
         "accel",
         __doc__.splitlines()[0],
