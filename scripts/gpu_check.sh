@@ -89,13 +89,13 @@ fi
 # SaRA's included).
 if wanted bench; then
   # shellcheck disable=SC2086
-  stage "benchmarks (cuda)" 200 bench_cuda.txt "$PY" -m benchmarks ${GPU_CHECK_BENCH:-} --device cuda \
+  stage "benchmarks (cuda)" 200 bench_cuda.txt "$PY" -m adaptdiff.bench ${GPU_CHECK_BENCH:-} --device cuda \
     --json "$LOG/bench_cuda.jsonl"
   rc=$?; ((rc == 199)) || status "benchmarks (cuda)" "exit $rc (${LAST_SECS}s), table in bench_cuda.txt"
 fi
 if wanted block_attention; then
   stage "block attention (cuda)" 150 bench_block_attention_cuda.txt "$PY" \
-    -m benchmarks.bench_block_attention --device cuda \
+    -m adaptdiff.bench.kernels.block_attention --device cuda \
     --json "$LOG/bench_block_attention_cuda.jsonl"
   rc=$?; ((rc == 199)) || status "block attention (cuda)" "exit $rc (${LAST_SECS}s), vs SDPA and FlexAttention"
 fi
@@ -134,29 +134,29 @@ fi
 
 # 6. Model-level benchmarks.
 if wanted moe; then
-  stage "MoE layer (cuda)" 90 bench_moe_cuda.txt "$PY" -m benchmarks.bench_moe --device cuda \
+  stage "MoE layer (cuda)" 90 bench_moe_cuda.txt "$PY" -m adaptdiff.bench moe_layer --device cuda \
     --json "$LOG/bench_moe_cuda.jsonl"
   rc=$?; ((rc == 199)) || status "MoE layer (cuda)" "exit $rc (${LAST_SECS}s)"
 fi
 if wanted sampling; then
-  stage "sampling (cuda)" 60 bench_sampling_cuda.txt "$PY" -m benchmarks.bench_sampling \
+  stage "sampling (cuda)" 60 bench_sampling_cuda.txt "$PY" -m adaptdiff.bench sampling \
     --device cuda --json "$LOG/bench_sampling_cuda.jsonl"
   rc=$?; ((rc == 199)) || status "sampling (cuda)" "exit $rc (${LAST_SECS}s)"
 fi
 if wanted mode; then
-  stage "MoDE fusion (cuda)" 45 bench_mode_cuda.txt "$PY" -m benchmarks.bench_mode --device cuda
+  stage "MoDE fusion (cuda)" 45 bench_mode_cuda.txt "$PY" -m adaptdiff.bench mode --device cuda
   rc=$?; ((rc == 199)) || status "MoDE fusion (cuda)" "exit $rc (${LAST_SECS}s)"
 fi
 if wanted adapters; then
   stage "adapters step DiT-XL/2 (cuda)" 150 bench_adapters_cuda.txt "$PY" \
-    -m benchmarks.bench_adapters --device cuda --json "$LOG/bench_adapters_cuda.jsonl"
+    -m adaptdiff.bench adapters --device cuda --json "$LOG/bench_adapters_cuda.jsonl"
   rc=$?; ((rc == 199)) || status "adapters step DiT-XL/2 (cuda)" "exit $rc (${LAST_SECS}s)"
 fi
 # Accelerators (RAS, caches, diffusers' hooks) on random DiT-XL/2 at 256 and 512 px (latent 32, 64).
 if wanted accel; then
   for size in 32 64; do
     stage "accel XL/2 $((size * 8))px (cuda)" 150 "bench_accel_cuda_$size.txt" "$PY" \
-      -m benchmarks.bench_accel --device cuda --models dit-b,diffusers --dit DiT-XL/2 \
+      -m adaptdiff.bench accel --device cuda --models dit-b,diffusers --dit DiT-XL/2 \
       --size "$size" --out "$LOG/accel_$size" --json "$LOG/bench_accel_cuda.jsonl"
     rc=$?; ((rc == 199)) || status "accel XL/2 $((size * 8))px (cuda)" "exit $rc (${LAST_SECS}s)"
   done

@@ -3,31 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
-
-
-def _benchmarks():
-    """The benchmark suite: the top-level ``benchmarks`` package of the source tree (beside
-    ``python/``), which a wheel does not ship."""
-    if importlib.util.find_spec("benchmarks") is None:
-        root = Path(__file__).resolve().parents[2]
-        if not (root / "benchmarks" / "__init__.py").is_file():
-            raise SystemExit(
-                "adaptdiff: the benchmark suite lives in the source tree (benchmarks/ beside "
-                f"python/), and none was found at {root}; run this from a source checkout "
-                "(pip install -e .) or `python -m benchmarks` in its root"
-            )
-        sys.path.insert(0, str(root))
-    import benchmarks
-
-    if not hasattr(benchmarks, "run"):
-        raise SystemExit(
-            f"adaptdiff: the importable `benchmarks` ({benchmarks.__file__}) is not adaptdiff's "
-            "benchmark suite; run this from the adaptdiff source checkout"
-        )
-    return benchmarks
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -37,10 +14,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    return _benchmarks().run(
-        args.ops, quick=args.quick, json_path=args.json, device=args.device, compiled=args.compiled
-    )
+def _cmd_bench(argv: list[str]) -> int:
+    """``adaptdiff bench ...``: the suite parses its own arguments (each end-to-end benchmark
+    has options of its own)."""
+    from .bench import main
+
+    return main(argv)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -159,17 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_adapt)
 
-    s = sub.add_parser(
+    # Listed here for `adaptdiff --help`; main() hands `bench ...` to adaptdiff.bench whole.
+    sub.add_parser(
         "bench",
-        help="kernel benchmarks against the pure-torch references; `bench accel --help`: "
-        "accelerators' quality against speed",
+        add_help=False,
+        help="benchmarks: the kernels against their pure-torch references, and end-to-end "
+        "ones (sampling, block_decode, mode, moe_layer, adapters, accel); `bench --help`",
     )
-    s.add_argument("ops", nargs="*", help="op families or op names (default: all)")
-    s.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    s.add_argument("--json", default=None, help="append JSON lines to this file")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    s.add_argument("--compiled", action="store_true", help="also time the compiled reference")
-    s.set_defaults(fn=_cmd_bench)
 
     from .accel import autodiffusion, guidance  # noqa: F401  (register their calibrators)
     from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
@@ -180,11 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "accel"]:  # a benchmark with options of its own
-        _benchmarks()
-        from benchmarks import bench_accel
-
-        return bench_accel.main(argv[2:])
+    if argv[:1] == ["bench"]:
+        return _cmd_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from .train.checkpoint import CheckpointError

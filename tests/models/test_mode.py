@@ -125,7 +125,7 @@ def test_precompute_needs_noise_routed_layers():
 def test_quick_mode_benchmark(tmp_path, capsys):
     import json
 
-    from benchmarks import bench_mode
+    from adaptdiff.bench import mode as bench_mode
 
     path = tmp_path / "mode.jsonl"
     assert bench_mode.main(["--quick", "--threads", "1", "--min-run-time", "0.002",

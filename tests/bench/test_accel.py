@@ -4,7 +4,8 @@ import math
 import pytest
 
 from adaptdiff.accel.evaluate import Result
-from benchmarks import bench_accel
+from adaptdiff.bench import accel as bench_accel
+from adaptdiff.bench.accel import comparison, diffusers_dit, digits
 
 
 def _row(method, speedup, psnr, compute=0.5, model="m"):
@@ -14,25 +15,25 @@ def _row(method, speedup, psnr, compute=0.5, model="m"):
 def test_method_front_keeps_a_methods_non_dominated_skipping_points():
     rows = [_row("A", 1.5, 40), _row("A", 2.0, 41), _row("A", 3.0, 30), _row("A", 1.1, 99),
             _row("B", 9.0, 90)]  # fmt: skip
-    assert bench_accel.method_front(rows, "A") == [(2.0, 41), (3.0, 30)]  # 1.5 dominated, 99 exact
-    saved = bench_accel.method_front([_row("A", 2, 40, compute=0.25)], "A", "saved")
+    assert comparison.method_front(rows, "A") == [(2.0, 41), (3.0, 30)]  # 1.5 dominated, 99 exact
+    saved = comparison.method_front([_row("A", 2, 40, compute=0.25)], "A", "saved")
     assert saved == [(0.75, 40)]
 
 
 def test_psnr_at_interpolates_inside_and_tolerates_timing_noise_at_the_ends():
     front = [(2.0, 40.0), (4.0, 30.0)]
-    assert bench_accel.psnr_at(front, 3.0) == pytest.approx(35.0)
-    assert bench_accel.psnr_at(front, 4.1) == 30.0  # within 5 %
-    assert bench_accel.psnr_at(front, 5.0) is None
-    assert bench_accel.psnr_at(front, 1.0) is None
+    assert comparison.psnr_at(front, 3.0) == pytest.approx(35.0)
+    assert comparison.psnr_at(front, 4.1) == 30.0  # within 5 %
+    assert comparison.psnr_at(front, 5.0) is None
+    assert comparison.psnr_at(front, 1.0) is None
 
 
 def test_equal_speedup_compares_each_reference_point_with_our_best_cache():
-    ref = bench_accel.REFERENCE
+    ref = comparison.REFERENCE
     rows = [_row(ref, 2.0, 38), _row(ref, 3.0, 30), _row("FirstBlockCache", 1.8, 40),
             _row("FirstBlockCache", 3.2, 28), _row("TaylorSeer", 2.0, 39),
             _row("RAS", 2.5, 60)]  # fmt: skip
-    out = bench_accel.equal_speedup(rows)
+    out = comparison.equal_speedup(rows)
     assert [r["at"] for r in out] == [2.0, 3.0]
     first, second = out
     assert first["best"] == "TaylorSeer" and first["best_psnr"] == 39
@@ -40,18 +41,18 @@ def test_equal_speedup_compares_each_reference_point_with_our_best_cache():
     assert first["at_least_as_faithful"] is True
     assert second["best"] == "FirstBlockCache" and second["at_least_as_faithful"] is False
     assert second["psnr"]["TaylorSeer"] is None and second["psnr"]["MagCache"] is None
-    assert "diffusers 0.3 dB better" in bench_accel.format_equal_speedup(out)
-    assert bench_accel.equal_speedup([_row(ref, 1.0, 99)]) == []
+    assert "diffusers 0.3 dB better" in comparison.format_equal_speedup(out)
+    assert comparison.equal_speedup([_row(ref, 1.0, 99)]) == []
 
 
 def test_sweep_thresholds_are_multiples_of_the_measured_median_change():
     # the first call's change (warm-up) is left out of the medians: 0.1, 0.05 and |1 - 1.01|
-    ind = bench_accel.Indicators([9.0, 0.1, 0.1, 0.2], [9.0, 0.05, 0.05], [1.0, 5.0, 1.01, 1.01])
-    sweep = bench_accel.Sweep.from_indicators(ind, quick=False)
+    ind = diffusers_dit.Indicators([9.0, 0.1, 0.1, 0.2], [9.0, 0.05, 0.05], [1.0, 5.0, 1.01, 1.01])
+    sweep = diffusers_dit.Sweep.from_indicators(ind, quick=False)
     assert sweep.first_block[:2] == [0.075, 0.1] and sweep.first_block[-1] == 0.5
     assert sweep.teacache[:2] == [0.05, 0.1]
     assert sweep.magcache[0] == (0.01, 3) and sweep.magcache[-1] == (0.16, 8)
-    quick = bench_accel.Sweep.from_indicators(ind, quick=True)
+    quick = diffusers_dit.Sweep.from_indicators(ind, quick=True)
     assert quick.first_block == [0.2] and quick.taylor_intervals == [3]
 
 
@@ -86,7 +87,7 @@ def test_quick_diffusers_part_sweeps_both_first_block_caches_and_compares_them(t
     assert bench_accel.main(args) == 0
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     rows = {r["method"]: r for r in lines if r["benchmark"] == "accel"}
-    ours, theirs = rows["FirstBlockCache"], rows[bench_accel.REFERENCE]
+    ours, theirs = rows["FirstBlockCache"], rows[comparison.REFERENCE]
     assert not math.isnan(theirs["compute"]) and theirs["compute"] < 1  # it skipped
     # the same indicator, threshold and warm-up: the same steps skipped, the same samples
     assert ours["compute"] == pytest.approx(theirs["compute"])
@@ -114,7 +115,7 @@ def test_a_stale_cached_digits_model_is_trained_again_but_a_users_raises(tmp_pat
     stale.mkdir()
     (stale / "model.json").write_text('{"steps": 600}')  # an older version's file: no kind
     with pytest.raises(ValueError, match="kind"):
-        bench_accel.digits_model(stale, 10)
+        digits.digits_model(stale, 10)
     assert trained == [] and stale.exists()
-    assert bench_accel.digits_model(stale, 10, cached=True) is None
+    assert digits.digits_model(stale, 10, cached=True) is None
     assert trained == [str(stale)] and not (stale / "model.json").exists()

@@ -1,7 +1,7 @@
 """MoE layer forward + backward: adaptdiff's ``moe_swiglu`` against two pure-torch dispatch styles.
 
-``python -m benchmarks.bench_moe [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
-[--clock wall|cpu] [--min-run-time S]``
+``adaptdiff bench moe_layer [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
+[--clock wall|cpu] [--min-run-time S] [--rounds N]``
 
 One training step of the routed layer (router, dispatch, top-2 SwiGLU experts, weighted combine,
 then backward into x and every weight) at DiT-MoE-S shapes: D=384, expert width H=4D=1536
@@ -28,8 +28,6 @@ TFLOP/s counts the expert GEMMs of the dropless layer (18 T K D H per step) for 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 
@@ -38,7 +36,9 @@ import torch.nn.functional as F
 
 from adaptdiff.nn import moe_swiglu
 
-from .harness import Options, environment, time_fn
+from .arguments import bench_parser, set_threads
+from .harness import Options, time_fn
+from .output import Column, Table, append_jsonl, environment
 
 IMPLS = ("adaptdiff", "dit-moe-mask", "gshard-capacity")
 LEAVES = ("grad x", "grad router_weight", "grad w_gate", "grad w_up", "grad w_down")
@@ -155,7 +155,7 @@ def run_config(label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1) -> l
     for name, a, b in pairs:
         error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
         if error > limit:
-            raise RuntimeError(f"bench_moe: adaptdiff and dit-moe-mask disagree on {name} "
+            raise RuntimeError(f"bench moe_layer: adaptdiff and dit-moe-mask disagree on {name} "
                                f"(relative error {error:.2g} > {limit:g})")  # fmt: skip
     with torch.no_grad():
         dropped = gshard_capacity(x, *weights, K)[1]
@@ -202,30 +202,34 @@ def _quantile(sorted_times: list[float], q: float) -> float:
     return sorted_times[lo] + (pos - lo) * (sorted_times[hi] - sorted_times[lo])
 
 
-def _print_row(r: dict) -> None:
-    shape = f"T={r['T']} D={r['D']} H={r['H']} E={r['E']} K={r['K']}"
-    note = f"  (dropped {100 * r['dropped']:.1f}%)" if r["dropped"] else ""
-    print(
-        f"{shape:<34} {r['impl']:<16} {r['median_us'] / 1e3:>10.1f} "
-        f"{r['p20_us'] / 1e3:>8.1f}-{r['p80_us'] / 1e3:<8.1f} {r['tflops']:>8.3f} "
-        f"{r['vs_adaptdiff']:>12.2f}x{note}"
-    )
+def _shape(r: dict) -> str:
+    return f"T={r['T']} D={r['D']} H={r['H']} E={r['E']} K={r['K']}"
+
+
+def _dropped(r: dict) -> str:
+    return f"(dropped {100 * r['dropped']:.1f}%)" if r["dropped"] else ""
+
+
+TABLE = Table(
+    Column("shape", 34, _shape, left=True),
+    Column("impl", 16, "impl", left=True),
+    Column("median ms", 10, lambda r: r["median_us"] / 1e3, ".1f"),
+    Column("p20-p80 ms", 17, lambda r: f"{r['p20_us'] / 1e3:.1f}-{r['p80_us'] / 1e3:.1f}"),
+    Column("TFLOP/s", 8, "tflops", ".3f"),
+    Column("vs adaptdiff", 12, "vs_adaptdiff", ".2f", suffix="x"),
+    Column("", 0, _dropped, left=True),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one tiny shape, few repeats")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, metavar="PATH", help="append JSON lines to PATH")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="CPU timing clock")
-    p.add_argument("--min-run-time", type=float, default=None, metavar="S")
+    shared = ("quick", "device", "json", "threads", "clock", "min_run_time")
+    p = bench_parser("moe_layer", __doc__.splitlines()[0], shared,
+                     quick="one tiny shape, few repeats")  # fmt: skip
     p.add_argument(
         "--rounds", type=int, default=None, help="timings per implementation (3; 1 with --quick)"
     )
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rounds = args.rounds or (1 if args.quick else 3)
@@ -240,18 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         f"median and p20-p80 over {rounds} round(s) of every implementation in turn; "
         "vs adaptdiff: median / adaptdiff's median (> 1: adaptdiff is faster)\n"
     )
-    print(f"{'shape':<34} {'impl':<16} {'median ms':>10} {'p20-p80 ms':>17} {'TFLOP/s':>8} "
-          f"{'vs adaptdiff':>13}")  # fmt: skip
+    print(TABLE.header())
     rows = []
     for label, T, D, H, E, K in configs(args.quick):
         for r in run_config(label, T, D, H, E, K, opts, dtype, rounds):
             rows.append(r)
-            _print_row(r)
+            print(TABLE.line(r))
         print()
     if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**env, "benchmark": "moe", **r}) + "\n")
+        append_jsonl(args.json, rows, env, "moe")
     return 0
 
 

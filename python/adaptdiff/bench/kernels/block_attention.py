@@ -2,7 +2,7 @@
 
 In the suite (family ``block_attention``) each case times ``impl="reference"`` (SDPA with the
 dense boolean mask, which computes every pair) and the kernel (which skips masked tiles).
-``python -m benchmarks.bench_block_attention --device cuda`` adds FlexAttention with the same
+``python -m adaptdiff.bench.kernels.block_attention --device cuda`` adds FlexAttention with the same
 ``mask_mod`` (when torch has it) and prints kernel / SDPA / Flex side by side.
 
 Shapes: L = 1024, 2048, 4096 (the training layouts ``bd3`` and ``context_causal`` run on
@@ -15,26 +15,16 @@ that for forward + backward (the FlashAttention-2 convention: the backward recom
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 import torch.nn.functional as F
 
 from adaptdiff import ops
 from adaptdiff.ops import reference
 
-from .harness import (
-    Case,
-    Options,
-    dims,
-    environment,
-    header,
-    json_record,
-    run_case,
-    table,
-    time_fn,
-)
+from ..arguments import bench_parser, set_threads
+from ..harness import Case, Options, dims, run_case, time_fn
+from ..output import Column, Table, environment
+from .report import append_json, header, table
 
 OPS = ("block_attention",)
 TRAINING = ("bd3", "context_causal")
@@ -192,16 +182,14 @@ def _time_against_flex(case: Case, flex, device, opts: Options) -> tuple[float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, help="append JSON lines to this file")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
-    p.add_argument("--min-run-time", type=float, default=None, metavar="S")
+    p = bench_parser(
+        "block_attention",
+        __doc__.splitlines()[0],
+        ("quick", "device", "json", "threads", "clock", "min_run_time"),
+    )
+    p.prog = "python -m adaptdiff.bench.kernels.block_attention"
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     opts = Options(device, args.quick, min_run_time=args.min_run_time, clock=args.clock)
     opts.env = environment(device, args.clock)
@@ -215,16 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if flex_rows:
         print("\nagainst FlexAttention (same mask_mod, compiled):")
-        print(f"{'case':34} {'shape':16} {'kernel us':>10} {'flex us':>10} {'flex/kernel':>11}")
+        print(FLEX_TABLE.header())
         for case, k_us, f_us in flex_rows:
-            print(
-                f"{case.variant:34} {case.label:16} {k_us:10.1f} {f_us:10.1f} {f_us / k_us:10.2f}x"
-            )
+            row = dict(case=case.variant, shape=case.label, kernel=k_us, flex=f_us)
+            print(FLEX_TABLE.line(row))
     if args.json:
-        with open(args.json, "a", encoding="utf-8") as f:
-            for r in results:
-                f.write(json.dumps(json_record(r, opts.env)) + "\n")
+        append_json(args.json, results, opts.env)
     return 1 if any(r.failed for r in results) else 0
+
+
+FLEX_TABLE = Table(
+    Column("case", 34, "case", left=True),
+    Column("shape", 16, "shape", left=True),
+    Column("kernel us", 10, "kernel", ".1f"),
+    Column("flex us", 10, "flex", ".1f"),
+    Column("flex/kernel", 10, lambda r: r["flex"] / r["kernel"], ".2f", suffix="x"),
+)
 
 
 if __name__ == "__main__":

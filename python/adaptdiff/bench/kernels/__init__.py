@@ -1,10 +1,10 @@
 """Kernel benchmarks: every adaptdiff op's kernel against its pure-torch reference.
 
-``python -m benchmarks [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``, or
-``adaptdiff bench``. Families: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_),
-``patch_scores``, ``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute,
-moe_unpermute), ``block_attention``, ``sara`` (sara_linear, sampled_wgrad); an op name selects
-that op only.
+``adaptdiff bench [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``. Families,
+one module each: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_), ``patch_scores``,
+``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute, moe_unpermute),
+``block_attention``, ``sara`` (sara_linear, sampled_wgrad); an op name selects that op only.
+The output (header, table, JSON lines): :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -13,23 +13,18 @@ import sys
 
 import torch
 
-from . import (
-    bench_block_attention,
-    bench_moe_dispatch,
-    bench_patch_scores,
-    bench_reductions,
-    bench_sara,
-    bench_tokens,
-)
-from .harness import Options, Result, append_json, environment, header, run_case, table
+from ..harness import Options, Result, run_case
+from ..output import environment
+from . import block_attention, moe_dispatch, patch_scores, reductions, sara, tokens
+from .report import append_json, header, table
 
 FAMILIES = {
-    "tokens": bench_tokens,
-    "patch_scores": bench_patch_scores,
-    "reductions": bench_reductions,
-    "moe": bench_moe_dispatch,
-    "block_attention": bench_block_attention,
-    "sara": bench_sara,
+    "tokens": tokens,
+    "patch_scores": patch_scores,
+    "reductions": reductions,
+    "moe": moe_dispatch,
+    "block_attention": block_attention,
+    "sara": sara,
 }
 OPS = {op: family for family, module in FAMILIES.items() for op in module.OPS}
 
@@ -66,14 +61,14 @@ def run(
     """Runs the selected benchmarks, prints the header and table, appends JSON lines.
 
     ``clock="cpu"`` times CPU runs by process CPU time instead of the wall clock (see
-    :mod:`benchmarks.harness`); ``threads`` sets torch's CPU thread count for the run.
+    :mod:`adaptdiff.bench.harness`); ``threads`` sets torch's CPU thread count for the run.
     Returns 0, 1 when a kernel raised or disagreed with its reference, 2 on bad arguments.
     """
     try:
         selected, keep = _select(list(families))
         dev = _check_args(device, clock, threads)
     except ValueError as e:
-        print(f"benchmarks: {e}", file=sys.stderr)
+        print(f"adaptdiff bench: {e}", file=sys.stderr)
         return 2
     saved_threads = torch.get_num_threads()
     if threads is not None:
@@ -125,7 +120,7 @@ def _run(selected: list[str], keep: set[str] | None, opts: Options, json_path) -
     failed = [r for r in results if r.failed]
     for r in failed:
         print(
-            f"benchmarks: {r.case.name} {r.case.label} {r.case.dtype} {r.impl}: {r.status}",
+            f"adaptdiff bench: {r.case.name} {r.case.label} {r.case.dtype} {r.impl}: {r.status}",
             file=sys.stderr,
         )
     return 1 if failed else 0

@@ -7,7 +7,7 @@ import torch
 
 from adaptdiff import ops
 
-from .harness import Case, dims
+from ..harness import Case, dims
 
 OPS = ("gather_tokens", "scatter_tokens", "indexed_linear_")
 

@@ -1,4 +1,4 @@
-"""The one benchmark harness: cases, timing, result records, table and JSON lines.
+"""The benchmark harness: cases, timing and result records (the output: :mod:`.output`).
 
 A :class:`Case` is one op on one shape and dtype. :func:`run_case` times the pure-torch
 reference and the registered kernel through the public wrappers (``impl="reference"`` and
@@ -19,24 +19,16 @@ bench module) over the median time, so implementations are compared on one yards
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import platform
 import statistics
-import subprocess
 import time
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.utils.benchmark as tbench
 
 import adaptdiff
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # A setup builds the inputs on a device and returns call(impl) -> the op's result tensor
 # (for an in-place op, the tensor it wrote).
@@ -241,156 +233,3 @@ def _run_compiled(case, call, expected, opts, ref_us) -> Result:
     result = _run_checked(case, "reference-compiled", compiled, expected, opts, ref_us)
     torch._dynamo.reset()
     return result
-
-
-# ------------------------------------------------------------------------ environment
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def _git_commit() -> str | None:
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def environment(device: torch.device, clock: str = "wall") -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_name()
-    return {
-        "device": name,
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "clock": "cuda-events" if device.type == "cuda" else clock,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "commit": _git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def header(opts: Options) -> str:
-    env = opts.env
-    if opts.device.type == "cuda":
-        how = "CUDA events per call after warm-up, L2 flushed between calls"
-    else:
-        clock = "wall clock" if opts.clock == "wall" else "process CPU time (summed over threads)"
-        how = (
-            f"torch.utils.benchmark blocked_autorange by {clock}, "
-            f"min_run_time {opts.cpu_min_run_time} s"
-        )
-    lines = [
-        "adaptdiff kernel benchmarks"
-        + (" (quick: tiny shapes, few repeats)" if opts.quick else ""),
-        f"device: {env['device']} ({env['device_type']}, {env['threads']} threads)   "
-        f"torch {env['torch']}   CUDA {env['cuda'] or 'none'}   "
-        f"commit {env['commit'] or 'unknown'}   {env['date']}",
-        f"timing: {how}",
-        "GB/s: bytes an ideal implementation reads + writes / median; "
-        "vs ref: reference median / this median (> 1: faster)",
-    ]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------ output
-
-_COLUMNS = ("op", "shape", "dtype", "impl", "median us", "p20-p80 us", "GB/s", "TFLOP/s", "vs ref")
-
-
-def _row(r: Result) -> tuple[str, ...]:
-    c = r.case
-    shape = f"{c.label}: {c.shape_text}"
-    dtype = str(c.dtype).removeprefix("torch.")
-    if r.median_us is None:
-        return (c.name, shape, dtype, r.impl, r.status, "", "", "", "")
-    tflops = f"{r.tflops:.3f}" if r.tflops is not None else ""
-    ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
-    if r.status != "ok":
-        ratio += f"  ({r.status})"
-    return (
-        c.name,
-        shape,
-        dtype,
-        r.impl,
-        f"{r.median_us:.1f}",
-        f"{r.p20_us:.1f}-{r.p80_us:.1f}",
-        f"{r.gbps:.2f}",
-        tflops,
-        ratio,
-    )
-
-
-def table(results: list[Result]) -> str:
-    rows = [_COLUMNS] + [_row(r) for r in results]
-    # The last column is free text ("no kernel", mismatch notes) and is not padded.
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
-    numeric = {4, 5, 6, 7}
-
-    def fmt(row):
-        cells = [
-            cell.rjust(w) if i in numeric and row is not rows[0] else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
-        ]
-        return "  ".join(cells + [row[-1]]).rstrip()
-
-    lines = [fmt(rows[0]), "  ".join("-" * w for w in widths) + "  ------"]
-    previous = None
-    for r, row in zip(results, rows[1:], strict=True):
-        key = (r.case.op, r.case.variant, r.case.label, r.case.dtype)
-        if previous is not None and key != previous:
-            lines.append("")
-        previous = key
-        lines.append(fmt(row))
-    return "\n".join(lines)
-
-
-def _number(x: float | None) -> float | None:
-    """Six significant digits: more than any timing here resolves."""
-    return None if x is None or not math.isfinite(x) else float(f"{x:.6g}")
-
-
-def json_record(r: Result, env: dict) -> dict:
-    c = r.case
-    return {
-        **env,
-        "op": c.op,
-        "variant": c.variant,
-        "label": c.label,
-        "shape": c.shape,
-        "dtype": str(c.dtype).removeprefix("torch."),
-        "impl": r.impl,
-        "status": r.status,
-        "median_us": _number(r.median_us),
-        "p20_us": _number(r.p20_us),
-        "p80_us": _number(r.p80_us),
-        "bytes": c.bytes,
-        "gbps": _number(r.gbps),
-        "flops": c.flops or None,
-        "tflops": _number(r.tflops),
-        "ratio": _number(r.ratio),
-    }
-
-
-def append_json(path: str | Path, results: list[Result], env: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(json_record(r, env)) + "\n")

@@ -1,6 +1,6 @@
 import json
 
-from benchmarks import bench_sampling
+from adaptdiff.bench import sampling as bench_sampling
 
 
 def test_quick_sampling_benchmark_reports_every_solver(tmp_path, capsys):

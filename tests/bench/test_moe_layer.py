@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
+from adaptdiff.bench import moe_layer as bench_moe
 from adaptdiff.nn import moe_swiglu
-from benchmarks import bench_moe
 
 
 def test_quick_moe_benchmark_reports_every_implementation(tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 
 from adaptdiff import ops
 
-from .harness import Case, dims
+from ..harness import Case, dims
 
 OPS = ("rel_l1", "cosine", "lincomb")
 

@@ -1,6 +1,6 @@
 """End-to-end sampling speed: ms per solver step and images/s of random-weight DiTs.
 
-``python -m benchmarks.bench_sampling [--quick] [--device cpu|cuda] [--json PATH]``
+``adaptdiff bench sampling [--quick] [--device cpu|cuda] [--json PATH]``
 
 DiT-S/2 and DiT-B/2 on 256 px latents (32x32x4), class-conditional with classifier-free
 guidance (both branches batched, so each step is one model call on 2x the batch), for each
@@ -10,8 +10,6 @@ quality). ms/step = wall time / solver steps; images/s = batch / wall time.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
@@ -19,7 +17,8 @@ import torch
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import sample
 
-from .harness import environment
+from .arguments import bench_parser
+from .output import Column, Table, append_jsonl, environment
 
 SOLVERS = {"ddim": "eps", "dpmpp_2m": "eps", "euler": "flow", "heun": "flow"}
 
@@ -70,11 +69,19 @@ def run_one(name, size, batch, steps, method, device) -> dict:
     )
 
 
+TABLE = Table(
+    Column("model", 11, "model", left=True),
+    Column("latent", 16, lambda r: str(r["latent"]), left=True),
+    Column("solver", 9, "method", left=True),
+    Column("steps", 5, "steps"),
+    Column("NFE", 4, "nfe"),
+    Column("ms/step", 9, "ms_per_step", ".1f"),
+    Column("images/s", 9, "images_per_s", ".3f"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, help="append JSON lines to this file")
+    p = bench_parser("sampling", __doc__.splitlines()[0], ("quick", "device", "json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
@@ -83,21 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {env['torch']}, commit {env['commit'] or 'unknown'}, {env['date']}"
     )
     print("random weights, CFG batched (one model call per step on 2x batch)\n")
-    print(f"{'model':<11} {'latent':<16} {'solver':<9} {'steps':>5} {'NFE':>4} "
-          f"{'ms/step':>9} {'images/s':>9}")  # fmt: skip
+    print(TABLE.header())
     rows = []
     for name, size, batch, steps in configs(args.quick):
         for method in SOLVERS:
-            r = run_one(name, size, batch, steps, method, device)
-            rows.append(r)
-            print(
-                f"{r['model']:<11} {str(r['latent']):<16} {r['method']:<9} {r['steps']:>5} "
-                f"{r['nfe']:>4} {r['ms_per_step']:>9.1f} {r['images_per_s']:>9.3f}"
-            )
+            rows.append(run_one(name, size, batch, steps, method, device))
+            print(TABLE.line(rows[-1]))
     if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**env, "benchmark": "sampling", **r}) + "\n")
+        append_jsonl(args.json, rows, env, "sampling")
     return 0
 
 

@@ -1,6 +1,6 @@
 import json
 
-from benchmarks import bench_block_decode
+from adaptdiff.bench import block_decode as bench_block_decode
 
 
 def test_quick_block_decode_benchmark_reports_tpf_and_speed(tmp_path, capsys):

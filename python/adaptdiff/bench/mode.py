@@ -1,6 +1,6 @@
 """MoDE expert fusion: a noise-routed DiT-MoE sampling pass, routed against precomputed experts.
 
-``python -m benchmarks.bench_mode [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
+``adaptdiff bench mode [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
 [--min-run-time S]``
 
 A DiT-S with MoDE routing (``moe_routing="noise"``, 8 SwiGLU experts of width 4D, top-2, one
@@ -23,15 +23,14 @@ the per-expert loop, so it pays where those dominate.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
 from adaptdiff.models import create_dit, precompute_experts
 from adaptdiff.samplers import FlowSchedule
 
-from .harness import Options, environment, time_fn
+from .arguments import bench_parser, set_threads
+from .harness import Options, time_fn
+from .output import Column, Table, append_jsonl, environment
 
 # (label, config, overrides, batch, steps): GEMM-bound images, then MoDE's few-token regime.
 CONFIGS = [
@@ -90,16 +89,18 @@ def run(label, name, overrides, batch, steps, opts: Options, dtype) -> list[dict
     return rows
 
 
+TABLE = Table(
+    Column("impl", 8, "impl", left=True),
+    Column("pass ms", 10, lambda r: r["median_us"] / 1e3, ".1f"),
+    Column("speedup", 7, "speedup", ".2f", suffix="x"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a tiny model, few repeats")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, metavar="PATH", help="append JSON lines to PATH")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--min-run-time", type=float, default=None, metavar="S")
+    shared = ("quick", "device", "json", "threads", "min_run_time")
+    p = bench_parser("mode", __doc__.splitlines()[0], shared, quick="a tiny model, few repeats")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     opts = Options(device, quick=args.quick, min_run_time=args.min_run_time)
@@ -118,14 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             f"sets per layer {r0['expert_sets']}, fused weights "
             f"{r0['fused_params'] / 1e6:.2f} M values"
         )
-        print(f"{'impl':<8} {'pass ms':>10} {'speedup':>8}")
+        print(TABLE.header())
         for r in new:
-            print(f"{r['impl']:<8} {r['median_us'] / 1e3:>10.1f} {r['speedup']:>7.2f}x")
+            print(TABLE.line(r))
         rows += new
     if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**env, "benchmark": "mode", **r}) + "\n")
+        append_jsonl(args.json, rows, env, "mode")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Block decoding vs AR decoding: tokens per forward (TPF) and tokens/s of BlockDiffusionLM.
 
-``python -m benchmarks.bench_block_decode [--quick] [--device cpu|cuda] [--threads N]
+``adaptdiff bench block_decode [--quick] [--device cpu|cuda] [--threads N]
 [--clock wall|cpu] [--json PATH]``
 
 Random weights, so the confidence rules would pick arbitrary counts: the block decoder runs the
@@ -14,8 +14,6 @@ median of ``repeats`` runs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
@@ -24,7 +22,8 @@ import torch
 from adaptdiff.models import create_block_lm
 from adaptdiff.samplers import ar_decode, block_decode
 
-from .harness import environment
+from .arguments import bench_parser, set_threads
+from .output import Column, Table, append_jsonl, environment
 
 
 def configs(quick: bool) -> list[tuple[str, int, int, int, int]]:
@@ -84,18 +83,25 @@ def run_one(name, batch, prompt_len, new, block, device, clock, repeats) -> list
     return rows
 
 
+TABLE = Table(
+    Column("model", 12, "model", left=True),
+    Column("batch", 5, "batch"),
+    Column("B", 2, "block"),
+    Column("setting", 24, "setting", left=True),
+    Column("TPF", 5, "tpf", ".2f"),
+    Column("fwd", 5, "forwards"),
+    Column("tok/s", 8, "tokens_per_s", ".0f"),
+    Column("vs AR", 6, "speedup", ".2f", suffix="x"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", default=None, help="append JSON lines to this file")
+    shared = ("quick", "device", "threads", "clock", "json")
+    p = bench_parser("block_decode", __doc__.splitlines()[0], shared)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (3; 1 with --quick)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     env = environment(device, args.clock if device.type == "cpu" else "wall")
     print(
@@ -103,20 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {env['torch']}, clock {env['clock']}, commit {env['commit'] or 'unknown'}"
     )
     print("random weights; block rows use the static schedule (TPF fixed by S)\n")
-    print(f"{'model':<13}{'batch':>6}{'B':>3} {'setting':<24}{'TPF':>6}{'fwd':>6}{'tok/s':>9}"
-          f"{'vs AR':>7}")  # fmt: skip
+    print(TABLE.header())
     rows = []
     for cfg in configs(args.quick):
         for r in run_one(*cfg, device, args.clock, repeats):
             rows.append(r)
-            print(
-                f"{r['model']:<13}{r['batch']:>6}{r['block']:>3} {r['setting']:<24}"
-                f"{r['tpf']:>6.2f}{r['forwards']:>6}{r['tokens_per_s']:>9.0f}{r['speedup']:>6.2f}x"
-            )
+            print(TABLE.line(r))
     if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**env, "benchmark": "block_decode", **r}) + "\n")
+        append_jsonl(args.json, rows, env, "block_decode")
     return 0
 
 

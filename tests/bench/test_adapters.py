@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_adapters
+from adaptdiff.bench import adapters as bench_adapters
 
 
 @pytest.mark.slow

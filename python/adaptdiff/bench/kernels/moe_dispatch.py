@@ -7,7 +7,7 @@ import torch
 
 from adaptdiff import ops
 
-from .harness import Case, dims
+from ..harness import Case, dims
 
 OPS = ("moe_permute", "moe_unpermute")
 

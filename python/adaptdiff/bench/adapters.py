@@ -1,7 +1,7 @@
 """One fine-tuning step of a DiT under each adaptation method: peak memory, step time, trainable
 parameters, in one run.
 
-``python -m benchmarks.bench_adapters [--quick] [--device cpu|cuda] [--json PATH]
+``adaptdiff bench adapters [--quick] [--device cpu|cuda] [--json PATH]
 [--threads N] [--clock wall|cpu] [--steps N] [--no-isolate]``
 
 Model: DiT-B/2 on 256 px latents (``[B, 4, 32, 32]``, 256 tokens, 1000 classes) on the CPU,
@@ -26,7 +26,6 @@ after one warm-up step, by the wall clock or (``--clock cpu``, with one thread) 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -37,7 +36,8 @@ import time
 
 import torch
 
-from .harness import environment
+from .arguments import bench_parser, set_threads
+from .output import Column, Table, append_jsonl, environment
 
 LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
@@ -84,7 +84,7 @@ def _apply(name: str, model):
     if name == "fera":
         return adapters.apply_fera(model, num_experts=3, rank=4, alpha=1,
                                    target_modules=LORA_TARGETS)  # fmt: skip
-    raise ValueError(f"bench_adapters: unknown method {name!r}")
+    raise ValueError(f"bench adapters: unknown method {name!r}")
 
 
 def _rss_kib(field: str) -> int | None:
@@ -183,7 +183,7 @@ def measure(name: str, setup: Setup) -> dict:
 
 def _isolated(name: str, setup: Setup) -> dict:
     code = (
-        "import json, sys; from benchmarks.bench_adapters import Setup, measure; "
+        "import json, sys; from adaptdiff.bench.adapters import Setup, measure; "
         "print(json.dumps(measure(sys.argv[1], Setup(**json.loads(sys.argv[2])))))"
     )
     done = subprocess.run(
@@ -193,20 +193,33 @@ def _isolated(name: str, setup: Setup) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _memory_vs_full(r: dict) -> str:
+    return f"{r['memory_vs_full']:.2f}" if "memory_vs_full" in r else ""
+
+
+TABLE = Table(
+    Column("method", 10, "method", left=True),
+    Column("trainable", 12, "trainable", ","),
+    Column("%", 6, lambda r: 100 * r["trainable"] / r["total"], ".2f", suffix="%"),
+    Column(
+        "peak added MiB",
+        15,
+        lambda r: "n/a" if r["peak_added_mib"] is None else f"{r['peak_added_mib']:.0f}",
+    ),  # fmt: skip
+    Column("ms/step", 9, "median_ms", ".1f"),
+    Column("vs full", 8, _memory_vs_full),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="DiT-S/8, batch 2")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None, metavar="PATH", help="append JSON lines to PATH")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="CPU timing clock")
+    shared = ("quick", "device", "json", "threads", "clock")
+    p = bench_parser("adapters", __doc__.splitlines()[0], shared, quick="DiT-S/8, batch 2")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--batch", type=int, default=None, help="default 2 (CPU), 8 (CUDA)")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {methods()}")
     p.add_argument("--no-isolate", action="store_true", help="all methods in this process")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = "DiT-S/8" if args.quick else ("DiT-XL/2" if args.device == "cuda" else "DiT-B/2")
     batch = args.batch or (8 if args.device == "cuda" and not args.quick else 2)
     setup = Setup(model, batch, args.device, args.steps, args.clock, args.threads)
@@ -214,26 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(torch.device(args.device), args.clock)
     print(f"{model}, batch {batch}, {args.device}, one fine-tuning step (AdamW), "
           f"median of {args.steps} ({setup.clock} clock)")  # fmt: skip
-    head = f"{'method':<10} {'trainable':>12} {'%':>7} {'peak added MiB':>15} {'ms/step':>9} "
-    print(head + f"{'vs full':>8}")
-    rows = []
-    for name in names:
-        r = measure(name, setup) if args.no_isolate else _isolated(name, setup)
-        rows.append(r)
+    rows = [measure(name, setup) if args.no_isolate else _isolated(name, setup) for name in names]
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
-        mem = f"{r['peak_added_mib']:.0f}" if r["peak_added_mib"] is not None else "n/a"
-        ratio = ""
         if full and full["peak_added_mib"] and r["peak_added_mib"] is not None:
             r["memory_vs_full"] = round(r["peak_added_mib"] / full["peak_added_mib"], 3)
-            ratio = f"{r['memory_vs_full']:.2f}"
-        print(f"{r['method']:<10} {r['trainable']:>12,} {100 * r['trainable'] / r['total']:>6.2f}% "
-              f"{mem:>15} {r['median_ms']:>9.1f} {ratio:>8}")  # fmt: skip
+    print(TABLE.header())
+    for r in rows:
+        print(TABLE.line(r))
     print("vs full: peak memory added by the step / full fine-tuning's")
     if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**env, **r}) + "\n")
+        append_jsonl(args.json, rows, env)  # each row names its benchmark
     return 0
 
 

@@ -6,7 +6,7 @@ import torch
 
 from adaptdiff import ops
 
-from .harness import Case, dims
+from ..harness import Case, dims
 
 OPS = ("patch_scores",)
 

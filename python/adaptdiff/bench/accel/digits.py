@@ -1,0 +1,63 @@
+"""The ``digits`` model: the demo's digits DiT, trained once into a cache folder and reused,
+sampled with guidance and scored by the digits-FD and the classifier's accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adaptdiff.accel.evaluate import evaluate
+
+from .methods import autodiffusion_methods, guidance_methods, methods
+from .report import progress
+
+
+def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
+    """The demo's digits DiT, trained once into ``directory`` and reused. A ``cached`` one
+    that no longer loads (written by an older version) is trained again; a user's raises."""
+    import shutil
+
+    from adaptdiff.recipes.digits import DigitsTrainConfig, load_digits_model, train_digits
+    from adaptdiff.train.checkpoint import CheckpointError
+
+    if (directory / "model.json").exists():
+        try:
+            return load_digits_model(directory)
+        except (ValueError, CheckpointError) as e:
+            if not cached:
+                raise
+            print(f"bench accel: the cached digits model does not load ({e}); training it again")
+            shutil.rmtree(directory)
+    cfg = DigitsTrainConfig(out_dir=str(directory), steps=train_steps, preview_every=0)
+    model, _ = train_digits(cfg)
+    return model
+
+
+def run_digits(args, steps: int) -> list:
+    from adaptdiff.metrics.digits import DigitsEvaluator
+    from adaptdiff.recipes.digits import balanced_labels
+
+    model = digits_model(
+        Path(args.digits_dir),
+        300 if args.quick else args.train_steps,
+        cached=getattr(args, "digits_cached", False),
+    )
+    num = 40 if args.quick else 300
+    labels = balanced_labels(num)
+    size = model.config.input_size
+    evaluator = DigitsEvaluator(size)
+
+    def score(x):
+        return {"fd": evaluator.fd(x), "accuracy": evaluator.accuracy(x, labels)}
+
+    sampler = dict(method="euler", steps=steps, prediction="flow", guidance_scale=1.5,
+                   cond={"y": labels}, uncond={"y": torch.full_like(labels, 10)})  # fmt: skip
+    extra = guidance_methods(model, steps, args.quick)
+    if not args.quick:
+        extra += autodiffusion_methods(model, evaluator.fd)
+    return evaluate(
+        model, methods(steps, args.quick) + extra, model_name="digits DiT-demo/4",
+        shape=(num, 1, size, size), sampler=sampler, data_range=2.0, clamp=(-1.0, 1.0),
+        score=score, repeats=args.repeats, clock=args.clock, progress=progress,
+    )  # fmt: skip

@@ -1,0 +1,74 @@
+"""The accelerator benchmark's output: the table (``accel.md``), the plot (``accel.png``), the
+equal-speedup comparison and the JSON lines; :func:`render` redraws them from earlier runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from adaptdiff.accel.evaluate import Result, format_table, pareto, plot
+
+from ..output import append_jsonl
+from .comparison import REFERENCE, equal_speedup, format_equal_speedup
+
+
+def progress(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def render(paths: list[str], out: Path, json_path: str | None = None) -> int:
+    """Table and plot of earlier runs' JSON lines (e.g. one process per model); with
+    ``json_path``, their rows (each with its run's environment) and the comparison recomputed
+    from them written there."""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    lines = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
+    lines = [row for row in lines if row.get("benchmark", "accel") == "accel"]
+    results = [Result(**{k: v for k, v in row.items() if k in fields}) for row in lines]
+    pareto(results)
+    comparison = report(results, out, lines[0].get("clock", "wall"))
+    if json_path:
+        merged = ({**row, "pareto": r.pareto} for row, r in zip(lines, results, strict=True))
+        append_jsonl(json_path, merged)
+        env = {k: lines[-1][k] for k in ENV_KEYS if k in lines[-1]}
+        write_json(json_path, env, [], comparison)
+    return 0
+
+
+def report(results: list, out: Path, clock: str) -> list[dict]:
+    """Print and write the table, the plot and (with diffusers rows) the equal-speedup
+    comparison; returns the comparison's rows."""
+    table = format_table(results)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accel.md").write_text(table + "\n")
+    plot(results, out / "accel.png", _xlabel(clock))
+    comparison = []
+    for model in dict.fromkeys(r.model for r in results if r.method == REFERENCE):
+        rows = [r for r in results if r.model == model]
+        for key in ("speedup", "saved"):
+            compared = equal_speedup(rows, key)
+            for c in compared:
+                c["model"] = model
+            comparison += compared
+            text = format_equal_speedup(compared)
+            print(f"\n{model}: PSNR at equal {'speedup' if key == 'speedup' else 'compute'} "
+                  f"along each method's Pareto points\n{text}")  # fmt: skip
+            with open(out / "accel.md", "a") as f:
+                f.write(f"\n{model}, matched on {key}:\n\n{text}\n")
+    return comparison
+
+
+def _xlabel(clock: str) -> str:
+    return "speedup vs exact (" + ("process CPU time)" if clock == "cpu" else "wall clock)")
+
+
+ENV_KEYS = ("device", "device_type", "threads", "clock", "torch", "cuda", "commit", "date")
+
+
+def write_json(path, env: dict, results: list, comparison: list[dict]) -> None:
+    """Append the rows (``"benchmark": "accel"``) and the equal-speedup comparison."""
+    rows = ({k: v for k, v in dataclasses.asdict(r).items() if k != "extra"} for r in results)
+    append_jsonl(path, rows, env, "accel")
+    append_jsonl(path, comparison, env, "accel-equal-speedup")
