@@ -171,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compiled", action="store_true", help="also time the compiled reference")
     s.set_defaults(fn=_cmd_bench)
 
-    from .accel import autodiffusion, guidance  # noqa: F401  (register their calibrators)
     from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
 
     add_calibrate_parser(sub)
