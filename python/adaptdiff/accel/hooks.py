@@ -16,8 +16,8 @@ token-subset accelerator (RAS) runs on part of the tokens, the hooks step aside
 
 A hook that works at the sampling level (guidance, step skipping, RAS) builds an
 :class:`~adaptdiff.samplers.Accelerator` (``Hook.accelerator``, a *member* of the handle): the
-handle forwards ``sample``'s calls to its members, in the order :func:`.compose.order` gives,
-and reports the parts of every hook (``parts``).
+handle forwards ``sample``'s calls to its members, in the order
+:func:`adaptdiff.samplers.compose.order` gives, and reports the parts of every hook (``parts``).
 """
 
 from __future__ import annotations
