@@ -146,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         "ones (sampling, block_decode, mode, moe_layer, adapters, accel); `bench --help`",
     )
 
-    from .accel import autodiffusion, guidance  # noqa: F401  (register their calibrators)
     from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
 
     add_calibrate_parser(sub)

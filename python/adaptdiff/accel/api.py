@@ -24,10 +24,11 @@ def register_config(config_cls: type, hook_cls: type[Hook]) -> None:
 def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> AccelHandle:
     """Install the accelerations ``configs`` on ``model`` (in place) and return the handle.
 
-    Pass the handle to ``sample(..., accelerators=[handle])`` so that every call starts from
-    clean caches; without it call ``reset(model)`` between generations. ``blocks`` names the
-    block lists when they are not ``blocks`` / ``transformer_blocks`` /
-    ``single_transformer_blocks``.
+    Pass the handle to ``sample(..., accelerators=[handle])``: every call starts from clean
+    caches, and the sampling-level methods (AG, LinearAG, SADA, RAS) take part through it
+    (model-level caches and schedules alone may run without it: call ``reset(model)`` between
+    generations then). ``blocks`` names the block lists when they are not ``blocks`` /
+    ``transformer_blocks`` / ``single_transformer_blocks``.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -50,12 +51,15 @@ def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> Ac
     handle = AccelHandle(model, blocks)
     # hooks that replace a module's computation (RAS's attention) go innermost, so that the
     # others' wrappers of the same modules still run around them
-    order = sorted(zip(configs, hook_classes, strict=True), key=lambda p: not p[1].innermost)
+    # (handle.hooks keeps the order of the configs: sample's messages name the parts in it)
+    order = sorted(range(len(configs)), key=lambda i: not hook_classes[i].innermost)
+    installed: dict[int, Hook] = {}
     try:
-        for cfg, hook_cls in order:
-            hook = hook_cls(cfg, handle)
+        for i in order:
+            hook = hook_classes[i](configs[i], handle)
             hook.install()
-            handle.hooks.append(hook)
+            installed[i] = hook
+            handle.hooks = [installed[j] for j in sorted(installed)]
     except BaseException:
         handle.remove()
         raise

@@ -12,7 +12,12 @@ hit/miss counters. A handle is an :class:`~adaptdiff.samplers.Accelerator`: pass
 learns how many model calls the sampler will make (``num_calls``) and sets ``step`` to each
 call's place among them, so a step that SADA skips leaves its index unused. On calls that a
 token-subset accelerator (RAS) runs on part of the tokens, the hooks step aside
-(``subset_call``; see :mod:`adaptdiff.samplers.compose`).
+(``subset_call``; RAS links itself in its ``connect``, see :mod:`adaptdiff.samplers.compose`).
+
+A hook that works at the sampling level (guidance, step skipping, RAS) builds an
+:class:`~adaptdiff.samplers.Accelerator` (``Hook.accelerator``, a *member* of the handle): the
+handle forwards ``sample``'s calls to its members, in the order
+:func:`adaptdiff.samplers.compose.order` gives, and reports the parts of every hook (``parts``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..samplers.accelerator import Accelerator, ModelStep, SampleContext
+from ..samplers.accelerator import Accelerator, ModelStep, Part, SampleContext
+from ..samplers.compose import order
 
 ATTR = "_adaptdiff_accel"
 DEFAULT_CONTEXT = "default"
@@ -151,6 +157,8 @@ class Hook:
 
     name = "hook"
     innermost = False  # apply installs these first (their wrappers end up inside the others)
+    # the sampling-level part of this hook, if any: the handle forwards sample's calls to it
+    accelerator: Accelerator | None = None
 
     def __init__(self, config, handle: AccelHandle):
         self.config, self.handle = config, handle
@@ -158,6 +166,17 @@ class Hook:
 
     def install(self) -> None:
         raise NotImplementedError
+
+    def uninstall(self) -> None:
+        """Undo what :meth:`install` did besides the handle's wrappers (default: nothing)."""
+
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        """What this hook does to a sampling call (:class:`~adaptdiff.samplers.Part`). The
+        default: its accelerator's parts, or else a hook that may reuse block outputs (the
+        worst case for composition)."""
+        if self.accelerator is not None:
+            return self.accelerator.parts(ctx)
+        return [Part(type(self.config).__name__, block_reuse=True)]
 
     def new_state(self):
         return {}
@@ -171,6 +190,21 @@ class Hook:
 
     def summary(self, ctx: ContextState) -> dict:
         return {}
+
+
+class SampleHook(Hook):
+    """A hook whose work happens at the sampling level: :meth:`make` builds the
+    :class:`~adaptdiff.samplers.Accelerator` that the handle forwards ``sample``'s calls to;
+    it installs nothing on the model unless ``make`` does (through ``handle.wrap``)."""
+
+    def make(self) -> Accelerator:
+        raise NotImplementedError
+
+    def install(self) -> None:
+        self.accelerator = self.make()
+
+    def summary(self, ctx: ContextState) -> dict:
+        return {self.name: self.accelerator.summary()}
 
 
 class AccelHandle(Accelerator):
@@ -192,8 +226,12 @@ class AccelHandle(Accelerator):
         # state, count nothing): their cached tensors are per token position.
         self.token_subsets: list = []
         self.step: ModelStep | None = None  # the sample() call being made (its batch_slots)
-        self.hooks: list[Hook] = []
+        self.hooks: list[Hook] = []  # in the order of the configs given to apply
         self._wrapped: list[tuple[nn.Module, Any]] = []
+        # the members that may skip a step, the others, and all in after_model order
+        self._skippers: list[Accelerator] = []
+        self._others: list[Accelerator] = []
+        self._after: list[Accelerator] = []
         self._handles = [model.register_forward_pre_hook(self._begin_call)]
 
     # -- contexts
@@ -230,19 +268,62 @@ class AccelHandle(Accelerator):
     def subset_call(self) -> bool:
         return any(s.mode == "ras" for s in self.token_subsets)
 
-    # -- the Accelerator protocol
+    def add_token_subset(self, state) -> None:
+        """Step aside on the calls where ``state.mode == "ras"`` (a RAS on these blocks)."""
+        if not any(s is state for s in self.token_subsets):
+            self.token_subsets.append(state)
+
+    @property
+    def members(self) -> list[Accelerator]:
+        """The sampling-level accelerators of the hooks (AG, LinearAG, SADA, RAS)."""
+        return [h.accelerator for h in self.hooks if h.accelerator is not None]
+
+    # -- the Accelerator protocol (forwarded to the members)
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        return [p for hook in self.hooks for p in hook.parts(ctx)]
+
+    def connect(self, ctx: SampleContext, accelerators: list[Accelerator]) -> None:
+        for member in self.members:
+            member.connect(ctx, accelerators)
+
     def on_sample_start(self, ctx: SampleContext) -> None:
         self.reset()
         self.num_calls = model_calls(ctx.method, ctx.num_steps)
         self.next_call = None
+        members = self.members
+        parts = [m.parts(ctx) for m in members]
+        _, self._after = order(members, parts)
+        skips = [any(p.skips_steps for p in ps) for ps in parts]
+        self._skippers = [m for m, s in zip(members, skips, strict=True) if s]
+        self._others = [m for m, s in zip(members, skips, strict=True) if not s]
+        for member in members:
+            member.on_sample_start(ctx)
 
-    def before_model(self, step: ModelStep) -> None:
+    def before_model(self, step: ModelStep) -> torch.Tensor | None:
+        # members that may skip the step first (as sample orders accelerators), then the hooks
+        for member in self._skippers:
+            pred = member.before_model(step)
+            if pred is not None:
+                return pred
         self.next_call = call_position(step.ctx.method, step.index, step.call)
         self.step = step
+        for member in self._others:
+            pred = member.before_model(step)
+            if pred is not None:
+                return pred
         return None
 
+    def after_model(self, step: ModelStep, pred: torch.Tensor) -> torch.Tensor:
+        for member in self._after:
+            pred = member.after_model(step, pred)
+        return pred
+
     def on_sample_end(self, ctx: SampleContext) -> None:
-        self.next_call, self.step = None, None
+        try:
+            for member in self.members:
+                member.on_sample_end(ctx)
+        finally:
+            self.next_call, self.step = None, None
 
     # -- batch rows (guidance accelerators change them between calls of one sample)
     def batch_slots(self) -> torch.Tensor | None:
@@ -267,8 +348,14 @@ class AccelHandle(Accelerator):
         :func:`wrap_forward`)."""
         wrap_forward(module, wrapper, self._wrapped)
 
+    def wrapped_modules(self) -> list[nn.Module]:
+        """The modules whose ``forward`` the hooks wrap."""
+        return [m for m, _ in self._wrapped]
+
     def remove(self) -> None:
         restore_forwards(self._wrapped)
+        for hook in self.hooks:
+            hook.uninstall()
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -8,7 +8,7 @@
 - :mod:`.block_decode`: block decoding of diffusion LMs with an exact KV cache, and AR decoding.
 """
 
-from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
+from .accelerator import Accelerator, ModelStep, Part, Prediction, SampleContext
 from .block_decode import DecodeOutput, TraceStep, ar_decode, block_decode
 from .parameterization import PREDICTIONS, convert, eps_to_x0, target, to_x0_eps, x0_to_eps
 from .sample import denoiser, sample
@@ -29,6 +29,7 @@ __all__ = [
     "DecodeOutput",
     "FlowSchedule",
     "ModelStep",
+    "Part",
     "Prediction",
     "SampleContext",
     "TraceStep",

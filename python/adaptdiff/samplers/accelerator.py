@@ -7,7 +7,7 @@ An accelerator subclasses :class:`Accelerator` and overrides any of four no-op m
 - ``before_model(step)`` before each model call. Return a tensor to skip the call: it is used as
   the (guided) prediction, in the model's parameterisation, and the first accelerator to return
   one wins (later ones are not asked; ``sample`` asks those that may skip whole steps first,
-  so the others prepare only calls that happen: :func:`.compose.call_order`). It may also edit
+  so the others prepare only calls that happen: :func:`.compose.plan`). It may also edit
   ``step`` for this call only:
   drop ``"uncond"`` from ``step.branches`` (guidance off, one branch: adaptive guidance), put a
   branch's prediction into ``step.branch_preds`` (that branch is not computed, the others are:
@@ -18,6 +18,16 @@ An accelerator subclasses :class:`Accelerator` and overrides any of four no-op m
   a replacement (RAS merges cached velocities here). ``step.evaluated`` says whether the model ran,
   ``step.branch_preds`` holds each branch's own prediction when it did.
 - ``on_sample_end(ctx)`` once, after the last step, also when sampling raised.
+
+Two more describe how it composes with the others of the same call (:func:`.compose.plan`):
+
+- ``parts(ctx) -> list[Part]``: what it changes about the sampling and what it assumes (one
+  :class:`Part`, or one per hook of a handle that bundles several). The default honours a
+  ``composition`` attribute (a :class:`Part` or a list of them) and else says "combines with
+  anything".
+- ``connect(ctx, accelerators)``: once per call, after the combination was checked and before
+  ``on_sample_start``: wire itself to the others (RAS tells the hooks of an accel handle on the
+  same blocks which calls run a token subset).
 
 Model-internal caches (block/feature caches) are installed on the model by ``adaptdiff.accel``
 and only use ``on_sample_start``/``on_sample_end`` to reset and read their state.
@@ -33,7 +43,7 @@ import torch
 
 from .parameterization import to_x0_eps
 
-__all__ = ["Accelerator", "ModelStep", "Prediction", "SampleContext"]
+__all__ = ["Accelerator", "ModelStep", "Part", "Prediction", "SampleContext"]
 
 
 @dataclass
@@ -54,6 +64,11 @@ class SampleContext:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps) - 1
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs (an uncond branch and a scale other than 1)."""
+        return self.uncond is not None and self.guidance_scale != 1.0
 
 
 @dataclass
@@ -107,8 +122,42 @@ class ModelStep:
         return to_x0_eps(pred, self.x, self.alpha, self.sigma, self.ctx.prediction)
 
 
+@dataclass(frozen=True)
+class Part:
+    """What one accelerator (or one hook of an accel handle) does to a :func:`sample` call."""
+
+    name: str
+    active: bool = True  # False: neutral in this run (acts on nothing, conflicts with nothing)
+    skips_steps: bool = False  # may return a prediction instead of calling the model
+    replaces_uncond: bool = False  # drops or estimates the unconditional branch
+    changes_batch: bool = False  # the model batch differs between calls
+    needs_every_step: bool = False  # uses every step's computed predictions
+    needs_uncond: bool = False  # uses both branches of every step
+    needs_full_preds: bool = False  # uses past branch predictions at every token
+    one_call_per_step: bool = False  # assumes one model call per solver step (not Heun)
+    token_subset: bool = False  # runs the blocks on a changing subset of the tokens
+    row_caches: bool = False  # caches tensors per model batch row and token
+    block_reuse: bool = False  # reuses block/component outputs of earlier calls
+    subset_source: bool = False  # tells accel handles which calls run a token subset (RAS)
+    yields: bool = False  # steps aside on those calls (the hooks of an accel handle)
+    steps: int | None = None  # the count it was made for
+    unit: str = "steps"  # ... of solver "steps" or model "calls"
+    made: str = "made"  # how it got its step count ("fitted")
+    after_stage: int = 1  # 0: forms the guided prediction, 1: edits it, 2: records it
+
+
 class Accelerator:
     """Base class: every method is a no-op, so a subclass overrides only what it needs."""
+
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        """What this accelerator does to the call ``ctx`` describes (see :class:`Part`)."""
+        own = getattr(self, "composition", None)
+        if own is not None:  # set by accelerators of other packages
+            return [own] if isinstance(own, Part) else list(own)
+        return [Part(type(self).__name__)]
+
+    def connect(self, ctx: SampleContext, accelerators: list[Accelerator]) -> None:
+        """Wire this accelerator to the others of the same call (default: nothing to do)."""
 
     def on_sample_start(self, ctx: SampleContext) -> None:
         pass

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
-from .compose import call_order, connect
-from .compose import check as check_composition
+from .compose import Plan, plan
 from .parameterization import check_prediction, to_x0_eps
 from .schedules import FlowSchedule, VPSchedule, randn
 from .solvers import SAMPLERS
@@ -74,9 +73,9 @@ def _take_rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
 class _GuidedModel:
     """The model as the solver sees it: guidance branches batched, accelerators consulted."""
 
-    def __init__(self, ctx: SampleContext, accelerators: Sequence[Accelerator]):
-        self.ctx, self.accelerators = ctx, list(accelerators)
-        self.consult, self.finish = call_order(ctx, self.accelerators)
+    def __init__(self, ctx: SampleContext, plan: Plan):
+        self.ctx = ctx
+        self.consult, self.finish = plan.before, plan.after
         self.branch_kwargs = {"cond": ctx.cond, "uncond": ctx.uncond}
         self.guided = ctx.uncond is not None and ctx.guidance_scale != 1.0
         self.history: deque = deque(maxlen=HISTORY)
@@ -207,7 +206,7 @@ def sample(
         prediction: what the model predicts: "eps", "v", "x0" or "flow".
         schedule: defaults to ``VPSchedule("linear")`` for eps/v/x0 and ``FlowSchedule()`` for flow.
         accelerators: :class:`Accelerator` instances, consulted in order around each model call,
-            except that :func:`.compose.call_order` asks step skippers (SADA) first before the
+            except that :func:`.compose.plan` asks step skippers (SADA) first before the
             call and, after it, lets guidance (AG, LinearAG), then RAS, then SADA see the
             prediction.
             Combinations whose assumptions conflict are refused before the first step
@@ -268,9 +267,7 @@ def sample(
     ctx = SampleContext(
         model, schedule, prediction, method, ts, float(guidance_scale), cond, uncond, x
     )
-    check_composition(ctx, accelerators)
-    connect(ctx, accelerators)
-    guided = _GuidedModel(ctx, accelerators)
+    guided = _GuidedModel(ctx, plan(ctx, accelerators))
     for acc in accelerators:
         acc.on_sample_start(ctx)
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from ...ops import lincomb, rel_l1
 from ..api import register_config
 from ..calibration import load_calibration
-from ..hooks import BlockIO, Hook, block_rates, find_components, percentiles, split_output
+from ..hooks import BlockIO, Hook, Part, block_rates, find_components, percentiles, split_output
 
 __all__ = [
     "FirstBlockCacheConfig",
@@ -36,6 +36,26 @@ __all__ = [
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+# The lower bounds of the cache configs' fields (those in OPTIONAL may also be None).
+MINIMUM = {
+    "threshold": 0, "first_blocks": 1, "last_blocks": 0, "warmup_steps": 1, "final_steps": 0,
+    "max_consecutive": 1, "max_cached": 1, "max_skip_steps": 1, "interval": 1, "order": 0,
+}  # fmt: skip
+OPTIONAL = ("max_consecutive", "max_cached")
+
+
+def _check_bounds(config) -> None:
+    """Check every field of ``config`` that has a lower bound in ``MINIMUM``."""
+    for f in fields(config):
+        low, value = MINIMUM.get(f.name), getattr(config, f.name)
+        if low is None:
+            continue
+        if f.name in OPTIONAL:
+            _check(value is None or value >= low, f"{f.name} must be None or >= {low}, got {value}")
+        else:
+            _check(value >= low, f"{f.name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -59,14 +79,7 @@ class FirstBlockCacheConfig:
     max_cached: int | None = None
 
     def __post_init__(self):
-        _check(self.threshold >= 0, f"threshold must be >= 0, got {self.threshold}")
-        _check(self.first_blocks >= 1, f"first_blocks must be >= 1, got {self.first_blocks}")
-        _check(self.last_blocks >= 0, f"last_blocks must be >= 0, got {self.last_blocks}")
-        _check(self.warmup_steps >= 1, f"warmup_steps must be >= 1, got {self.warmup_steps}")
-        _check(self.final_steps >= 0, f"final_steps must be >= 0, got {self.final_steps}")
-        for name in ("max_consecutive", "max_cached"):
-            v = getattr(self, name)
-            _check(v is None or v >= 1, f"{name} must be None or >= 1, got {v}")
+        _check_bounds(self)
 
 
 @dataclass
@@ -88,11 +101,7 @@ class TeaCacheConfig:
     max_consecutive: int | None = None
 
     def __post_init__(self):
-        _check(self.threshold >= 0, f"threshold must be >= 0, got {self.threshold}")
-        _check(self.warmup_steps >= 1, f"warmup_steps must be >= 1, got {self.warmup_steps}")
-        _check(self.final_steps >= 0, f"final_steps must be >= 0, got {self.final_steps}")
-        v = self.max_consecutive
-        _check(v is None or v >= 1, f"max_consecutive must be None or >= 1, got {v}")
+        _check_bounds(self)
 
 
 @dataclass
@@ -111,13 +120,11 @@ class MagCacheConfig:
     final_steps: int = 1
 
     def __post_init__(self):
-        _check(self.threshold >= 0, f"threshold must be >= 0, got {self.threshold}")
-        _check(self.max_skip_steps >= 1, f"max_skip_steps must be >= 1, got {self.max_skip_steps}")
+        _check_bounds(self)
         _check(
             0 <= self.retention_ratio < 1,
             f"retention_ratio must be in [0, 1), got {self.retention_ratio}",
         )
-        _check(self.final_steps >= 0, f"final_steps must be >= 0, got {self.final_steps}")
         _check(
             self.mag_ratios is not None,
             "MagCacheConfig: mag_ratios is required (a list, or the JSON path written by "
@@ -137,10 +144,7 @@ class TaylorSeerConfig:
     final_steps: int = 1
 
     def __post_init__(self):
-        _check(self.interval >= 1, f"interval must be >= 1, got {self.interval}")
-        _check(self.order >= 0, f"order must be >= 0, got {self.order}")
-        _check(self.warmup_steps >= 1, f"warmup_steps must be >= 1, got {self.warmup_steps}")
-        _check(self.final_steps >= 0, f"final_steps must be >= 0, got {self.final_steps}")
+        _check_bounds(self)
 
 
 class _Probe(Exception):
@@ -179,6 +183,10 @@ class StackCache(Hook):
                 self.handle.wrap(block, self._head_wrapper(i, sig))
             elif i in self.middle:
                 self.handle.wrap(block, self._middle_wrapper(i, sig, block))
+
+    def parts(self, ctx) -> list[Part]:
+        # decides at run time, so always potentially active; steps aside on RAS's subset calls
+        return [Part(type(self.config).__name__, block_reuse=True, yields=True)]
 
     def new_state(self):
         return {

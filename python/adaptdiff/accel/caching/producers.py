@@ -67,7 +67,7 @@ def asdm_steps(steps: int, mode: str) -> list[int]:
     - ``early``: every other call in the first half (layout settles early).
     - ``middle``: every other call in [30 %, 80 %) of the trajectory.
     - ``late``: two of every three calls from the middle on (details change slowly there).
-    The paper gives modes but not their exact steps (accel.md §6: unverified); these are ours.
+    The paper gives modes but not their exact steps; these are ours.
     """
     _check_steps(steps)
     if mode == "alternate":

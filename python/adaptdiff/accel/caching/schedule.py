@@ -30,7 +30,7 @@ from torch import nn
 
 from ..api import register_config
 from ..calibration import model_signature, read_document
-from ..hooks import Hook, block_rates, layout, merge_rows
+from ..hooks import Hook, Part, block_rates, layout, merge_rows
 
 FORMAT, VERSION = "adaptdiff.schedule", 1
 
@@ -204,6 +204,16 @@ class ScheduleExecutor(Hook):
 
     def new_state(self):
         return {}  # (block, component) -> (batch, batch slots, output, previous entry)
+
+    def parts(self, ctx) -> list[Part]:
+        # made for a count of model calls; steps aside on RAS's token-subset calls
+        sched = self.schedule
+        return [
+            Part(
+                "ScheduleConfig", sched.compute_fraction() < 1.0, block_reuse=True, yields=True,
+                steps=sched.num_steps, unit="calls",
+            )
+        ]  # fmt: skip
 
     def _settle(self, b: int, c: int):
         """The kept entry of (b, c), with the last computed output merged into the one before

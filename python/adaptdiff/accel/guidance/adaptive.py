@@ -9,23 +9,32 @@
   conditional and unconditional ones, with scalar per-step coefficients fitted by least squares
   on full-CFG trajectories (:func:`fit_linear_ag`, ``adaptdiff calibrate --method linear-ag``).
   The guided output ``(1 - w) u_hat + w c`` is one ``lincomb`` over the regressors.
+
+Install them with ``accel.apply(model, AdaptiveGuidanceConfig(...))`` or
+``accel.apply(model, LinearAGConfig("linear-ag.json"))`` and pass the handle to ``sample``; the
+classes are the accelerators behind the configs.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ...ops import cosine, lincomb
-from ...samplers import Accelerator, ModelStep, SampleContext, sample
+from ...samplers import Accelerator, ModelStep, Part, SampleContext, sample
+from ..api import register_config
 from ..calibration import register_calibrator
+from ..hooks import SampleHook
 
 __all__ = [
     "AdaptiveGuidance",
+    "AdaptiveGuidanceConfig",
     "LinearAG",
+    "LinearAGConfig",
     "TrajectoryRecorder",
     "fit_linear_ag",
     "load_linear_ag",
@@ -51,6 +60,19 @@ class AdaptiveGuidance(Accelerator):
             raise ValueError(f"start must be in [0, 1], got {start!r}")
         self.threshold, self.start, self.per_sample = float(threshold), float(start), per_sample
         self.switched_at: torch.Tensor | None = None
+
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        active = ctx.guided and self.threshold <= 1.0
+        return [
+            Part(
+                "AdaptiveGuidance", active, replaces_uncond=True, changes_batch=True, after_stage=0
+            )
+        ]
+
+    def summary(self) -> dict:
+        """The last run's switching step per sample (-1: never)."""
+        switched = [] if self.switched_at is None else self.switched_at.tolist()
+        return {"switched_at": switched}
 
     def on_sample_start(self, ctx: SampleContext) -> None:
         self.switched_at = torch.full((ctx.x.shape[0],), -1, dtype=torch.long)
@@ -95,8 +117,11 @@ class TrajectoryRecorder(Accelerator):
         self.cond: list[torch.Tensor] = []
         self.uncond: list[torch.Tensor] = []
 
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        return [Part("TrajectoryRecorder", needs_every_step=True, needs_uncond=True)]
+
     def on_sample_start(self, ctx: SampleContext) -> None:
-        if ctx.uncond is None or ctx.guidance_scale == 1.0:
+        if not ctx.guided:
             raise ValueError("TrajectoryRecorder needs guidance (uncond given, scale != 1)")
         self.cond, self.uncond = [], []
 
@@ -208,6 +233,19 @@ class LinearAG(Accelerator):
         if missing:
             raise ValueError(f"steps {missing} have no coefficients")
 
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        return [
+            Part(
+                "LinearAG", ctx.guided and bool(self.steps), replaces_uncond=True,
+                changes_batch=True, needs_every_step=True, one_call_per_step=True,
+                steps=self.num_steps, made="fitted", after_stage=0, needs_full_preds=True,
+            )
+        ]  # fmt: skip
+
+    def summary(self) -> dict:
+        """The steps whose unconditional branch is estimated."""
+        return {"steps": sorted(self.steps), "history": self.history}
+
     def on_sample_start(self, ctx: SampleContext) -> None:
         # num_steps and the sampler (one call per step) are checked by samplers.compose
         self.conds, self.unconds = [], []
@@ -236,6 +274,77 @@ class LinearAG(Accelerator):
             self.conds.append(preds["cond"])
             self.unconds.append(preds.get("uncond", preds["cond"]))
         return pred
+
+
+@dataclass
+class AdaptiveGuidanceConfig:
+    """:class:`AdaptiveGuidance` through ``accel.apply`` (the same arguments)."""
+
+    threshold: float = 0.99
+    start: float = 0.0
+    per_sample: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.start <= 1.0:
+            raise ValueError(f"AdaptiveGuidanceConfig: start must be in [0, 1], got {self.start!r}")
+
+
+@dataclass
+class LinearAGConfig:
+    """:class:`LinearAG` through ``accel.apply``.
+
+    coefficients: ``{step: [a_0..a_h, b_1..b_h]}`` (:func:`fit_linear_ag`), or the path of the
+        JSON that ``adaptdiff calibrate --method linear-ag`` (or :func:`save_linear_ag`) wrote;
+        the file gives ``history`` and ``num_steps``, so leave them None with a path.
+    history, num_steps, steps: as :class:`LinearAG` (``history`` None: 1).
+    """
+
+    coefficients: dict | str | Path
+    history: int | None = None
+    num_steps: int | None = None
+    steps: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.coefficients, (str, Path)):
+            if self.history is not None or self.num_steps is not None:
+                raise ValueError(
+                    "LinearAGConfig: history and num_steps come from the calibration file; "
+                    "leave them None with a path"
+                )
+        elif not isinstance(self.coefficients, dict):
+            raise ValueError(
+                "LinearAGConfig: coefficients must be a dict {step: [...]} or a JSON path, got "
+                f"{type(self.coefficients).__name__}"
+            )
+        if self.steps is not None:
+            self.steps = tuple(int(s) for s in self.steps)
+
+    def make(self) -> LinearAG:
+        if isinstance(self.coefficients, (str, Path)):
+            return load_linear_ag(self.coefficients, steps=self.steps)
+        history = 1 if self.history is None else self.history
+        return LinearAG(
+            self.coefficients, history=history, num_steps=self.num_steps, steps=self.steps
+        )
+
+
+class AdaptiveGuidanceHook(SampleHook):
+    name = "adaptive_guidance"
+
+    def make(self) -> AdaptiveGuidance:
+        cfg = self.config
+        return AdaptiveGuidance(cfg.threshold, start=cfg.start, per_sample=cfg.per_sample)
+
+
+class LinearAGHook(SampleHook):
+    name = "linear_ag"
+
+    def make(self) -> LinearAG:
+        return self.config.make()
+
+
+register_config(AdaptiveGuidanceConfig, AdaptiveGuidanceHook)
+register_config(LinearAGConfig, LinearAGHook)
 
 
 @register_calibrator(

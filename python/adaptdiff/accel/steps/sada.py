@@ -29,17 +29,24 @@ refreshes the caches every ``max_skips + 1`` computed steps.
 
 The approximations return a prediction in the model's parameterisation, so any solver (Euler,
 DDIM, DPM-Solver++, DDPM) consumes it; Heun (two calls per step) is refused.
+
+Install it with ``accel.apply(model, SADAConfig(...))`` and pass the handle to ``sample``; the
+class :class:`SADA` (the same arguments) is the accelerator behind the config.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 
 from ...ops import gather_tokens, lincomb, scatter_tokens
-from ...samplers import Accelerator, ModelStep, SampleContext
+from ...samplers import Accelerator, ModelStep, Part, SampleContext
 from ...samplers.parameterization import target, to_x0_eps
+from ..api import register_config
+from ..hooks import SampleHook, restore_forwards, wrap_forward
 
-__all__ = ["SADA", "lagrange_weights", "momentum"]
+__all__ = ["SADA", "SADAConfig", "lagrange_weights", "momentum"]
 
 APPROXIMATIONS = ("auto", "eps", "velocity", "lagrange")
 
@@ -109,18 +116,20 @@ class SADA(Accelerator):
         max_fix: int | None = None,
         seed: int = 0,
     ):
-        if approximation not in APPROXIMATIONS:
-            raise ValueError(f"approximation must be in {APPROXIMATIONS}, got {approximation!r}")
-        if criterion not in ("adams", "curvature", "off"):
-            raise ValueError(f"criterion must be 'adams', 'curvature' or 'off', got {criterion!r}")
-        if not 0 <= start <= end <= 1:
-            raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
-        if not isinstance(max_skips, int) or max_skips < 1:
-            raise ValueError(f"max_skips must be an int >= 1, got {max_skips!r}")
-        if lagrange_every < 2 or lagrange_terms < 2:
-            raise ValueError("lagrange_every and lagrange_terms must be >= 2")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window!r}")
+        self.config = SADAConfig(
+            start,
+            end,
+            max_skips,
+            approximation,
+            criterion,
+            lagrange_from,
+            lagrange_every,
+            lagrange_terms,
+            tokens,
+            window,
+            max_fix,
+            seed,
+        )  # fmt: skip  (checks the arguments)
         self.start, self.end, self.max_skips = start, end, max_skips
         self.approximation, self.criterion = approximation, criterion
         self.lagrange_from, self.lagrange_every = lagrange_from, lagrange_every
@@ -128,8 +137,23 @@ class SADA(Accelerator):
         self.tokens, self.window, self.max_fix, self.seed = tokens, window, max_fix, seed
         self.skipped: list[int] = []
         self.token_fraction: list[float] = []
-        self._handles = []
+        self._wrapped: list = []  # the blocks' wrappers of a token-wise run
         self.caches = None
+
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        on = self.criterion != "off"
+        name = "SADA(tokens=True)" if self.tokens else "SADA"
+        tokens = on and self.tokens
+        return [
+            Part(
+                name, on, skips_steps=True, one_call_per_step=True, token_subset=tokens,
+                row_caches=tokens, after_stage=2,
+            )
+        ]  # fmt: skip
+
+    def summary(self) -> dict:
+        """The last run's skipped steps and recomputed token fraction per token-wise step."""
+        return {"skipped": list(self.skipped), "token_fraction": list(self.token_fraction)}
 
     # -- per-sample state ---------------------------------------------------------------------
     def on_sample_start(self, ctx: SampleContext) -> None:
@@ -152,9 +176,8 @@ class SADA(Accelerator):
             self._install(ctx.model)
 
     def on_sample_end(self, ctx: SampleContext) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self.caches = [], None
+        restore_forwards(self._wrapped)  # the blocks' wrappers of a token-wise run
+        self.caches = None
 
     # -- the step decision --------------------------------------------------------------------
     def _flow(self, step: ModelStep):
@@ -272,28 +295,24 @@ class SADA(Accelerator):
 
         # The stack runs on the active tokens only; each block scatters its fresh rows into its
         # cache, and the last block hands the whole (cached + fresh) sequence to the final layer.
-        def block_forward(i, block, original):
-            def forward(x, c, mask=None):
+        def block_forward(i):
+            def forward(inner, x, c, mask=None):
                 index = self._index_for(x)
                 if index is None:
-                    out = original(x, c, mask)
+                    out = inner(x, c, mask)
                     self._outputs[i] = out
                     return out
                 sub = x if x.shape[1] == index.shape[1] else gather_tokens(x, index)
-                out = original(sub, c, mask)
+                out = inner(sub, c, mask)
                 full = scatter_tokens(self._outputs[i], index, out)
                 self._outputs[i] = full
                 return full if i == len(blocks) - 1 else out
 
             return forward
 
-        self._originals = []
         for i, block in enumerate(blocks):
-            original = block.forward
-            block.forward = block_forward(i, block, original)
-            self._originals.append((block, original))
+            wrap_forward(block, block_forward(i), self._wrapped)
         self.caches = self._outputs
-        self._handles = [_Restore(self._originals)]
 
     def _index_for(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.active is None or any(o is None for o in self._outputs):
@@ -306,11 +325,47 @@ class SADA(Accelerator):
         return idx
 
 
-class _Restore:
-    def __init__(self, originals):
-        self.originals = originals
+@dataclass
+class SADAConfig:
+    """:class:`SADA` through ``accel.apply`` (the same arguments; see the class)."""
 
-    def remove(self):
-        for block, original in self.originals:
-            if block.forward is not original:
-                del block.forward  # back to the class's forward
+    start: float = 0.2
+    end: float = 0.94
+    max_skips: int = 1
+    approximation: str = "auto"
+    criterion: str = "adams"
+    lagrange_from: float | None = None
+    lagrange_every: int = 4
+    lagrange_terms: int = 3
+    tokens: bool = False
+    window: int = 2
+    max_fix: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.approximation not in APPROXIMATIONS:
+            raise ValueError(
+                f"approximation must be in {APPROXIMATIONS}, got {self.approximation!r}"
+            )
+        if self.criterion not in ("adams", "curvature", "off"):
+            raise ValueError(
+                f"criterion must be 'adams', 'curvature' or 'off', got {self.criterion!r}"
+            )
+        if not 0 <= self.start <= self.end <= 1:
+            raise ValueError(f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        if not isinstance(self.max_skips, int) or self.max_skips < 1:
+            raise ValueError(f"max_skips must be an int >= 1, got {self.max_skips!r}")
+        if self.lagrange_every < 2 or self.lagrange_terms < 2:
+            raise ValueError("lagrange_every and lagrange_terms must be >= 2")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window!r}")
+
+
+class SADAHook(SampleHook):
+    name = "sada"
+
+    def make(self) -> SADA:
+        return SADA(**asdict(self.config))
+
+
+register_config(SADAConfig, SADAHook)

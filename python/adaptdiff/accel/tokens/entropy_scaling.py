@@ -3,16 +3,28 @@
 Attention entropy grows with the number of keys n. Scaling the self-attention logits by
 lambda = sqrt(log n / log n_train) keeps it roughly where training left it: softmax(lambda q.k /
 sqrt(d)). On adaptdiff's DiT this is the ``scale`` each ``Attention`` hands to SDPA, set per forward
-from the token count of its input (:func:`apply_entropy_scaling`); for diffusers models an
-attention processor does the same (:func:`apply_entropy_scaling_diffusers`). At the training
-resolution lambda = 1 and the model is unchanged.
+from the token count of its input; on a diffusers model each ``Attention`` runs
+:class:`EntropyScaledAttnProcessor` instead of its processor. At the training resolution
+lambda = 1 and the model is unchanged.
+
+Install it with ``accel.apply(model, EntropyScalingConfig(train_tokens=...))`` (wrappers of the
+attention modules' ``forward``; ``accel.remove(model)`` restores them and their scales).
+:func:`apply_entropy_scaling` / :func:`remove_entropy_scaling` are that pair for one config, and
+:func:`apply_entropy_scaling_diffusers` sets the processors the diffusers way.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..api import apply, register_config, remove
+from ..hooks import AccelHandle, Hook, Part
 
 __all__ = [
+    "EntropyScalingConfig",
     "apply_entropy_scaling",
     "apply_entropy_scaling_diffusers",
     "entropy_scale",
@@ -29,47 +41,99 @@ def entropy_scale(num_tokens: int, train_tokens: int) -> float:
     return math.sqrt(math.log(num_tokens) / math.log(train_tokens))
 
 
-def apply_entropy_scaling(model, train_tokens: int | None = None) -> list:
-    """Scale every self-attention of a DiT by lambda(n) for the token count n of each call.
+@dataclass
+class EntropyScalingConfig:
+    """Scale every self-attention's logits by lambda(n) for the token count n of each call.
 
-    ``train_tokens`` defaults to the model's training grid (``model.grid_size ** 2``). Returns
-    the hook handles; :func:`remove_entropy_scaling` undoes it.
+    ``train_tokens``: the training resolution's token count (None: ``model.grid_size ** 2``,
+    adaptdiff's DiT; required for diffusers models).
     """
-    from ...models.layers import Attention
 
-    if train_tokens is None:
-        if not hasattr(model, "grid_size"):
-            raise ValueError("train_tokens must be given for a model without grid_size")
-        train_tokens = model.grid_size**2
-    handles = []
-    for module in model.modules():
-        if isinstance(module, Attention):
-            base = module.scale
-            head_dim = module.head_dim
+    train_tokens: int | None = None
 
-            def pre(mod, args, base=base, head_dim=head_dim):
-                n = args[0].shape[1]
-                default = base if base is not None else head_dim**-0.5
-                mod.scale = default * entropy_scale(n, train_tokens) if n != train_tokens else base
-
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(_ScaleRestore(module, base))
-    model._entropy_scaling_handles = handles
-    return handles
+    def __post_init__(self):
+        if self.train_tokens is not None and self.train_tokens < 2:
+            raise ValueError(
+                f"EntropyScalingConfig: train_tokens must be >= 2, got {self.train_tokens}"
+            )
 
 
-class _ScaleRestore:
-    def __init__(self, module, base):
-        self.module, self.base = module, base
+class EntropyScalingHook(Hook):
+    """Wraps each attention module's ``forward``: adaptdiff's ``Attention`` gets its ``scale``
+    set from the call's token count (kept until the next call, restored by ``remove``); a
+    diffusers ``Attention`` runs :class:`EntropyScaledAttnProcessor`."""
 
-    def remove(self):
-        self.module.scale = self.base
+    name = "entropy_scaling"
+
+    def install(self) -> None:
+        from ...models.layers import Attention
+
+        model, train = self.handle.model, self.config.train_tokens
+        if train is None:
+            if not hasattr(model, "grid_size"):
+                raise ValueError("train_tokens must be given for a model without grid_size")
+            train = model.grid_size**2
+        self.train_tokens, self.scales, self.count = train, [], 0
+        for module in model.modules():
+            if isinstance(module, Attention):
+                self.scales.append((module, module.scale))
+                self.handle.wrap(module, _scaled_attention(module, module.scale, train))
+            elif _is_diffusers_attention(module):
+                self.handle.wrap(module, _processed_attention(module, train))
+            else:
+                continue
+            self.count += 1
+        if not self.count:
+            raise ValueError(f"EntropyScalingConfig: {type(model).__name__} has no attention")
+
+    def uninstall(self) -> None:
+        for module, base in self.scales:
+            module.scale = base
+
+    def parts(self, ctx) -> list[Part]:
+        return [Part("EntropyScalingConfig")]  # changes the attention, reuses nothing
+
+    def summary(self, ctx) -> dict:
+        return {"entropy_scaling": {"train_tokens": self.train_tokens, "modules": self.count}}
+
+
+def _scaled_attention(module: nn.Module, base, train_tokens: int):
+    default = base if base is not None else module.head_dim**-0.5
+
+    def forward(inner, x, *args, **kwargs):
+        n = x.shape[1]
+        module.scale = default * entropy_scale(n, train_tokens) if n != train_tokens else base
+        return inner(x, *args, **kwargs)
+
+    return forward
+
+
+def _processed_attention(module: nn.Module, train_tokens: int):
+    processor = EntropyScaledAttnProcessor(train_tokens)
+
+    def forward(inner, *args, **kwargs):  # what Attention.forward does, with this processor
+        return processor(module, *args, **kwargs)
+
+    return forward
+
+
+def _is_diffusers_attention(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Attention" and cls.__module__.startswith("diffusers.")
+
+
+register_config(EntropyScalingConfig, EntropyScalingHook)
+
+
+def apply_entropy_scaling(model, train_tokens: int | None = None) -> AccelHandle:
+    """``accel.apply(model, EntropyScalingConfig(train_tokens))``; undo with
+    :func:`remove_entropy_scaling` (or ``accel.remove``)."""
+    return apply(model, EntropyScalingConfig(train_tokens))
 
 
 def remove_entropy_scaling(model) -> None:
-    for h in getattr(model, "_entropy_scaling_handles", []):
-        h.remove()
-    model._entropy_scaling_handles = []
+    """``accel.remove(model)``."""
+    remove(model)
 
 
 class EntropyScaledAttnProcessor:

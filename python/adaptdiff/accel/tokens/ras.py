@@ -2,7 +2,7 @@
 Transformers", 2025, microsoft/RAS): on most steps the transformer computes only the regions
 it is focusing on, and the other regions advance with their last velocity.
 
-Per step ``s`` of a RAS run (see ``accel.md`` §1):
+Per step ``s`` of a RAS run (see ``docs/accelerators.md``):
 
 1. Score each ``p x p`` patch of the last (merged) prediction with
    :func:`~adaptdiff.ops.patch_scores` (channel ``"std"`` or ``"l2"``; ``"random"`` is the
@@ -39,13 +39,13 @@ Differences from the reference code, each on purpose:
 
 Usage::
 
-    ras = RAS(model, RASConfig(sample_ratio=0.5, error_reset_steps=(12, 20)))
-    x = sample(model, shape, method="euler", steps=28, prediction="flow", accelerators=[ras])
-    ras.summary()   # RAS steps, mean active fraction, token-block evaluations saved
-    ras.remove()    # the model is plain again
+    handle = accel.apply(model, RASConfig(sample_ratio=0.5, error_reset_steps=(12, 20)))
+    x = sample(model, shape, method="euler", steps=28, prediction="flow", accelerators=[handle])
+    accel.summary(model)  # ["default"]["ras"]: RAS steps, mean active fraction, savings
+    accel.remove(model)   # the model is plain again
 
-or through the hook API: ``handle = accel.apply(model, RASConfig(...))``, then
-``sample(..., accelerators=[handle])``, ``accel.summary(model)``, ``accel.remove(model)``.
+``RAS(model, config)`` (hooks installed by the constructor, ``ras.remove()``) is the class
+behind the config.
 """
 
 from __future__ import annotations
@@ -58,9 +58,16 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import gather_tokens, indexed_linear_, patch_scores, scatter_tokens
-from ...samplers.accelerator import Accelerator, ModelStep, SampleContext
+from ...samplers.accelerator import Accelerator, ModelStep, Part, SampleContext
 from ..api import register_config
-from ..hooks import Hook, map_tensors, restore_forwards, slot_positions, wrap_forward
+from ..hooks import (
+    AccelHandle,
+    SampleHook,
+    map_tensors,
+    restore_forwards,
+    slot_positions,
+    wrap_forward,
+)
 from .ras_joint import install as _install_joint
 from .ras_joint import layout as _joint_layout
 
@@ -72,7 +79,7 @@ STARVATION = ("corrected", "reference")
 
 @dataclass
 class RASConfig:
-    """Settings of :class:`RAS` (defaults: the reference's argparser, ``accel.md`` §1.3).
+    """Settings of :class:`RAS` (defaults: the reference's argparser).
 
     sample_ratio: fraction of the tokens computed on a RAS step (1.0: plain sampling).
     metric: patch score, ``"std"`` or ``"l2"`` of the prediction over channels, or ``"random"``.
@@ -347,6 +354,56 @@ class RAS(Accelerator):
         self._install(wrap or self._wrap)
         self.records: list[dict] = []
 
+    # -- what it is --------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """The model family: "adaptdiff", "diffusers" (DiT/PixArt) or a joint one ("sd3")."""
+        return self._kind
+
+    @property
+    def first_block(self):
+        """The block at whose input RAS keeps the active tokens."""
+        return self._first
+
+    def wrapped_over(self) -> list:
+        """The modules RAS wrapped on top of another wrapper (its attention runs without it),
+        other than its first block and output projection (whose wrappers call the inner one)."""
+        return [
+            m for m, previous in self._wrapped
+            if previous is not None and m is not self._first and m is not self._out
+        ]  # fmt: skip
+
+    def active_in(self, ctx: SampleContext) -> bool:
+        """Whether some step of the sampling ``ctx`` describes runs on a token subset."""
+        x, p = ctx.x, self.patch_size
+        tokens = (x.shape[2] // p) * (x.shape[3] // p) if x.ndim == 4 else 1
+        return any(skip_schedule(self.config, ctx.num_steps, tokens))
+
+    def parts(self, ctx: SampleContext) -> list[Part]:
+        # the SD3/Flux wrappers (ras_joint) keep their K/V caches for one fixed model batch
+        joint = self._kind not in ("adaptdiff", "diffusers")
+        name = f"RAS on {self._kind}" if joint else "RAS"
+        return [
+            Part(name, self.active_in(ctx), token_subset=True, subset_source=True, row_caches=joint)
+        ]
+
+    def connect(self, ctx: SampleContext, accelerators: list) -> None:
+        """Tell each accel handle on the same blocks which calls run a token subset: its caches
+        and schedules step aside on them and act on the dense ones (warm-up, error resets)."""
+        for handle in accelerators:
+            if not isinstance(handle, AccelHandle):
+                continue
+            wrapped = {id(m) for m in handle.wrapped_modules()}
+            if any(id(m) in wrapped for m in self.wrapped_over()) and self.active_in(ctx):
+                raise ValueError(
+                    "RAS cannot be combined with an accel handle that wraps attention modules "
+                    "(ScheduleConfig) when the RAS was made after accel.apply: RAS's attention "
+                    "would run without them. Make the RAS first, or pass RASConfig to apply"
+                )
+            if any(block is self._first for _, block in handle.blocks):
+                handle.add_token_subset(self.state)
+
     # -- model hooks ------------------------------------------------------------------------
 
     def _wrap(self, module, wrapper) -> None:
@@ -513,40 +570,20 @@ def theoretical_speedup(skips: list[int], num_tokens: int) -> float:
     return len(skips) / work if work else math.inf
 
 
-class RASHook(Hook):
+class RASHook(SampleHook):
     """``adaptdiff.accel.apply(model, RASConfig(...))``: RAS through the hook API. The handle
-    then also forwards the sampler's callbacks to RAS (pass it to ``sample``); ``remove(model)``
-    takes RAS off with the other hooks."""
+    forwards the sampler's calls to RAS (pass it to ``sample``); ``remove(model)`` takes RAS
+    off with the other hooks."""
 
     name = "ras"
     innermost = True  # RAS's attention computes without calling what it wraps
 
-    def install(self) -> None:
-        handle = self.handle
-        self.ras = ras = RAS(handle.model, self.config, wrap=handle.wrap)
-        start, before, after, end = (
-            handle.on_sample_start, handle.before_model, handle.after_model, handle.on_sample_end
-        )  # fmt: skip
+    def make(self) -> RAS:
+        return RAS(self.handle.model, self.config, wrap=self.handle.wrap)
 
-        def on_sample_start(ctx):
-            start(ctx)
-            ras.on_sample_start(ctx)
-
-        def before_model(step):
-            pred = before(step)
-            ras.before_model(step)
-            return pred
-
-        def on_sample_end(ctx):
-            ras.on_sample_end(ctx)
-            end(ctx)
-
-        handle.on_sample_start, handle.before_model = on_sample_start, before_model
-        handle.after_model = lambda step, pred: ras.after_model(step, after(step, pred))
-        handle.on_sample_end = on_sample_end
-
-    def summary(self, ctx) -> dict:
-        return {"ras": self.ras.summary()}
+    @property
+    def ras(self) -> RAS:
+        return self.accelerator
 
 
 register_config(RASConfig, RASHook)

@@ -14,7 +14,7 @@ from adaptdiff.accel.steps.sada import SADA
 from adaptdiff.accel.tokens.ras import RAS, RASConfig
 from adaptdiff.samplers import sample
 
-from .support import tiny_dit
+from ..accel.support import tiny_dit
 
 STEPS = 8
 
@@ -193,7 +193,7 @@ def test_ras_follows_the_rows_adaptive_guidance_drops_everywhere(variant):
     """As above with Heun (a switch between a step's two calls), RAS through accel.apply, and
     a diffusers DiT (its K and V caches are a pair)."""
     if variant == "diffusers":
-        from .test_ras import DiffusersAdapter, diffusers_model
+        from ..accel.test_ras import DiffusersAdapter, diffusers_model
 
         transformer = diffusers_model("dit")
         model, threshold, seed, null = DiffusersAdapter(transformer, "dit"), 0.98, 0, 10
@@ -347,7 +347,7 @@ def test_ras_made_after_a_schedule_is_refused():
 
 
 def test_ag_and_ras_on_a_joint_attention_model_are_refused():
-    from .test_ras_joint import model_for
+    from ..accel.test_ras_joint import model_for
 
     transformer, adapter = model_for("sd3")
     ras = RAS(transformer, sample_ratio=0.5)
@@ -360,3 +360,133 @@ def test_ag_and_ras_on_a_joint_attention_model_are_refused():
             progress=False,
         )  # fmt: skip
     ras.remove()
+
+
+# -- the same table through accel.apply(model, *configs) and sample(accelerators=[handle])
+
+LAG = {i: [0.5, 0.2, 0.3] for i in (2, 4, 6)}
+
+
+def _schedule(model, method):
+    """A schedule that reuses every attention on calls 1 and 4 (RAS: a dense step and a RAS
+    step; K/V are refilled by the dense step after)."""
+    sched = Schedule.for_model(model, _calls(method))
+    for s in (1, 4):
+        sched.mask[s] = [[False, True] for _ in accel.layout(model)]
+    return sched
+
+
+def _config(name, model, method):
+    """(the config, the same method as a standalone accelerator or None for model-level ones)."""
+    if name == "ag":
+        return accel.AdaptiveGuidanceConfig(0.975), AdaptiveGuidance(0.975)
+    if name == "linear_ag":
+        return accel.LinearAGConfig(LAG, steps=(2, 4, 6)), LinearAG(LAG, steps=(2, 4, 6))
+    if name == "sada":
+        return accel.SADAConfig(start=0.0, end=1.0), SADA(start=0.0, end=1.0)
+    if name == "ras":
+        cfg = RASConfig(sample_ratio=0.5, start_step=2)
+        return cfg, RAS(model, cfg)  # made before the model-level hooks
+    if name == "cache":
+        return TaylorSeerConfig(interval=2, warmup_steps=1), None
+    return ScheduleConfig(_schedule(model, method)), None
+
+
+ALLOWED = {
+    "ag": "heun", "ras": "heun", "cache": "heun", "schedule": "heun",
+    "ag+cache": "euler", "ag+schedule": "dpmpp_2m", "linear_ag+schedule": "euler",
+    "linear_ag+cache": "euler", "ag+ras": "euler", "ras+cache": "euler",
+    "ras+schedule": "euler", "sada+ag": "euler", "sada+ras": "euler", "sada+cache": "euler",
+    "sada+schedule": "euler", "ag+ras+schedule+sada": "euler",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("combo", list(ALLOWED))
+def test_allowed_combinations_run_through_one_handle(combo):
+    """Every allowed combination installed by one ``accel.apply`` samples bit for bit as the
+    same methods passed as standalone accelerators (with the model-level ones in a handle)."""
+    method, names = ALLOWED[combo], combo.split("+")
+    model = _guided_dit()
+    pairs = [_config(n, model, method) for n in names]
+    standalone = [acc for _, acc in pairs if acc is not None]
+    model_level = [cfg for cfg, acc in pairs if acc is None]
+    handle = accel.apply(model, *model_level) if model_level else None
+    expected = _run(model, standalone + ([handle] if handle else []), method=method)
+    expected_summary = accel.summary(model)["default"] if handle else None
+    accel.remove(model)
+    for acc in standalone:
+        if isinstance(acc, RAS):
+            acc.remove()
+
+    handle = accel.apply(model, *[cfg for cfg, _ in pairs])
+    out, info = _run(model, [handle], method=method, info=True)
+    summary = accel.summary(model)["default"]
+    accel.remove(model)
+    assert torch.equal(out, expected)
+    if expected_summary is not None:
+        assert summary["hits"] == expected_summary["hits"]
+    for name, (_, acc) in zip(names, pairs, strict=True):
+        if name == "ag":
+            assert summary["adaptive_guidance"]["switched_at"] == acc.switched_at.tolist()
+        elif name == "sada":
+            assert summary["sada"]["skipped"] == acc.skipped
+        elif name == "ras":
+            assert summary["ras"]["ras_calls"] == acc.summary()["ras_calls"] > 0
+    assert torch.equal(_run(model, method=method), _run(_guided_dit(), method=method))
+
+
+def _refused_configs(model):
+    """The refused cases of :func:`_refused` that configs express: (configs, method)."""
+    lag = accel.LinearAGConfig({i: [1.0, 0.0, 0.0] for i in range(1, STEPS)}, num_steps=STEPS)
+    return {
+        "ag+linear_ag": ([accel.AdaptiveGuidanceConfig(), lag], "euler"),
+        "sada+sada": ([accel.SADAConfig(), accel.SADAConfig()], "euler"),
+        "sada+linear_ag": ([accel.SADAConfig(), lag], "euler"),
+        "sada+heun": ([accel.SADAConfig()], "heun"),
+        "linear_ag+heun": ([lag], "heun"),
+        "linear_ag steps": ([accel.LinearAGConfig({1: [1.0, 0.0, 0.0]}, num_steps=6)], "euler"),
+        "schedule steps": ([ScheduleConfig(Schedule.for_model(model, STEPS))], "heun"),
+        "sada tokens+ras": ([accel.SADAConfig(tokens=True), RASConfig()], "euler"),
+        "sada tokens+ag": ([accel.AdaptiveGuidanceConfig(), accel.SADAConfig(tokens=True)],
+                           "euler"),
+        "linear_ag+ras": ([lag, RASConfig()], "euler"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_refused_configs(tiny_dit())))
+def test_conflicting_configs_are_refused_through_one_handle(case):
+    model = tiny_dit()
+    configs, method = _refused_configs(model)[case]
+    message = _refused(tiny_dit())[case][2]
+    handle = accel.apply(model, *configs)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        _run(model, [handle], method=method)
+    assert not calls
+    accel.remove(model)
+
+
+def test_refused_through_one_handle_sada_tokens_with_a_cache_and_a_handle_twice():
+    model = tiny_dit()
+    handle = accel.apply(model, accel.SADAConfig(tokens=True), FirstBlockCacheConfig())
+    with pytest.raises(ValueError, match="FirstBlockCacheConfig reuses block outputs by position"):
+        _run(model, [handle])
+    with pytest.raises(ValueError, match="AccelHandle is passed twice"):
+        _run(model, [handle, handle])
+    accel.remove(model)
+
+
+def test_ag_and_ras_on_a_joint_attention_model_are_refused_through_one_handle():
+    from ..accel.test_ras_joint import model_for
+
+    transformer, adapter = model_for("sd3")
+    handle = accel.apply(transformer, accel.AdaptiveGuidanceConfig(), RASConfig(sample_ratio=0.5))
+    y = {"text": torch.randn(2, 5, 16), "pooled": torch.randn(2, 8)}
+    null = {"text": torch.zeros(2, 5, 16), "pooled": torch.zeros(2, 8)}
+    with pytest.raises(ValueError, match="AdaptiveGuidance cannot be combined with RAS on sd3"):
+        sample(
+            adapter, (2, 4, 8, 8), method="euler", steps=STEPS, guidance_scale=1.5, cond=y,
+            uncond=null, prediction="flow", accelerators=[handle], progress=False,
+        )  # fmt: skip
+    accel.remove(transformer)
