@@ -148,8 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .accel.cli import add_calibrate_parser  # methods come from adaptdiff.accel's registry
 
-    add_calibrate_parser(sub)
+    add_calibrate_parser(sub, load_checkpoint=_load_digits_model)
     return p
+
+
+def _load_digits_model(folder):
+    from .recipes.digits import load_digits_model
+
+    return load_digits_model(folder)
 
 
 def main(argv: list[str] | None = None) -> int:

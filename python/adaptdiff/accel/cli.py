@@ -4,6 +4,7 @@ random-weight DiT and write its JSON."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -59,7 +60,7 @@ def calibration_setup(model, *, method="euler", steps=20, runs=4, batch=2, guida
     return CalibrationSetup(model, draw, runs, sampling, dict(options or {}))
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
+def _cmd_calibrate(args: argparse.Namespace, load_checkpoint) -> int:
     from .calibration import CALIBRATORS, run_calibration
 
     if args.method not in CALIBRATORS:
@@ -67,9 +68,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.model is None):
         raise SystemExit("adaptdiff calibrate: give exactly one of --checkpoint and --model")
     if args.checkpoint is not None:
-        from ..recipes.digits import load_digits_model
-
-        model = load_digits_model(args.checkpoint)
+        model = load_checkpoint(args.checkpoint)
     else:
         model = random_dit(args.model, seed=args.seed)
     options = dict(kv.split("=", 1) for kv in args.option)
@@ -87,7 +86,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_calibrate_parser(sub) -> None:
+def add_calibrate_parser(sub, load_checkpoint) -> None:
+    """The ``calibrate`` sub-command; ``load_checkpoint(folder) -> model`` reads ``--checkpoint``
+    (the command line passes the digits recipe's loader: recipes sit above accel)."""
     from .calibration import CALIBRATORS
 
     methods = "; ".join(f"{k}: {v.help}" for k, v in sorted(CALIBRATORS.items()))
@@ -110,4 +111,4 @@ def add_calibrate_parser(sub) -> None:
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="a method option, e.g. degree=3 for teacache",
     )  # fmt: skip
-    s.set_defaults(fn=_cmd_calibrate)
+    s.set_defaults(fn=functools.partial(_cmd_calibrate, load_checkpoint=load_checkpoint))
