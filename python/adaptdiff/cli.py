@@ -56,7 +56,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import AdaptConfig, run_adapt
+    from .studies.adapt import AdaptConfig, run_adapt
 
     cfg = AdaptConfig(out_dir=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
                       methods=tuple(args.methods))  # fmt: skip

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from adaptdiff import adapt
+from adaptdiff.studies import adapt
 from adaptdiff.cli import main
 
 

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import digits
-from .metrics.digits import DigitsEvaluator, frechet_distance, gaussian_stats
-from .recipes.digits import DigitsTrainConfig, SamplingSetting, build_model, generate
-from .samplers import FlowSchedule
-from .samplers.parameterization import append_dims, target
-from .train import DiffusionObjective, TrainConfig, Trainer, load_weights
+from ..data import digits
+from ..metrics.digits import DigitsEvaluator, frechet_distance, gaussian_stats
+from ..recipes.digits import DigitsTrainConfig, SamplingSetting, build_model, generate
+from ..samplers import FlowSchedule
+from ..samplers.parameterization import append_dims, target
+from ..train import DiffusionObjective, TrainConfig, Trainer, load_weights
 
 OLD_CLASSES = (0, 1, 2, 3, 4)
 NEW_CLASSES = (5, 6, 7, 8, 9)
@@ -81,26 +81,26 @@ def _full(model):
 
 
 def _lora(model):
-    from .adapters import apply_lora
+    from ..adapters import apply_lora
 
     return apply_lora(model, rank=6, alpha=6, target_modules=LORA_TARGETS)
 
 
 def _orthogonal(model):
-    from .adapters import apply_orthogonal_lora
+    from ..adapters import apply_orthogonal_lora
 
     # concept 0 of 2: a second concept could be trained apart and merged by summation
     return apply_orthogonal_lora(model, 0, 2, rank=9, seed=0, target_modules=LORA_TARGETS)
 
 
 def _difffit(model):
-    from .adapters import apply_difffit
+    from ..adapters import apply_difffit
 
     return apply_difffit(model)
 
 
 def _fera(model):
-    from .adapters import apply_fera
+    from ..adapters import apply_fera
 
     # sigma 0.5, 1 on 16 px images (the reference's min(H,W)/128 would be 0.125: no blur)
     return apply_fera(model, num_experts=3, rank=2, alpha=2, base_sigma=0.5,
@@ -108,7 +108,7 @@ def _fera(model):
 
 
 def _sara(model):
-    from .adapters.sara import apply_sara
+    from ..adapters.sara import apply_sara
 
     # t_embedder stays frozen (the measured configuration; its MLP is shared by all classes)
     return apply_sara(model, fraction=0.054, exclude=[r"^t_embedder\."])
@@ -214,7 +214,7 @@ def peak_rss_kib() -> int:
 def _flow_fera_loss(fecl_weight=0.1, dropout=0.1):
     """FeRA's objective on flow matching: MSE to the velocity + FECL against the base model;
     the label dropout is drawn once and shared by both forwards."""
-    from .adapters import fera_loss
+    from ..adapters import fera_loss
 
     schedule = FlowSchedule()
 
@@ -276,7 +276,7 @@ def run_method(name: str, cfg: AdaptConfig) -> dict:
     if method.loss == "fera":
         loss_fn = _flow_fera_loss()
     elif method.loss == "sara":
-        from .adapters.sara import sara_nuclear_loss
+        from ..adapters.sara import sara_nuclear_loss
 
         def loss_fn(m, b):
             return objective.loss(m, b[0], cond={"y": b[1]}) + sara_nuclear_loss(m, 5e-4)
@@ -319,7 +319,7 @@ def run_method(name: str, cfg: AdaptConfig) -> dict:
         "old": evaluate(model, cfg, evaluator, OLD_CLASSES),
     }
     if name != "full":
-        from .adapters import save_adapter
+        from ..adapters import save_adapter
 
         save_adapter(model, Path(cfg.out_dir) / f"{name}.safetensors")
     return result
@@ -328,7 +328,7 @@ def run_method(name: str, cfg: AdaptConfig) -> dict:
 def _run_isolated(name: str, cfg: AdaptConfig) -> dict:
     out = Path(cfg.out_dir) / f"{name}.json"
     code = (
-        "import json, sys; from adaptdiff.adapt import AdaptConfig, run_method; "
+        "import json, sys; from adaptdiff.studies.adapt import AdaptConfig, run_method; "
         "cfg = AdaptConfig(**json.loads(sys.argv[1])); "
         "open(sys.argv[3], 'w').write(json.dumps(run_method(sys.argv[2], cfg)))"
     )
