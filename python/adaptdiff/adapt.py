@@ -6,7 +6,5 @@ import warnings
 
 from .studies import adapt as _adapt
 
-warnings.warn(
-    "adaptdiff.adapt moved to adaptdiff.studies.adapt", DeprecationWarning, stacklevel=2
-)
+warnings.warn("adaptdiff.adapt moved to adaptdiff.studies.adapt", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = _adapt

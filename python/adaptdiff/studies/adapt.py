@@ -1,4 +1,5 @@
-"""`adaptdiff adapt`: a real adaptation experiment on the embedded digits.
+"""The adapt study (``adaptdiff study adapt``; ``adaptdiff adapt`` is its one-seed alias): a
+real adaptation experiment on the embedded digits.
 
 1. Train the demo DiT (DiT-demo/4, flow matching, the demo's recipe with fewer steps) on digits
    0-4 only.
@@ -16,7 +17,10 @@ training (``VmHWM``) minus the RSS at the reset, i.e. what training added (gradi
 state, activations, autograd buffers). Step time is the median CPU time (``time.process_time``)
 per optimizer step, with ``--threads`` torch threads (default 1, where it equals the work done).
 
-Methods come from :data:`METHODS`.
+Methods come from :data:`METHODS`. Seeds vary initialisation, batches, noise and samples; the
+train/test split of the digits stays the evaluator's (split seed 0), so that the held-out digits
+are never trained on. :data:`STUDY` is the study record for :mod:`.runner`; docs/studies.md has
+the table and its reading.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from ..recipes.digits import DigitsTrainConfig, SamplingSetting, build_model, ge
 from ..samplers import FlowSchedule
 from ..samplers.parameterization import append_dims, target
 from ..train import DiffusionObjective, TrainConfig, Trainer, load_weights
+from .runner import Column, Metrics, Progress, Study, Summary, errorbars
 
 OLD_CLASSES = (0, 1, 2, 3, 4)
 NEW_CLASSES = (5, 6, 7, 8, 9)
@@ -151,7 +156,7 @@ def train_base(cfg: AdaptConfig) -> nn.Module:
     """The demo recipe on digits 0-4 (resumes/reuses ``out_dir/base``); returns the EMA model."""
     rc = _base_recipe(cfg)
     torch.manual_seed(rc.seed)
-    images, labels = _class_subset(*digits(rc.image_size, "train", seed=rc.seed), OLD_CLASSES)
+    images, labels = _class_subset(*digits(rc.image_size, "train"), OLD_CLASSES)
     model = build_model(rc)
     objective = DiffusionObjective(FlowSchedule(), prediction="flow")
     train_cfg = TrainConfig(
@@ -249,7 +254,7 @@ def evaluate(model, cfg: AdaptConfig, evaluator: DigitsEvaluator, classes) -> di
 def real_fd(cfg: AdaptConfig, evaluator: DigitsEvaluator, classes) -> float:
     """The floor: FD of as many real training digits of ``classes`` as samples are drawn."""
     cfg = _quick(cfg)
-    real, _ = _class_subset(*digits(evaluator.size, "train", seed=cfg.seed), classes)
+    real, _ = _class_subset(*digits(evaluator.size, "train"), classes)
     test, _ = _class_subset(*digits(evaluator.size, "test"), classes)
     g = torch.Generator().manual_seed(cfg.seed)
     pick = real[torch.randperm(len(real), generator=g)[: cfg.num_samples]]
@@ -271,7 +276,7 @@ def run_method(name: str, cfg: AdaptConfig) -> dict:
         table.requires_grad_(True)
         params = params + [table]
     n_train = sum(p.numel() for p in {id(p): p for p in params}.values())
-    images, labels = _class_subset(*digits(16, "train", seed=cfg.seed), NEW_CLASSES)
+    images, labels = _class_subset(*digits(16, "train"), NEW_CLASSES)
     objective = DiffusionObjective(FlowSchedule(), prediction="flow")
     if method.loss == "fera":
         loss_fn = _flow_fera_loss()
@@ -364,7 +369,19 @@ def format_table(rows: list[dict], base: dict, floors: dict) -> str:
     return "\n".join(lines)
 
 
-def run_adapt(cfg: AdaptConfig) -> dict:
+def _note(cfg: AdaptConfig) -> str:
+    return (
+        f"new/old: samples of digits 5-9 / 0-4 ({cfg.num_samples} each, {cfg.sampler} "
+        f"{cfg.sampler_steps} steps, CFG {cfg.guidance_scale}); FD against held-out real digits "
+        f"of the same classes; 'real digits': {cfg.num_samples} real training digits. "
+        f"train MiB: peak RSS during training above the RSS before it; ms/step: median CPU "
+        f"time, {cfg.threads} thread(s)."
+    )
+
+
+def adapt_once(cfg: AdaptConfig, progress: Progress) -> dict:
+    """One seed (``cfg.seed``) in ``cfg.out_dir``: train (or reuse) the base model, adapt it
+    with each method, evaluate; writes ``results.json`` and ``results.txt`` there."""
     cfg = _quick(cfg)
     names = list(cfg.methods) or list(METHODS)
     unknown = [n for n in names if n not in METHODS]
@@ -373,7 +390,7 @@ def run_adapt(cfg: AdaptConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    print(f"[1/3] base: DiT-demo/4 on digits 0-4, {cfg.base_steps} steps (CPU)", flush=True)
+    progress.log(f"[1/3] base: DiT-demo/4 on digits 0-4, {cfg.base_steps} steps (CPU)")
     t0 = time.perf_counter()
     base_model = train_base(cfg)
     base_seconds = time.perf_counter() - t0
@@ -382,26 +399,94 @@ def run_adapt(cfg: AdaptConfig) -> dict:
             "old": evaluate(base_model, cfg, evaluator, OLD_CLASSES)}  # fmt: skip
     floors = {"new": real_fd(cfg, evaluator, NEW_CLASSES),
               "old": real_fd(cfg, evaluator, OLD_CLASSES)}  # fmt: skip
-    print(f"[2/3] adapting to digits 5-9, {cfg.adapt_steps} steps per method", flush=True)
+    progress.advance(f"{'base':<11} {time.perf_counter() - t0:.0f} s")
+    progress.log(f"[2/3] adapting to digits 5-9, {cfg.adapt_steps} steps per method")
     rows = []
     for name in names:
         t0 = time.perf_counter()
         row = _run_isolated(name, cfg) if cfg.isolate else run_method(name, cfg)
         row["seconds"] = time.perf_counter() - t0
-        print(f"      {name:<11} {row['seconds']:.0f} s", flush=True)
+        progress.advance(f"{name:<11} {row['seconds']:.0f} s")
         rows.append(row)
-    table = format_table(rows, base, floors)
-    print("[3/3] results\n")
-    print(table)
-    print(
-        f"\nnew/old: samples of digits 5-9 / 0-4 ({cfg.num_samples} each, {cfg.sampler} "
-        f"{cfg.sampler_steps} steps, CFG {cfg.guidance_scale}); FD against held-out real digits "
-        f"of the same classes; 'real digits': {cfg.num_samples} real training digits. "
-        f"train MiB: peak RSS during training above the RSS before it; ms/step: median CPU "
-        f"time, {cfg.threads} thread(s)."
-    )
     result = {"config": dataclasses.asdict(cfg), "base": base, "floors": floors,
               "base_seconds": base_seconds, "rows": rows}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.txt").write_text(table + "\n")
+    (out / "results.txt").write_text(format_table(rows, base, floors) + "\n")
     return result
+
+
+def run_adapt(cfg: AdaptConfig) -> dict:
+    """``adaptdiff adapt``: one seed, its table printed and written flat into ``cfg.out_dir``."""
+    result = adapt_once(cfg, Progress())
+    print("[3/3] results\n")
+    print(format_table(result["rows"], result["base"], result["floors"]))
+    print(f"\n{_note(_quick(cfg))}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The study: `adaptdiff study adapt` (seeds, table, results.json and PNG by the runner)
+# ----------------------------------------------------------------------------------------------
+
+
+def _metrics(result: dict) -> Metrics:
+    def scores(r):
+        return {"new_acc": r["new"]["accuracy"], "new_fd": r["new"]["fd"],
+                "old_acc": r["old"]["accuracy"], "old_fd": r["old"]["fd"]}  # fmt: skip
+
+    metrics: Metrics = {"base (0-4)": scores(result["base"])}
+    for r in result["rows"]:
+        metrics[r["method"]] = {
+            "trainable": r["trainable"], "percent": 100 * r["trainable"] / r["total"],
+            "train_mib": r["train_mib"], "step_cpu_ms": r["step_cpu_ms"], **scores(r),
+            "seconds": r["seconds"],
+        }  # fmt: skip
+    metrics["real digits"] = {"new_fd": result["floors"]["new"], "old_fd": result["floors"]["old"]}
+    return metrics
+
+
+def _run_seed(cfg: AdaptConfig, seed: int, out: Path, progress: Progress) -> Metrics:
+    return _metrics(adapt_once(dataclasses.replace(cfg, seed=seed, out_dir=str(out)), progress))
+
+
+def _plot(summary: Summary, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    methods = [r for r in summary if r != "real digits"]
+    errorbars(ax, summary, methods, "new_fd", "old_fd")
+    floor = summary["real digits"]
+    ax.axvline(floor["new_fd"].mean, color="gray", ls="--", lw=0.8, label="real digits 5-9")
+    ax.axhline(floor["old_fd"].mean, color="gray", ls=":", lw=0.8, label="real digits 0-4")
+    ax.set_xlabel("FD of digits 5-9 after adapting (learned: lower)")
+    ax.set_ylabel("FD of digits 0-4 after adapting (kept: lower)")
+    ax.set_title("adapt: learning 5-9 against forgetting 0-4 (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+STUDY = Study(
+    name="adapt",
+    summary="adapt a digits DiT from 0-4 to 5-9 with each adapter (learning against forgetting)",
+    config=AdaptConfig,
+    quick=lambda cfg: _quick(dataclasses.replace(cfg, quick=True)),
+    run=_run_seed,
+    columns=(
+        Column("trainable", "trainable", "{:,.0f}"),
+        Column("percent", "%", "{:.2f}"),
+        Column("train_mib", "train MiB", "{:.1f}"),
+        Column("step_cpu_ms", "ms/step", "{:.1f}"),
+        Column("new_acc", "new acc", "{:.1%}"),
+        Column("new_fd", "new FD", "{:.2f}"),
+        Column("old_acc", "old acc", "{:.1%}"),
+        Column("old_fd", "old FD", "{:.2f}"),
+    ),
+    plot=_plot,
+    units=lambda cfg: 1 + len(cfg.methods or METHODS),
+    note=_note,
+)
