@@ -53,7 +53,7 @@ LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation
 
 @dataclass
 class AdaptConfig:
-    out_dir: str = "adaptdiff-adapt"
+    out_dir: str = "adaptdiff-adapt"  # `adaptdiff study adapt` sets it and `seed` per seed
     base_steps: int = 800
     adapt_steps: int = 300
     batch_size: int = 64
@@ -463,7 +463,7 @@ def _plot(summary: Summary, path: Path) -> None:
     ax.axhline(floor["old_fd"].mean, color="gray", ls=":", lw=0.8, label="real digits 0-4")
     ax.set_xlabel("FD of digits 5-9 after adapting (learned: lower)")
     ax.set_ylabel("FD of digits 0-4 after adapting (kept: lower)")
-    ax.set_title("adapt: learning 5-9 against forgetting 0-4 (mean ± std over seeds)")
+    ax.set_title("adapt: learn 5-9, keep 0-4 (mean ± std over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
