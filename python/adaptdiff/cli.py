@@ -34,8 +34,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .studies import get_study, run_study
+
+    study = get_study(args.name)
+    run_study(study, quick=args.quick, seeds=args.seeds, out=args.out, overrides=args.set)
+    return 0
+
+
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import AdaptConfig, run_adapt
+    """The verb before studies: one seed of the adapt study, written flat into ``--out``."""
+    from .studies.adapt import AdaptConfig, run_adapt
 
     cfg = AdaptConfig(out_dir=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
                       methods=tuple(args.methods))  # fmt: skip
@@ -128,8 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_sample)
 
-    s = sub.add_parser("adapt", help="adapt a digits DiT from 0-4 to 5-9 with each adapter")
-    s.add_argument("methods", nargs="*", help="methods (default: all of adaptdiff.adapt.METHODS)")
+    from .studies import STUDIES
+
+    s = sub.add_parser(
+        "study",
+        help=f"a paper reproduction at small scale, over seeds ({', '.join(STUDIES)})",
+        description="Run a study over seeds: prints the table (mean ± std over seeds) and "
+        "writes results.json, table.txt and a PNG in --out (docs/studies.md).",
+    )
+    s.add_argument("name", help=f"the study: {', '.join(STUDIES)}")
+    s.add_argument("--quick", action="store_true", help="a smoke run (under a minute; no learning)")
+    s.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick: 2)")
+    s.add_argument("--out", default=None, help="output folder (default adaptdiff-study-NAME)")
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the study's config (repeatable)")  # fmt: skip
+    s.set_defaults(fn=_cmd_study)
+
+    s = sub.add_parser("adapt", help="alias: one seed of `adaptdiff study adapt`, flat in --out")
+    s.add_argument("methods", nargs="*", help="methods (default: all in adaptdiff.studies.adapt)")
     s.add_argument("--out", default="adaptdiff-adapt", help="output folder")
     s.add_argument("--quick", action="store_true", help="a seconds-long smoke run (no learning)")
     s.add_argument("--base-steps", type=int, default=None)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from adaptdiff import adapt
 from adaptdiff.cli import main
+from adaptdiff.studies import adapt
 
 
 @pytest.mark.slow
@@ -38,3 +38,18 @@ def test_peak_rss_reset_measures_new_allocations():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert adapt.peak_rss_kib() - start >= 60 * 1024
     del block
+
+
+@pytest.mark.slow
+def test_adapt_study_quick_end_to_end(tmp_path, capsys):
+    assert main(["study", "adapt", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["study"] == "adapt" and result["quick"] and result["seeds"] == [0, 1]
+    summary = result["summary"]
+    assert list(summary) == ["base (0-4)", *adapt.METHODS, "real digits"]
+    for name in adapt.METHODS:
+        fd = summary[name]["new_fd"]
+        assert len(fd["values"]) == 2 and fd["std"] >= 0 and fd["mean"] > 0
+        assert (tmp_path / "seed-1" / f"{name}.safetensors").exists() or name == "full"
+    assert (tmp_path / "adapt.png").exists() and (tmp_path / "table.txt").exists()
+    assert "mean ± std over 2 seeds" in capsys.readouterr().out
