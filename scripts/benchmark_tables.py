@@ -35,6 +35,7 @@ ACCEL_DIFFUSERS_RUN1 = "accel-diffusers-sweep-run1-cpu-2core-epyc-2026-11-26.jso
 ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
+STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 
 OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
 OPS += ["lincomb"]
@@ -406,6 +407,21 @@ def demo(rows_wanted: Callable[[str], bool] = lambda name: True) -> str:
 
 HEADLINE_DEMO = {"euler 16", "heun 4", "dpmpp_2m 8", "RAS 0.5 euler 16", "MoE dpmpp_2m 8"}
 
+
+def study(name: str, record: str) -> str:
+    """A study's table (mean ± std over seeds) from its recorded ``results.json``, laid out
+    by the study's own columns."""
+    from adaptdiff.studies import Stat, get_study
+    from adaptdiff.studies.runner import format_table
+
+    saved = json.loads((RESULTS / record).read_text())
+    summary = {
+        row: {metric: Stat(**stat) for metric, stat in metrics.items()}
+        for row, metrics in saved["summary"].items()
+    }
+    return "```\n" + format_table(get_study(name).columns, summary) + "\n```\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO),
@@ -433,6 +449,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "accel-diffusers-run1": lambda: accel(ACCEL_DIFFUSERS_RUN1),
     "accel-cpu-first": lambda: accel(ACCEL_CPU_FIRST),
     "accel-h100": accel_h100,
+    "study-adapt": lambda: study("adapt", STUDY_ADAPT),
 }
 
 
