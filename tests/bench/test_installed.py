@@ -24,8 +24,10 @@ root = Path(sys.argv[1])
 rc = main(["bench", "reductions", "--quick", "--threads", "1", "--min-run-time", "0.002",
            "--json", "out.jsonl"])
 loaded = [str(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+# an environment inside the checkout (./dev's .venv) is not the source tree
 outside = [f for f in loaded if Path(f).resolve().is_relative_to(root)
-           and not Path(f).resolve().is_relative_to(root / "python")]
+           and not Path(f).resolve().is_relative_to(root / "python")
+           and "site-packages" not in Path(f).parts]
 print(json.dumps({"rc": rc, "outside": outside, "benchmarks": "benchmarks" in sys.modules,
                   "root_on_path": any(Path(p or ".").resolve() == root for p in sys.path)}))
 """

@@ -1,9 +1,9 @@
 """The bad-input table: for every op and public entry point, the invalid inputs and the error
 each raises. One :class:`Bad` row per input; test_bad_inputs.py runs every row in-process and,
 in a child process, the whole table (a crash there cannot take pytest down), and checks that
-the README's "Reliability" section holds :func:`markdown` of this table.
+docs/reliability.md holds :func:`markdown` of this table.
 
-Adding an op or an entry point is adding its rows here (and regenerating the README table with
+Adding an op or an entry point is adding its rows here (and regenerating the docs table with
 ``python -m tests.reliability.bad_inputs --markdown``).
 
 Run as ``python -m tests.reliability.bad_inputs`` it calls every row, prints one line per row
@@ -782,7 +782,7 @@ def check(row: Bad) -> None:
 
 
 def markdown(rows: list[Bad]) -> str:
-    """The README table: one line per entry point and error type, listing the inputs."""
+    """The table of docs/reliability.md: one line per entry point and error type, with inputs."""
     groups: dict[tuple[str, str], list[str]] = {}
     for row in rows:
         groups.setdefault((row.target, row.error.__name__), []).append(row.what)

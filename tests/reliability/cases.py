@@ -6,7 +6,7 @@ against the pure-torch reference under the op's tolerance rule. Values come from
 so hypothesis shrinks the structure (shape, dtype, layout, pattern) and a failure replays
 exactly. Adding an op is one entry in :data:`OP_CASES`.
 
-Tolerance rules (README "Reliability"):
+Tolerance rules (docs/reliability.md):
 - ``exact``: data movement (gather, scatter, permute) is bitwise equal to the reference;
 - ``elementwise``: support.TOL[dtype] (same float32 arithmetic as the reference, one rounding);
 - ``reduction``: flash-attention's rule, the error against the float64 reference is at most

@@ -1,5 +1,5 @@
 """Ops called from several Python threads at once give the results of a serial call, and the
-ops the README lists as deterministic give bitwise-equal results across runs and intra-op
+ops docs/reliability.md lists as deterministic give bitwise-equal results across runs and intra-op
 thread counts (torch.set_num_threads)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.ops.support import CONTRACT_OPS
 
 from .cases import fixed_call
 
-# README "Reliability": bitwise deterministic across runs and CPU thread counts. Every op is:
+# docs/reliability.md: bitwise deterministic across runs and CPU thread counts. Every op is:
 # data movement copies, and every sum has a fixed order (per-sample reductions sum fixed-size
 # blocks and combine them in block order, whatever the thread count).
 DETERMINISTIC = frozenset(CONTRACT_OPS)

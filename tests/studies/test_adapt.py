@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -29,15 +31,30 @@ def test_adapt_rejects_unknown_methods(tmp_path):
         adapt.run_adapt(adapt.AdaptConfig(out_dir=str(tmp_path), methods=("nope",), quick=True))
 
 
-def test_peak_rss_reset_measures_new_allocations():
-    import torch
+PEAK_RSS_CHILD = """
+import torch
+from adaptdiff.studies import adapt
 
-    start = adapt.reset_peak_rss()
-    if start is None:
-        pytest.skip("no /proc/self/clear_refs here")
+start = adapt.reset_peak_rss()
+if start is None:
+    print("skip")
+else:
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    assert adapt.peak_rss_kib() - start >= 60 * 1024
-    del block
+    print(adapt.peak_rss_kib() - start)
+"""
+
+
+def test_peak_rss_reset_measures_new_allocations():
+    # A fresh process: in a long test session the allocator may reuse resident memory that an
+    # earlier test freed, so a new 64 MiB tensor need not raise the peak at all.
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_CHILD], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    grown = done.stdout.split()[-1]
+    if grown == "skip":
+        pytest.skip("no /proc/self/clear_refs here")
+    assert int(grown) >= 60 * 1024
 
 
 @pytest.mark.slow
