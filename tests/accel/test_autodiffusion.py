@@ -13,8 +13,8 @@ from adaptdiff.accel.steps.autodiffusion import (
     schedule_json,
     uniform_genome,
 )
-from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
+from tests.support.models import tiny_dit
 
 
 def test_uniform_genome_is_evenly_spaced_from_the_noise_end():
@@ -55,12 +55,7 @@ def test_evolve_checks_arguments():
 
 
 def _tiny_dit():
-    torch.manual_seed(0)
-    model = create_dit("DiT-tiny/2", learn_sigma=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_dit(perturb=0.05, learn_sigma=False)
 
 
 def test_genome_skips_run_through_the_schedule_executor():

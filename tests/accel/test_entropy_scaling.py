@@ -9,16 +9,11 @@ from adaptdiff.accel.tokens.entropy_scaling import (
     entropy_scale,
     remove_entropy_scaling,
 )
-from adaptdiff.models import create_dit
+from tests.support.models import tiny_dit
 
 
-def _tiny_dit():
-    torch.manual_seed(0)
-    model = create_dit("DiT-tiny/2", learn_sigma=False)  # trained grid 4 x 4 = 16 tokens
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+def _tiny_dit():  # trained grid 4 x 4 = 16 tokens
+    return tiny_dit(perturb=0.05, learn_sigma=False)
 
 
 def test_scale_formula():

@@ -12,9 +12,9 @@ from adaptdiff.accel.guidance.adaptive import (
     load_linear_ag,
     save_linear_ag,
 )
-from adaptdiff.models import create_dit
 from adaptdiff.samplers import VPSchedule, sample
 from tests.samplers.support import TinyDenoiser
+from tests.support.models import tiny_dit
 
 
 def _run(model, accelerators=(), method="euler", steps=8, y=None, y_null=None, **kw):
@@ -132,12 +132,7 @@ def test_fit_recovers_exact_coefficients():
 
 
 def _tiny_dit():
-    torch.manual_seed(0)
-    model = create_dit("DiT-tiny/2", learn_sigma=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_dit(perturb=0.05, learn_sigma=False)
 
 
 def test_calibrate_save_load_roundtrip(tmp_path):

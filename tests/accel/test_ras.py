@@ -5,17 +5,15 @@ from adaptdiff import accel
 from adaptdiff.accel.tokens.ras import RAS, RASConfig, skip_schedule, theoretical_speedup
 from adaptdiff.models import create_dit
 from adaptdiff.samplers import Accelerator, sample
+from tests.support.models import tiny_dit
 
 
 def random_dit(seed=0, **overrides):
     """DiT-tiny/2 (8x8x4, 16 tokens) with every weight random: adaLN-Zero's zero init would
     make each block the identity and the output 0, hiding any error."""
-    torch.manual_seed(seed)
-    model = create_dit("DiT-tiny/2", **{"learn_sigma": False, "time_scale": 1000.0, **overrides})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
+    return tiny_dit(
+        seed=seed, randomize=0.3, **{"learn_sigma": False, "time_scale": 1000.0, **overrides}
+    )
 
 
 def run(model, accelerators=(), method="euler", steps=8, guidance=2.0, batch=3, **kw):

@@ -3,9 +3,9 @@ import torch
 
 from adaptdiff.accel.guidance.adaptive import AdaptiveGuidance, LinearAG
 from adaptdiff.accel.steps.sada import ADAMS, SADA, lagrange_weights, momentum
-from adaptdiff.models import create_dit
 from adaptdiff.samplers import FlowSchedule, VPSchedule, sample
 from tests.samplers.support import GaussianModel, TinyDenoiser
+from tests.support.models import tiny_dit
 
 
 class AlwaysStable(SADA):
@@ -132,12 +132,7 @@ def test_composes_with_adaptive_guidance():
 
 
 def _tiny_dit():
-    torch.manual_seed(0)
-    model = create_dit("DiT-tiny/2", learn_sigma=False, num_classes=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_dit(perturb=0.05, learn_sigma=False, num_classes=0)
 
 
 def test_token_wise_recomputation_on_a_dit():
