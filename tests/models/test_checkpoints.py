@@ -135,6 +135,15 @@ def test_an_original_state_dict_round_trip_is_exact(tmp_path):
     assert torch.equal(forward(loaded), forward(model))
 
 
+def test_an_original_state_dict_in_safetensors_loads(tmp_path):
+    model = tiny_dit()
+    save_file(model.state_dict(), tmp_path / "DiT.safetensors")
+    assert torch.equal(forward(load_dit(tmp_path / "DiT.safetensors")), forward(model))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "DiT.safetensors").read_bytes()[:99])
+    with pytest.raises(DiTCheckpointError, match="cut.safetensors: file: not a readable"):
+        load_dit(tmp_path / "cut.safetensors")
+
+
 def test_a_train_py_checkpoint_gives_its_ema_weights(tmp_path):
     ema, raw = tiny_dit(learn_sigma=False), create_dit("DiT-tiny/2", frequency_embedding_size=256)
     opt = torch.optim.AdamW(raw.parameters())

@@ -2,7 +2,8 @@
 
 - The original layout (facebookresearch/DiT, e.g. ``DiT-XL-2-256x256.pt``): a ``.pt`` file
   holding a state dict, or ``{"model": ..., "ema": ...}`` as DiT's ``train.py`` saves (the EMA
-  weights are taken). adaptdiff's parameter names are DiT's, so it loads key for key.
+  weights are taken), or the state dict as a ``.safetensors`` file. adaptdiff's parameter
+  names are DiT's, so it loads key for key.
 - The diffusers layout: a ``DiTTransformer2DModel`` folder (``config.json`` +
   ``diffusion_pytorch_model.safetensors``), or a pipeline folder with a ``transformer/`` one.
 
@@ -109,6 +110,13 @@ def _check_tensors(where, found: dict, expected: dict[str, torch.Tensor]) -> Non
 
 def _read_pt(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an original-layout file; the EMA weights when it holds both."""
+    if path.suffix == ".safetensors":  # a DiT state dict converted to safetensors
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise _fail(path, "file", f"not a readable safetensors file ({e})") from None
     try:
         # DiT's train.py stores its argparse.Namespace under "args": a plain attribute bag.
         with torch.serialization.safe_globals([argparse.Namespace]):
