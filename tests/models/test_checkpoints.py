@@ -255,3 +255,13 @@ def test_a_folder_without_safetensors_weights_is_refused(tmp_path):
     diffusers_dit().save_pretrained(tmp_path, safe_serialization=False)
     with pytest.raises(DiTCheckpointError, match="diffusion_pytorch_model.safetensors: missing"):
         load_dit(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4", "DiT-L/8", "DiT-XL/2"])
+def test_the_papers_configs_are_inferred_from_their_shapes(name):
+    from adaptdiff.models import DIT_CONFIGS, DiT
+    from adaptdiff.models.checkpoints import _config_from_state
+
+    with torch.device("meta"):  # DiT-XL-2-256x256.pt's shapes, without its 2.7 GB
+        state = DiT(DIT_CONFIGS[name]).state_dict()
+    assert _config_from_state("DiT.pt", state, None) == DIT_CONFIGS[name]
