@@ -82,14 +82,12 @@ def load_dit(path, *, num_heads: int | None = None) -> DiT:
 
 def _build(cfg: DiTConfig, state: dict[str, torch.Tensor], where) -> DiT:
     """The DiT of ``cfg`` holding ``state`` (checked key for key, shape and dtype first)."""
-    with torch.device("meta"):
-        expected = DiT(cfg).state_dict()
-    _check_tensors(where, {k: (v.shape, v.dtype) for k, v in state.items()}, expected)
-    dtype = state["x_embedder.proj.weight"].dtype
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         model = DiT(cfg)
+    found = {k: (v.shape, v.dtype) for k, v in state.items()}
+    _check_tensors(where, found, model.state_dict())
     model.load_state_dict(state, strict=True, assign=True)  # no second copy of the weights
-    return model.to(dtype).eval()
+    return model.to(state["x_embedder.proj.weight"].dtype).eval()
 
 
 def _check_tensors(where, found: dict, expected: dict[str, torch.Tensor]) -> None:
