@@ -547,6 +547,54 @@ def _checkpoint(tmp: str, damage: str):
     return run
 
 
+def _dit_file(tmp: str, layout: str, damage: str):
+    """load_dit on a tiny DiT written in ``layout`` ("pt" or "diffusers") and then damaged."""
+    import json
+    import warnings
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from adaptdiff.models import create_dit, load_dit, save_dit
+
+    def run():
+        model = create_dit("DiT-tiny/2", frequency_embedding_size=256)
+        out = Path(tmp) / f"dit-{layout}-{damage.replace(' ', '-')}"
+        if layout == "pt":
+            state = model.state_dict()
+            out = out.with_suffix(".pt")
+            if damage == "missing key":
+                del state["blocks.1.mlp.fc2.bias"]
+            elif damage == "wrong shape":
+                state["blocks.0.attn.proj.weight"] = torch.zeros(16, 15)
+            elif damage == "wrong dtype":
+                state["final_layer.linear.bias"] = state["final_layer.linear.bias"].long()
+            torch.save(state, out)
+            target = out
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the timestep-convention note
+                save_dit(model, out)
+            target = out / "diffusion_pytorch_model.safetensors"
+            state = load_file(target)
+            if damage == "missing key":
+                del state["proj_out_1.bias"]
+            elif damage == "wrong shape":
+                state["proj_out_2.weight"] = torch.zeros(31, 16)
+            elif damage == "wrong dtype":
+                state["pos_embed.proj.bias"] = state["pos_embed.proj.bias"].to(torch.int32)
+            save_file(state, target)
+            if damage == "non-DiT config":
+                config = json.loads((out / "config.json").read_text())
+                config["_class_name"] = "UNet2DConditionModel"
+                (out / "config.json").write_text(json.dumps(config))
+        if damage == "truncated":
+            target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+        load_dit(out)
+
+    return run
+
+
 def _model_json(tmp: str, content: str):
     from pathlib import Path
 
@@ -570,6 +618,7 @@ def _cli(*argv):
 def entry_rows(tmp: str) -> list[Bad]:
     """Entry-point rows; ``tmp`` is a scratch folder for the file-based ones."""
     from adaptdiff._schema import SchemaError
+    from adaptdiff.models import DiTCheckpointError
     from adaptdiff.train import CheckpointError
 
     valid_json = '{"kind": "adaptdiff.digits_model", "version": 1, "model": "DiT-demo/4"}'
@@ -709,6 +758,29 @@ def entry_rows(tmp: str) -> list[Bad]:
             _checkpoint(tmp, "pickled object in state"),
             CheckpointError,
             "truncated or corrupted",
+        ),
+        *[
+            Bad(
+                f"load_dit ({name})",
+                damage,
+                _dit_file(tmp, layout, damage),
+                DiTCheckpointError,
+                match,
+            )
+            for layout, name in (("pt", "original .pt"), ("diffusers", "diffusers folder"))
+            for damage, match in (
+                ("missing key", ": missing"),
+                ("wrong shape", r": shape \[(16, 15|31, 16)\], expected"),
+                ("wrong dtype", ": dtype (torch.int64|I32)"),
+                ("truncated", ": file: not a readable"),
+            )
+        ],  # fmt: skip
+        Bad(
+            "load_dit (diffusers folder)",
+            "non-DiT config",
+            _dit_file(tmp, "diffusers", "non-DiT config"),
+            DiTCheckpointError,
+            "_class_name: 'UNet2DConditionModel' is not a DiT",
         ),
         Bad(
             "model.json", "not JSON", _model_json(tmp, "{model: DiT"), SchemaError, "not valid JSON"

@@ -1,6 +1,7 @@
 """Diffusion models: :class:`DiT` with named configs (:data:`DIT_CONFIGS`, :func:`create_dit`),
 its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers; :class:`BlockDiffusionLM`
-(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model."""
+(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model;
+:func:`load_dit` / :func:`save_dit` for the original DiT and diffusers checkpoint layouts."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -9,6 +10,7 @@ from .block_lm import (
     KVCache,
     create_block_lm,
 )
+from .checkpoints import DiffusersTimestepEmbedder, DiTCheckpointError, load_dit, save_dit
 from .dit import (
     DIT_CONFIGS,
     DiT,
@@ -32,7 +34,9 @@ __all__ = [
     "BlockLMConfig",
     "DiT",
     "DiTBlock",
+    "DiTCheckpointError",
     "DiTConfig",
+    "DiffusersTimestepEmbedder",
     "FinalLayer",
     "FusedExperts",
     "KVCache",
@@ -44,11 +48,13 @@ __all__ = [
     "dtr_masks",
     "expert_load",
     "get_2d_sincos_pos_embed",
+    "load_dit",
     "modulate",
     "moe_aux_loss",
     "moe_layers",
     "perturb_condition",
     "precompute_experts",
+    "save_dit",
     "timestep_embedding",
     "upcycle_to_moe",
 ]
