@@ -1,6 +1,8 @@
 """Diffusion models: :class:`DiT` with named configs (:data:`DIT_CONFIGS`, :func:`create_dit`),
 its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers; :class:`BlockDiffusionLM`
-(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model."""
+(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model,
+saved and loaded by :func:`save_block_lm` / :func:`load_block_lm`, converted from a Hugging Face
+Llama / Qwen2 / Qwen3 causal LM by :func:`block_lm_from_hf`."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -9,6 +11,7 @@ from .block_lm import (
     KVCache,
     create_block_lm,
 )
+from .block_lm_io import load_block_lm, save_block_lm
 from .dit import (
     DIT_CONFIGS,
     DiT,
@@ -21,6 +24,7 @@ from .dit import (
     perturb_condition,
 )
 from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
+from .hf_lm import block_lm_from_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 
@@ -39,16 +43,19 @@ __all__ = [
     "Mlp",
     "NoiseRoutedMoE",
     "TimestepEmbedder",
+    "block_lm_from_hf",
     "create_block_lm",
     "create_dit",
     "dtr_masks",
     "expert_load",
     "get_2d_sincos_pos_embed",
+    "load_block_lm",
     "modulate",
     "moe_aux_loss",
     "moe_layers",
     "perturb_condition",
     "precompute_experts",
+    "save_block_lm",
     "timestep_embedding",
     "upcycle_to_moe",
 ]
