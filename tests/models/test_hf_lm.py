@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from adaptdiff.models import (  # noqa: E402
     BlockDiffusionLM,
+    BlockLMConfig,
     block_lm_from_hf,
     load_block_lm,
     save_block_lm,
@@ -145,6 +146,12 @@ def test_bad_inputs_raise_errors_naming_the_file_and_field(tmp_path):
         load_block_lm(ours)
     with pytest.raises(ValueError, match="field 'format'"):
         load_block_lm(tmp_path / "hf")  # a Hugging Face folder is not adaptdiff's
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        BlockLMConfig(rope_scaling=yarn)
+    with pytest.raises(ValueError, match="needs the field 'low_freq_factor'"):
+        BlockLMConfig(rope_scaling=dict(rope_type="llama3", factor=8.0))
+    with pytest.raises(ValueError, match="head_dim"):
+        BlockLMConfig(head_dim=7)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
