@@ -1,7 +1,9 @@
 """Diffusion models: :class:`DiT` with named configs (:data:`DIT_CONFIGS`, :func:`create_dit`),
 its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers; :class:`BlockDiffusionLM`
-(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model;
-:func:`load_dit` / :func:`save_dit` for the original DiT and diffusers checkpoint layouts."""
+(:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model,
+saved and loaded by :func:`save_block_lm` / :func:`load_block_lm`, converted from a Hugging Face
+Llama / Qwen2 / Qwen3 causal LM by :func:`block_lm_from_hf`; :func:`load_dit` / :func:`save_dit`
+for the original DiT and diffusers checkpoint layouts."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -10,6 +12,7 @@ from .block_lm import (
     KVCache,
     create_block_lm,
 )
+from .block_lm_io import load_block_lm, save_block_lm
 from .checkpoints import DiffusersTimestepEmbedder, DiTCheckpointError, load_dit, save_dit
 from .dit import (
     DIT_CONFIGS,
@@ -23,6 +26,7 @@ from .dit import (
     perturb_condition,
 )
 from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
+from .hf_lm import block_lm_from_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 
@@ -43,17 +47,20 @@ __all__ = [
     "Mlp",
     "NoiseRoutedMoE",
     "TimestepEmbedder",
+    "block_lm_from_hf",
     "create_block_lm",
     "create_dit",
     "dtr_masks",
     "expert_load",
     "get_2d_sincos_pos_embed",
+    "load_block_lm",
     "load_dit",
     "modulate",
     "moe_aux_loss",
     "moe_layers",
     "perturb_condition",
     "precompute_experts",
+    "save_block_lm",
     "save_dit",
     "timestep_embedding",
     "upcycle_to_moe",

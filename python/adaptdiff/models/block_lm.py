@@ -55,6 +55,14 @@ class BlockLMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     mask_token_id: int | None = None
+    # Knobs of converted Hugging Face LMs (:func:`adaptdiff.models.block_lm_from_hf`); the
+    # defaults are the plain Llama-style block above.
+    head_dim: int = 0  # 0: dim // n_heads (Qwen3 sets it independently)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", ...} as transformers
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2)
+    out_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         if self.mask_token_id is None:
@@ -62,11 +70,19 @@ class BlockLMConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"BlockLMConfig: {name} must be > 0, got {getattr(self, name)}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+        if self.head_dim == 0:
+            if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+                raise ValueError(
+                    f"BlockLMConfig: dim ({self.dim}) must split into n_heads ({self.n_heads}) "
+                    "heads of even size (RoPE rotates pairs)"
+                )
+            self.head_dim = self.dim // self.n_heads
+        elif self.head_dim < 0 or self.head_dim % 2:
             raise ValueError(
-                f"BlockLMConfig: dim ({self.dim}) must split into n_heads ({self.n_heads}) heads "
-                "of even size (RoPE rotates pairs)"
+                f"BlockLMConfig: head_dim must be even and > 0 (RoPE rotates pairs), got "
+                f"{self.head_dim}"
             )
+        rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # validates the scaling
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"BlockLMConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
@@ -77,10 +93,6 @@ class BlockLMConfig:
                 f"BlockLMConfig: mask_token_id must be in [0, {self.vocab_size}), "
                 f"got {self.mask_token_id}"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
 
 BLOCK_LM_CONFIGS: dict[str, dict] = {
@@ -169,9 +181,43 @@ class RMSNorm(nn.Module):
         )
 
 
-def rope_angles(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """The ``[head_dim/2]`` RoPE frequencies, optionally rescaled as transformers does for
+    ``rope_type`` ``"linear"`` (all divided by ``factor``) and ``"llama3"`` (low frequencies
+    divided by ``factor``, a smooth ramp between ``low_freq_factor`` and ``high_freq_factor``)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(
+            f"BlockLMConfig: rope_scaling type {kind!r} is not supported; one of {ROPE_SCALINGS}"
+        )
+    try:
+        if kind == "linear":
+            return inv_freq / scaling["factor"]
+        if kind == "llama3":
+            names = ("factor", "low_freq_factor", "high_freq_factor")
+            factor, low, high = (scaling[k] for k in names)
+            old_len = scaling["original_max_position_embeddings"]
+    except KeyError as e:
+        raise ValueError(f"BlockLMConfig: rope_scaling {kind!r} needs the field {e}") from None
+    if kind == "default":
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_angles(
+    positions: Tensor, head_dim: int, theta: float, scaling: dict | None = None
+) -> tuple[Tensor, Tensor]:
     """cos/sin ``[..., L, head_dim/2]`` for integer ``positions [..., L]``."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
@@ -209,10 +255,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: BlockLMConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(
         self,
@@ -225,8 +276,11 @@ class Attention(nn.Module):
         rows: Tensor | None = None,
     ) -> Tensor:
         b, n, _ = x.shape
-        q = self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(b, n, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -243,9 +297,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: BlockLMConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -285,7 +339,14 @@ class BlockDiffusionLM(nn.Module):
         for name, p in self.named_parameters():  # GPT-2 style: scale the residual projections
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
-        cos, sin = rope_angles(torch.arange(cfg.max_seq_len), cfg.head_dim, cfg.rope_theta)
+        self.init_rope()
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE tables (non-persistent buffers): after building on the ``meta``
+        device and loading weights with ``assign=True``."""
+        cfg = self.config
+        positions = torch.arange(cfg.max_seq_len, device=device)
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -293,6 +354,8 @@ class BlockDiffusionLM(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     @property
     def mask_token_id(self) -> int:
@@ -309,7 +372,8 @@ class BlockDiffusionLM(nn.Module):
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         if int(positions.max()) < self.config.max_seq_len and positions.min() >= 0:
             return self.rope_cos[positions], self.rope_sin[positions]
-        return rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        cfg = self.config
+        return rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(
         self,
