@@ -595,6 +595,65 @@ def _dit_file(tmp: str, layout: str, damage: str):
     return run
 
 
+def _block_lm_file(tmp: str, damage: str):
+    """load_block_lm on a tiny BlockDiffusionLM saved by save_block_lm and then damaged."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from adaptdiff.models import create_block_lm, load_block_lm, save_block_lm
+
+    def run():
+        out = Path(tmp) / f"block-lm-{damage.replace(' ', '-')}"
+        save_block_lm(create_block_lm("BlockLM-tiny", vocab_size=32), out)
+        weights = next(out.glob("*.safetensors"))
+        state = load_file(weights)
+        if damage == "missing tensor":
+            del state[sorted(state)[-1]]
+        elif damage == "wrong shape":
+            name = next(k for k in sorted(state) if k.endswith("weight") and state[k].ndim == 2)
+            state[name] = torch.zeros(3, 5)
+        save_file(state, weights)
+        if damage == "unknown config field":
+            config = json.loads((out / "config.json").read_text())
+            config["config"]["n_expertz"] = 4
+            (out / "config.json").write_text(json.dumps(config))
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+        load_block_lm(out)
+
+    return run
+
+
+def _hf_folder(tmp: str, damage: str):
+    """block_lm_from_hf on a tiny transformers Llama folder (save_pretrained), then damaged."""
+    import json
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adaptdiff.models import block_lm_from_hf
+
+    def run():
+        out = Path(tmp) / f"hf-llama-{damage.replace(' ', '-')}"
+        config = LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        )  # fmt: skip
+        LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+        if damage == "unsupported model_type":
+            data = json.loads((out / "config.json").read_text())
+            data["model_type"] = "gpt2"
+            (out / "config.json").write_text(json.dumps(data))
+        if damage == "truncated weights":
+            weights = next(out.glob("*.safetensors"))
+            weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+        block_lm_from_hf(out)
+
+    return run
+
+
 def _model_json(tmp: str, content: str):
     from pathlib import Path
 
@@ -781,6 +840,29 @@ def entry_rows(tmp: str) -> list[Bad]:
             _dit_file(tmp, "diffusers", "non-DiT config"),
             DiTCheckpointError,
             "_class_name: 'UNet2DConditionModel' is not a DiT",
+        ),
+        *[
+            Bad("load_block_lm", damage, _block_lm_file(tmp, damage), ValueError, match)
+            for damage, match in (
+                ("missing tensor", ": missing tensor"),
+                ("wrong shape", r"has shape \(3, 5\), config says"),
+                ("unknown config field", "field 'config.n_expertz' is not a BlockLMConfig field"),
+                ("truncated", "not a readable safetensors file"),
+            )
+        ],  # fmt: skip
+        Bad(
+            "block_lm_from_hf",
+            "unsupported model_type",
+            _hf_folder(tmp, "unsupported model_type"),
+            ValueError,
+            "model_type 'gpt2' is not supported by block_lm_from_hf",
+        ),
+        Bad(
+            "block_lm_from_hf",
+            "truncated weights",
+            _hf_folder(tmp, "truncated weights"),
+            ValueError,
+            "safetensors",
         ),
         Bad(
             "model.json", "not JSON", _model_json(tmp, "{model: DiT"), SchemaError, "not valid JSON"
