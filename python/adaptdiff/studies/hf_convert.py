@@ -183,17 +183,17 @@ def _plot(summary: Summary, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
     names = list(summary)
     for ax, metric, label in (
-        (axes[0], "val_loss", "SDAR validation loss (nats/char)"),
+        (axes[0], "d_val", "SDAR validation loss - native's (nats/char)"),
         (axes[1], "thr_tpf", "TPF, threshold 0.5"),
     ):
-        for i, name in enumerate(names):
-            stat = summary[name][metric]
-            for v in stat.values:
-                ax.plot(i, v, "o", color=f"C{i}", alpha=0.5)
-            ax.errorbar(i, stat.mean, yerr=stat.std, fmt="_", color="k", capsize=4)
+        per_seed = zip(*(summary[name][metric].values for name in names), strict=True)
+        for seed, values in enumerate(per_seed):
+            ax.plot(range(len(names)), values, "o-", alpha=0.7, label=f"seed {seed}")
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_ylabel(label)
-    fig.suptitle("hf-convert: one AR model, three conversion paths (dots: seeds)")
+    axes[0].axhline(0.0, color="gray", lw=0.8, ls=":")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("hf-convert: one AR model per seed, three conversion paths")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
