@@ -36,6 +36,8 @@ ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
 STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
+# `adaptdiff study hf-convert`: one AR char model SDAR-converted natively and through transformers
+STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 
 OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
 OPS += ["lincomb"]
@@ -450,6 +452,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "accel-cpu-first": lambda: accel(ACCEL_CPU_FIRST),
     "accel-h100": accel_h100,
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
+    "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
 }
 
 

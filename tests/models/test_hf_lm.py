@@ -15,6 +15,7 @@ from adaptdiff.models import (  # noqa: E402
     BlockDiffusionLM,
     BlockLMConfig,
     block_lm_from_hf,
+    block_lm_to_hf,
     load_block_lm,
     save_block_lm,
 )
@@ -189,3 +190,72 @@ def test_trainer_recipe_steps_lower_the_loss(recipe):
     config = TrainConfig(steps=15, batch_size=8, lr=3e-3, ema_decay=None, log_every=0)
     Trainer(model, loss_fn, data, replace(config, progress=False)).fit()
     assert loss_now() < 0.95 * before
+
+
+EXPORT_CASES = {
+    "llama": dict(),
+    "llama-tied-bias-linear": dict(
+        tie_embeddings=True,
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        rope_scaling=dict(rope_type="linear", factor=2.0),
+    ),  # fmt: skip
+    "qwen2": dict(qkv_bias=True),
+    "qwen3": dict(qk_norm=True, head_dim=16),
+}
+
+
+def block_lm(seed: int = 0, **extra) -> BlockDiffusionLM:
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=V + 1, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    model = BlockDiffusionLM(BlockLMConfig(**sizes, **extra)).eval()
+    with torch.no_grad():  # norms and biases away from their init, so a swap would show
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_to_hf_keeps_the_logits_and_round_trips_exactly(case, tmp_path):
+    model = block_lm(**EXPORT_CASES[case])
+    hf = block_lm_to_hf(model)
+    family = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(case, "Llama")
+    assert type(hf).__name__ == f"{family}ForCausalLM" and hf.config.vocab_size == V + 1
+    x = ids(2, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x, layout="causal"), atol=2e-5, rtol=1e-5)
+    hf.save_pretrained(tmp_path / "hf")
+    back = block_lm_from_hf(tmp_path / "hf", mask_token_id=model.mask_token_id)
+    assert back.config == model.config
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.tok_embeddings.weight.add_(1.0)  # the export holds copies
+    assert not torch.equal(hf.model.embed_tokens.weight, model.tok_embeddings.weight)
+
+
+def test_export_without_the_mask_row_gets_a_fresh_mean_row_back():
+    model = block_lm()
+    hf = block_lm_to_hf(model, keep_mask_row=False)
+    assert hf.config.vocab_size == V and hf.lm_head.weight.shape == (V, 32)
+    back = block_lm_from_hf(hf)
+    assert back.config == model.config and back.mask_token_id == V
+    a, b = model.state_dict(), back.state_dict()
+    for name in ("tok_embeddings.weight", "output.weight"):
+        assert torch.equal(a[name][:V], b[name][:V])
+        torch.testing.assert_close(b[name][V], a[name][:V].mean(0))
+        assert not torch.allclose(b[name][V], a[name][V])  # not the model's own row
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in ("tok_embeddings.weight",
+                                                                "output.weight"))  # fmt: skip
+
+
+def test_export_bad_inputs_raise_errors_naming_the_function():
+    with pytest.raises(TypeError, match="block_lm_to_hf: need a BlockDiffusionLM"):
+        block_lm_to_hf(hf_model("Llama"))
+    with pytest.raises(ValueError, match="block_lm_to_hf: no supported transformers family"):
+        block_lm_to_hf(block_lm(qkv_bias=False, out_bias=True))
+    with pytest.raises(ValueError, match="block_lm_to_hf: no supported transformers family"):
+        block_lm_to_hf(block_lm(qkv_bias=True, mlp_bias=True))
+    with pytest.raises(ValueError, match="keep_mask_row=False drops the last row"):
+        block_lm_to_hf(block_lm(mask_token_id=3), keep_mask_row=False)

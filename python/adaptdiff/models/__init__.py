@@ -2,7 +2,8 @@
 its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers; :class:`BlockDiffusionLM`
 (:data:`BLOCK_LM_CONFIGS`, :func:`create_block_lm`), an AR / block-diffusion language model,
 saved and loaded by :func:`save_block_lm` / :func:`load_block_lm`, converted from a Hugging Face
-Llama / Qwen2 / Qwen3 causal LM by :func:`block_lm_from_hf`; :func:`load_dit` / :func:`save_dit`
+Llama / Qwen2 / Qwen3 causal LM by :func:`block_lm_from_hf` (and back by
+:func:`block_lm_to_hf`); :func:`load_dit` / :func:`save_dit`
 for the original DiT and diffusers checkpoint layouts."""
 
 from .block_lm import (
@@ -26,7 +27,7 @@ from .dit import (
     perturb_condition,
 )
 from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
-from .hf_lm import block_lm_from_hf
+from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 
@@ -48,6 +49,7 @@ __all__ = [
     "NoiseRoutedMoE",
     "TimestepEmbedder",
     "block_lm_from_hf",
+    "block_lm_to_hf",
     "create_block_lm",
     "create_dit",
     "dtr_masks",

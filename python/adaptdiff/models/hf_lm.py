@@ -13,6 +13,10 @@ The mapping, per layer ``i`` (``model.layers.{i}.`` -> ``layers.{i}.``):
 ``model.embed_tokens`` -> ``tok_embeddings``, ``model.norm`` -> ``norm``, ``lm_head`` ->
 ``output``. Both use RoPE on
 (first half, second half) channel pairs, so no weight is permuted.
+
+:func:`block_lm_to_hf` goes the other way: a :class:`BlockDiffusionLM` whose architecture a
+transformers family expresses becomes that family's causal LM (transformers is imported only
+there), for ``save_pretrained`` and any tool that reads transformers folders.
 """
 
 from __future__ import annotations
@@ -57,6 +61,88 @@ _DTYPE_NAMES[torch.bfloat16] = "BF16"
 def _dtype_name(t: Tensor) -> str:
     """The safetensors name of a tensor's dtype (what :func:`check_tensors` reads)."""
     return _DTYPE_NAMES.get(t.dtype, str(t.dtype))
+
+
+def block_lm_to_hf(model: BlockDiffusionLM, *, keep_mask_row: bool = True):
+    """A transformers ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` with
+    the weights of ``model`` (copies, in their dtype), in eval mode; its logits equal ``model``'s
+    in the ``causal`` layout. The family is the one that expresses the architecture: Qwen3 for
+    per-head q/k norms, Qwen2 for q/k/v biases without an output bias, else Llama (no biases, or
+    biases on q/k/v and the output together, and ``mlp_bias``); anything else raises.
+
+    ``[MASK]``: ``keep_mask_row=True`` exports every row (the mask token becomes an ordinary id;
+    ``block_lm_from_hf(hf, mask_token_id=model.mask_token_id)`` gives ``model`` back exactly);
+    ``False`` drops the mask row, which must be the last id, as a pretrained AR model would
+    ship without one (``block_lm_from_hf`` then appends a fresh one at the same id,
+    initialised to the mean of the other rows, not to ``model``'s row)."""
+    if not isinstance(model, BlockDiffusionLM):
+        raise TypeError(f"block_lm_to_hf: need a BlockDiffusionLM, got {type(model).__name__}")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("block_lm_to_hf: needs transformers (pip install transformers)") from e
+    cfg = model.config
+    vocab = cfg.vocab_size
+    if not keep_mask_row:
+        if cfg.mask_token_id != vocab - 1:
+            raise ValueError(
+                f"block_lm_to_hf: keep_mask_row=False drops the last row, but mask_token_id is "
+                f"{cfg.mask_token_id} of vocab_size {vocab}"
+            )
+        vocab -= 1
+    bias = cfg.qkv_bias == cfg.out_bias
+    if cfg.qk_norm:
+        family, fits = "Qwen3", bias and not cfg.mlp_bias
+    elif cfg.qkv_bias and not cfg.out_bias:
+        family, fits = "Qwen2", not cfg.mlp_bias and cfg.head_dim == cfg.dim // cfg.n_heads
+    else:
+        family, fits = "Llama", bias
+    if not fits:
+        raise ValueError(
+            f"block_lm_to_hf: no supported transformers family has qkv_bias={cfg.qkv_bias}, "
+            f"out_bias={cfg.out_bias}, mlp_bias={cfg.mlp_bias}, qk_norm={cfg.qk_norm}, "
+            f"head_dim={cfg.head_dim} (dim {cfg.dim}, {cfg.n_heads} heads)"
+        )
+    rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters=rope,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if family != "Qwen2":
+        fields.update(head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias)
+    if family == "Llama":
+        fields.update(mlp_bias=cfg.mlp_bias)
+    hf_config = getattr(transformers, f"{family}Config")(**fields)
+    hf = getattr(transformers, f"{family}ForCausalLM")(hf_config)
+    names = {ours: theirs for theirs, ours in _TOP.items()}
+    for i in range(cfg.n_layers):
+        for theirs, ours in _LAYER.items():
+            for kind in ("weight", "bias"):
+                names[f"layers.{i}.{ours}.{kind}"] = f"model.layers.{i}.{theirs}.{kind}"
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in ("tok_embeddings.weight", "output.weight"):
+            tensor = tensor[:vocab]
+        state[names[name]] = tensor.detach()
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    dtype = model.tok_embeddings.weight.dtype
+    hf.to(device=model.tok_embeddings.weight.device, dtype=dtype)
+    hf.load_state_dict(state, strict=True)
+    hf.config.dtype = dtype
+    return hf.eval()
 
 
 def block_lm_from_hf(

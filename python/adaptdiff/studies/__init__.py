@@ -14,6 +14,7 @@ from .runner import Column, Progress, Stat, Study, run_study
 # name -> module defining STUDY
 STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
+    "hf-convert": "adaptdiff.studies.hf_convert",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
