@@ -178,3 +178,41 @@ def test_bac_and_ecad_on_diffusers_model(name):
     schedules, _ = ecad_search(model, sample_once, STEPS, pop_size=4, generations=1,
                                progress=False)  # fmt: skip
     assert schedules and all(s.meta["compute_fraction"] < 1 for s in schedules)
+
+
+@pytest.mark.parametrize("last_blocks", [0, 1])
+def test_a_skipped_step_adds_the_last_computed_residuals_on_joint_blocks(last_blocks):
+    # SD3's joint blocks carry two streams; a skipped middle adds the cached residual of each
+    # (the last block keeps no text stream: context_pre_only).
+    model, x, inputs = _build("sd3")
+    blocks = model.transformer_blocks
+    mid_last = len(blocks) - 1 - last_blocks
+    ins, outs = [], []
+    hooks = [
+        blocks[1].register_forward_pre_hook(
+            lambda m, a, kw: ins.append((kw["hidden_states"], kw["encoder_hidden_states"])),
+            with_kwargs=True,
+        ),
+        blocks[mid_last].register_forward_hook(lambda m, a, out: outs.append(out)),
+    ]
+    accel.apply(model, FirstBlockCacheConfig(threshold=10.0, last_blocks=last_blocks))
+    _loop(model, x, inputs)
+    s = accel.summary(model)
+    accel.remove(model)
+    for h in hooks:
+        h.remove()
+    assert len(ins) == len(outs) == 2 * STEPS
+    for c, context in enumerate(("cond", "uncond")):
+        skipped = s[context]["cached_steps"]
+        assert len(skipped) >= 3, skipped
+        res = None
+        for step in range(STEPS):
+            (h_in, e_in), (e_out, h_out) = ins[2 * step + c], outs[2 * step + c]
+            if step in skipped:
+                assert torch.equal(h_out, h_in + res[0]), (context, step)
+                if res[1] is not None:
+                    assert torch.equal(e_out, e_in + res[1]), (context, step)
+            else:
+                res = (h_out - h_in, None if e_out is None else e_out - e_in)
+                assert res[0].norm() > 0.01 * h_in.norm()
+        assert (res[1] is None) == (last_blocks == 0)

@@ -3,9 +3,10 @@ import torch
 
 from adaptdiff.accel.guidance.adaptive import AdaptiveGuidance, LinearAG
 from adaptdiff.accel.steps.sada import ADAMS, SADA, lagrange_weights, momentum
-from adaptdiff.samplers import FlowSchedule, VPSchedule, sample
+from adaptdiff.samplers import Accelerator, FlowSchedule, VPSchedule, sample
 from tests.samplers.support import GaussianModel, TinyDenoiser
-from tests.support.models import tiny_dit
+
+from .support import ReusePrediction, block_share, identity_blocks, real_dit, rel_err
 
 
 class AlwaysStable(SADA):
@@ -70,6 +71,45 @@ def test_never_skips_before_three_drifts_and_respects_max_skips():
     assert sada.skipped[:4] == [3, 4, 6, 7]
 
 
+class Steps(Accelerator):
+    """Every step's (x0, eps) as the solver gets them, and whether the model ran."""
+
+    def on_sample_start(self, ctx):
+        self.x0, self.eps, self.evaluated = [], [], []
+
+    def after_model(self, step, pred):
+        x0, eps = step.to_x0_eps(pred)
+        self.x0.append(x0.double())
+        self.eps.append(eps.double())
+        self.evaluated.append(step.evaluated)
+        return pred
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "flow"])
+@pytest.mark.parametrize("approximation", ["eps", "velocity", "lagrange"])
+def test_a_skipped_step_gets_its_approximation_formula(prediction, approximation):
+    model, schedule = _gauss(prediction)
+    sada, spy = AlwaysStable(start=0.2, end=0.9, approximation=approximation), Steps()
+    _run(model, schedule, prediction, "euler", steps=30, accelerators=[sada, spy])
+    assert len(sada.skipped) >= 8
+    x0, eps = spy.x0, spy.eps
+    f = [e - x for e, x in zip(eps, x0, strict=True)]  # the rectified-flow drift
+    for i in sada.skipped:
+        assert not spy.evaluated[i]
+        if approximation == "eps":  # the last noise prediction, x0 from the new state
+            got, want, reused = eps[i], eps[i - 1], None
+        elif approximation == "velocity":  # linear extrapolation of the drift
+            got, want, reused = f[i], 2 * f[i - 1] - f[i - 2], f[i - 1]
+        else:  # x0 extrapolated through the last three computed steps
+            nodes = [j for j in range(i) if spy.evaluated[j]][-3:]
+            w = lagrange_weights([float(j) for j in nodes], float(i))
+            got, reused = x0[i], x0[nodes[-1]]
+            want = sum(wj * x0[j] for wj, j in zip(w, nodes, strict=True))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        if reused is not None:  # the extrapolation differs from reuse by 10x the tolerance
+            assert rel_err(reused, want) > 1e-4, i
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v", "flow"])
 @pytest.mark.parametrize("method", ["euler", "ddim", "dpmpp_2m"])
 @pytest.mark.parametrize("approximation", ["auto", "eps", "velocity", "lagrange"])
@@ -79,8 +119,21 @@ def test_skipped_steps_stay_close_to_the_exact_run(prediction, method, approxima
     sada = AlwaysStable(start=0.2, end=0.9, approximation=approximation)
     out, info = _run(model, schedule, prediction, method, steps=30, accelerators=[sada])
     assert len(sada.skipped) >= 8 and info["nfe"] == 30 - len(sada.skipped)
-    err = (out - ref).norm() / ref.norm()
+    err = rel_err(out, ref)
     assert err < 0.05, err
+    # the naive alternative on the same steps: the last prediction reused as it is
+    reuse, _ = _run(model, schedule, prediction, method, steps=30,
+                    accelerators=[ReusePrediction(sada.skipped)])  # fmt: skip
+    err_reuse = rel_err(reuse, ref)
+    resolved = approximation
+    if approximation == "auto":
+        resolved = "velocity" if prediction == "flow" else "eps"
+    if resolved == "eps":
+        # x0/eps reuse is a reuse: no worse than reusing the prediction itself (the same thing
+        # for an eps model); its formula is checked in test_a_skipped_step_gets_its_...
+        assert err <= err_reuse * 1.01, (err, err_reuse)
+    else:  # an extrapolation: far better than reuse (measured 4.9x to 18x)
+        assert err < err_reuse / 3, (err, err_reuse)
 
 
 def test_lagrange_late_phase_runs_the_model_on_its_grid_only():
@@ -98,7 +151,10 @@ def test_real_criterion_skips_some_steps_on_a_smooth_problem():
     ref, _ = _run(model, schedule, "flow", "euler", steps=40)
     out, info = _run(model, schedule, "flow", "euler", steps=40, accelerators=[sada])
     assert len(sada.skipped) >= 10 and min(sada.skipped) >= 8 and max(sada.skipped) < 38
-    assert (out - ref).norm() / ref.norm() < 0.05
+    reuse, _ = _run(model, schedule, "flow", "euler", steps=40,
+                    accelerators=[ReusePrediction(sada.skipped)])  # fmt: skip
+    err, err_reuse = rel_err(out, ref), rel_err(reuse, ref)
+    assert err < 0.05 and err < err_reuse / 3, (err, err_reuse)  # measured 0.0046, 0.032
 
 
 def test_refuses_conflicting_combinations():
@@ -131,17 +187,36 @@ def test_composes_with_adaptive_guidance():
     assert info["nfe"] == 12 - len(sada.skipped)
 
 
-def _tiny_dit():
-    return tiny_dit(perturb=0.05, learn_sigma=False, num_classes=0)
-
-
 def test_token_wise_recomputation_on_a_dit():
-    model = _tiny_dit()
+    model = real_dit(learn_sigma=False, num_classes=0)  # flow matching, t in [0, 1]
+    assert block_share(model, t=0.5) > 0.3  # the blocks carry a large share of the output
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    ref = sample(model, x, method="euler", steps=16, progress=False)
+    kw = dict(method="euler", steps=16, prediction="flow", progress=False)
+    ref = sample(model, x, **kw)
+    lengths, last = [], []  # per model call: tokens into block 1, the last block's output
+    hooks = [
+        model.blocks[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1])),
+        model.blocks[-1].register_forward_hook(lambda m, a, out: last.append(out.clone())),
+    ]
     sada = SADA(start=1.0, end=1.0, tokens=True, window=2, max_skips=1)
-    out = sample(model, x, method="euler", steps=16, progress=False, accelerators=[sada])
-    assert sada.token_fraction and all(0 < f < 1 for f in sada.token_fraction)
-    assert (out - ref).norm() / ref.norm() < 0.2
+    out = sample(model, x, accelerators=[sada], **kw)
+    for h in hooks:
+        h.remove()
+    steps = [i for i, n in enumerate(lengths) if n < 16]
+    assert steps == [3, 5, 7, 9, 11, 13, 15] and sada.token_fraction == [0.25] * 7
+    for i in steps:
+        # one token per 2x2 cell recomputed; the other 12 keep the last call's block output
+        same = (last[i] == last[i - 1]).all(-1)
+        assert (same.sum(1) == 12).all(), i
+    # the zero-update baseline on the same calls: every block the identity
+    with identity_blocks(model, range(4), steps):
+        zero = sample(model, x, **kw)
+    err, err_zero = rel_err(out, ref), rel_err(zero, ref)
+    assert 0 < err < err_zero / 5, (err, err_zero)  # measured 0.014 against 0.128
+    # Recomputing a quarter of the tokens (attention among them only) does not beat keeping
+    # every token's last velocity on this random model (measured 0.0139 against 0.0127); it
+    # stays within a small factor of it.
+    reuse = sample(model, x, accelerators=[ReusePrediction(steps)], **kw)
+    assert err < 1.5 * rel_err(reuse, ref)
     assert all("forward" not in vars(b) for b in model.blocks)  # hooks removed
-    assert torch.equal(sample(model, x, method="euler", steps=16, progress=False), ref)
+    assert torch.equal(sample(model, x, **kw), ref)

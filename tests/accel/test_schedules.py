@@ -1,5 +1,7 @@
-"""Static schedules: JSON, producers (interval, A-SDM, BAC), ECAD's NSGA-II."""
+"""Static schedules: JSON, producers (interval, A-SDM, BAC), ECAD's NSGA-II; what a reused
+component returns and the error of reuse against dropping the component on the same steps."""
 
+import contextlib
 import itertools
 import json
 import random
@@ -26,7 +28,7 @@ from adaptdiff.accel.caching.producers import (
     interval_schedule,
 )
 
-from .support import run, tiny_dit
+from .support import ReusePrediction, block_share, real_dit, rel_err, run, tiny_dit
 
 COMPS = [["attn", "mlp"]] * 4
 
@@ -199,3 +201,91 @@ def test_ecad_search_on_tiny_dit():
         generations=1, progress=False,
     )  # fmt: skip
     assert all(s.meta["quality_loss"] >= 0 for s in schedules)
+
+
+def _mixed_schedule(model, steps=8):
+    """DeepCache-like whole deep blocks every third call, plus single components elsewhere."""
+    sched = interval_schedule(accel.layout(model), steps, 3)
+    sched.mask[3][0] = [True, False]  # block 0's MLP reused alone
+    sched.mask[6][3] = [False, True]  # block 3's attention reused alone
+    return sched
+
+
+class ComponentSpy:
+    """The output of every component (``block.attn``, ``block.mlp``) per model call."""
+
+    def __init__(self, model):
+        self.outputs = []  # [call][block][component]
+        comps = accel.layout(model)
+        self.handles = [model.register_forward_pre_hook(lambda m, a: self.outputs.append(
+            [[None] * len(c) for c in comps]))]  # fmt: skip
+        for b, (block, names) in enumerate(zip(model.blocks, comps, strict=True)):
+            for c, name in enumerate(names):
+                self.handles.append(getattr(block, name).register_forward_hook(self._keep(b, c)))
+
+    def _keep(self, b, c):
+        def hook(module, args, out):
+            self.outputs[-1][b][c] = out.clone()
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_a_reused_component_returns_the_previous_calls_output():
+    model = real_dit()
+    sched = _mixed_schedule(model)
+    spy = ComponentSpy(model)
+    handle = accel.apply(model, ScheduleConfig(sched))
+    run(model, [handle], steps=8)
+    accel.remove(model)
+    spy.remove()
+    out, reused = spy.outputs, 0
+    assert len(out) == 8
+    for s in range(1, 8):
+        for b in range(4):
+            for c in range(2):
+                if sched.mask[s][b][c]:  # computed: a new input gives a new output
+                    assert not torch.equal(out[s][b][c], out[s - 1][b][c]), (s, b, c)
+                else:  # reused: exactly the previous call's output, not a zero or a recompute
+                    assert torch.equal(out[s][b][c], out[s - 1][b][c]), (s, b, c)
+                    assert out[s][b][c].abs().mean() > 0.1
+                    reused += 1
+    assert reused == 5 * 2 * 2 + 2
+
+
+@contextlib.contextmanager
+def _dropped(model, sched):
+    """The zero-update baseline: every component the schedule reuses outputs zeros instead."""
+    calls = [-1]
+    handles = [model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))]
+    for b, (block, names) in enumerate(zip(model.blocks, sched.components, strict=True)):
+        for c, name in enumerate(names):
+
+            def hook(module, args, out, b=b, c=c):
+                return torch.zeros_like(out) if not sched.mask[calls[0]][b][c] else out
+
+            handles.append(getattr(block, name).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_reusing_components_beats_dropping_them_and_reusing_the_prediction():
+    model = real_dit()
+    assert block_share(model) > 0.5  # the blocks carry the output: their reuse matters
+    sched = _mixed_schedule(model)
+    plain = run(model, steps=8)
+    handle = accel.apply(model, ScheduleConfig(sched))
+    out = run(model, [handle], steps=8)
+    accel.remove(model)
+    with _dropped(model, sched):
+        dropped = run(model, steps=8)
+    # the calls that reuse the deep blocks, their whole prediction reused instead
+    reuse = run(model, [ReusePrediction([1, 2, 4, 5, 7])], steps=8)
+    err, err_drop, err_reuse = rel_err(out, plain), rel_err(dropped, plain), rel_err(reuse, plain)
+    assert 0 < err < err_drop / 5 and err < err_reuse / 2, (err, err_drop, err_reuse)
