@@ -100,6 +100,7 @@ class _Run:
         self.calls = 0  # scheduler steps begun (per branch for the separate layout)
         self.history: deque = deque(maxlen=HISTORY)
         self.pending: dict | None = None  # separate layout: the step awaiting its uncond call
+        self.started: list[Accelerator] = []  # the accelerators whose on_sample_start ran
         self.stats = {
             "transformer_calls": 0, "rows": 0, "rows_plain": 0, "uncond_rows_dropped": 0,
             "skipped_steps": [], "estimated_uncond_steps": [],
@@ -123,14 +124,12 @@ class _Run:
         self.ctx.state["pipeline"] = type(self.owner.pipe).__name__
         self.timesteps = ts
         accs = self.owner.accelerators()
-        self.plan = plan(self.ctx, accs)
+        self.plan = plan(self.ctx, accs)  # refuses a conflicting combination before any step
         for acc in accs:
+            self.started.append(acc)
             acc.on_sample_start(self.ctx)
-        self.started = accs
 
     def finish(self) -> None:
-        if self.ctx is None:
-            return
         for acc in self.started:
             acc.on_sample_end(self.ctx)
 
@@ -397,7 +396,8 @@ class PipelineHandle:
                 f"accel.apply: {type(pipe).__name__} has no denoiser module at "
                 f"pipe.{family.denoiser} (family {family.name!r})"
             )
-        self.signature = inspect.signature(self.transformer.forward)
+        # the class's forward (an instance attribute may be a wrapper taking *args, **kwargs)
+        self.signature = inspect.signature(type(self.transformer).forward.__get__(self.transformer))
         if "hidden_states" not in self.signature.parameters:
             raise ValueError(
                 f"accel.apply: {type(self.transformer).__name__}.forward has no 'hidden_states' "
