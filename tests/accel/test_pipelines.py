@@ -389,6 +389,14 @@ def test_unknown_pipeline_raises_and_a_new_family_can_be_registered():
         accel.PipelineFamily("x", ("X",), layout="rows", prediction="eps", guidance=lambda a: None)
 
 
+def test_methods_not_in_pipelines_yet_are_refused():
+    pipe, kw = build_pipeline("sd3")
+    for cfg in (accel.RASConfig(0.5), accel.EntropyScalingConfig()):
+        with pytest.raises(ValueError, match="not supported yet"):
+            accel.apply(pipe, cfg)
+        assert accel.pipelines.is_pipeline(pipe) and "forward" not in pipe.transformer.__dict__
+
+
 def test_sd3_skip_layer_guidance_is_refused():
     pipe, kw = build_pipeline("sd3")
     accel.apply(pipe, accel.FirstBlockCacheConfig(threshold=0.0))

@@ -55,7 +55,12 @@ def apply(model, *configs, blocks: Sequence[str] | None = None):
                 "apply: the pipeline already has adaptdiff.accel hooks; call "
                 "adaptdiff.accel.remove(pipe) first"
             )
-        from .pipelines import PipelineHandle
+        from .pipelines import NOT_IN_PIPELINES, PipelineHandle
+
+        for cfg in configs:
+            reason = NOT_IN_PIPELINES.get(type(cfg).__name__)
+            if reason is not None:
+                raise ValueError(f"apply: {type(cfg).__name__} on {type(model).__name__}: {reason}")
 
         transformer = getattr(model, family.denoiser, None)
         if not isinstance(transformer, nn.Module):

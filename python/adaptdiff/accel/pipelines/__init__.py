@@ -10,10 +10,17 @@ through a pipeline. Use and limits: ``docs/accelerators.md``, section "diffusers
 
 from .calibrate import calibration_setup
 from .driver import PipelineHandle, driving, is_pipeline
-from .families import FAMILIES, PipelineFamily, family_of, register_pipeline_family
+from .families import (
+    FAMILIES,
+    NOT_IN_PIPELINES,
+    PipelineFamily,
+    family_of,
+    register_pipeline_family,
+)
 
 __all__ = [
     "FAMILIES",
+    "NOT_IN_PIPELINES",
     "PipelineFamily",
     "PipelineHandle",
     "calibration_setup",

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["FAMILIES", "PipelineFamily", "family_of", "register_pipeline_family"]
+__all__ = [
+    "FAMILIES",
+    "NOT_IN_PIPELINES",
+    "PipelineFamily",
+    "family_of",
+    "register_pipeline_family",
+]
 
 LAYOUTS = ("cond_first", "uncond_first", "separate")
 PREDICTIONS = ("eps", "flow")
@@ -124,6 +130,12 @@ class PipelineFamily:
 
 
 FAMILIES: dict[str, PipelineFamily] = {}
+
+# Configs that do not run inside a pipeline yet (``accel.apply(pipe, ...)`` refuses them).
+NOT_IN_PIPELINES = {
+    "RASConfig": "RAS inside a pipeline's own loop is not supported yet (use it through sample)",
+    "EntropyScalingConfig": "entropy scaling inside a pipeline is not supported yet",
+}
 
 
 def register_pipeline_family(family: PipelineFamily) -> PipelineFamily:
