@@ -7,6 +7,8 @@ import torch
 
 from adaptdiff import accel
 from adaptdiff.accel.caching.producers import interval_schedule
+from adaptdiff.accel.pipelines import driving
+from adaptdiff.samplers import Accelerator
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -419,3 +421,63 @@ def test_transformer_called_outside_the_pipeline_still_works():
             assert torch.equal(t(x, **args).sample, plain)
         finally:
             accel.remove(pipe)
+
+
+class _DropRows(Accelerator):
+    """Evaluates the uncond branch of sample rows ``rows`` only, from step ``at`` on, and adds
+    ``delta`` to the guided prediction of step ``edit`` (an after_model edit, as RAS's merge)."""
+
+    def __init__(self, rows, at, edit=None, delta=0.25):
+        self.rows, self.at, self.edit, self.delta = torch.tensor(rows), at, edit, delta
+        self.preds = {}
+
+    def before_model(self, step):
+        if step.index >= self.at and "uncond" in step.branches:
+            step.uncond_rows = self.rows
+        return None
+
+    def after_model(self, step, pred):
+        if step.index == self.edit:
+            pred = pred + self.delta
+        self.preds[step.index] = (pred, dict(step.branch_preds))
+        return pred
+
+
+def _stepping(pipe):
+    """The model output the pipeline hands its scheduler at every step."""
+    seen = []
+    original = pipe.scheduler.step
+
+    def step(model_output, *args, **kwargs):
+        seen.append(model_output)
+        return original(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    return seen
+
+
+@pytest.mark.parametrize("family", ["pixart", "dit", "flux"])
+def test_per_row_uncond_and_after_model_edits_reach_the_scheduler(family):
+    pipe, kw = build_pipeline(family, batch=2)
+    calls = _Calls(pipe.transformer)
+    seen = _stepping(pipe)
+    acc = _DropRows([1], at=2, edit=3)
+    try:
+        with driving(pipe, [acc]):
+            _run(pipe, kw)
+    finally:
+        calls.close()
+        del pipe.scheduler.step
+    if family == "flux":  # cond (2 rows) then uncond (2 rows, from step 2 on: row 1 only)
+        assert calls.sizes == [2, 2] * 2 + [2, 1] * (STEPS - 2)
+    else:
+        assert calls.sizes == [4] * 2 + [3] * (STEPS - 2)  # row 0's uncond left out
+    for i in range(STEPS):
+        pred, branches = acc.preds[i]
+        got = seen[i][:2, : pred.shape[1]]  # DiT steps both halves: the first is the samples
+        if i >= 2:  # row 0 takes its cond prediction as uncond: guided = cond there
+            assert torch.equal(branches["uncond"][0], branches["cond"][0])
+        if family == "flux" and i == 3:  # the uncond output carries the edit: exact to rounding
+            torch.testing.assert_close(got, pred.to(got.dtype), rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.equal(got, pred.to(got.dtype)), i
