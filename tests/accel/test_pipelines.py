@@ -73,8 +73,11 @@ def test_each_call_starts_clean_and_remove_restores(family):
     pipe, kw = build_pipeline(family)
     plain = _run(pipe, kw)  # (diffusers adds its hook registry at the first cache_context)
     cls, attrs = _plain_state(pipe)
-    accel.apply(pipe, accel.FirstBlockCacheConfig(threshold=0.3))
+    handle = accel.apply(pipe, accel.FirstBlockCacheConfig(threshold=0.3))
     try:
+        assert "no call yet" in str(handle)
+        with pytest.raises(ValueError, match="already has adaptdiff.accel hooks"):
+            accel.apply(pipe, accel.FirstBlockCacheConfig())
         a, b = _run(pipe, kw), _run(pipe, kw)
         calls = accel.summary(pipe)["calls"]
         assert torch.equal(a, b)
