@@ -341,6 +341,22 @@ def test_calibration_runs_through_a_pipeline(tmp_path):
         accel.remove(pipe)
 
 
+@pytest.mark.parametrize("method", ["bac", "ecad"])
+def test_schedule_searches_run_through_a_pipeline(tmp_path, method):
+    pipe, kw = build_pipeline("sd3")
+    setup = accel.calibration_setup(
+        pipe, kw, runs=1, options={"budget": "3", "pop": "4", "generations": "1"}
+    )
+    accel.run_calibration(method, setup, tmp_path / f"{method}.json")
+    accel.apply(pipe, accel.ScheduleConfig(str(tmp_path / f"{method}.json")))
+    try:
+        _run(pipe, kw)
+        ctx = accel.summary(pipe)["calls"][-1]["contexts"]["default"]
+        assert ctx["model_calls"] == STEPS and ctx["hits"] > 0
+    finally:
+        accel.remove(pipe)
+
+
 def test_flux_branches_map_to_adaptdiff_contexts():
     pipe, kw = build_pipeline("flux")
     accel.apply(pipe, accel.FirstBlockCacheConfig(threshold=0.0))

@@ -15,7 +15,10 @@ def calibration_setup(pipe, call_kwargs: dict, *, runs: int = 2, seed: int = 0, 
     """A :class:`~adaptdiff.accel.CalibrationSetup` whose run ``r`` is
     ``pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed + r))`` with the
     calibrator's accelerators driven inside it (the pipeline must have no hooks: calibrate the
-    exact model). Pass it to ``accel.run_calibration(method, setup, out)``.
+    exact model). Pass it to ``accel.run_calibration(method, setup, out)``: every registered
+    method runs (teacache, magcache, linear-ag, bac, ecad; ``options`` as ``--option``).
+    ``call_kwargs`` must make the pipeline return tensors or arrays (``output_type`` "latent",
+    "pt" or "np"), which ``ecad`` compares.
     """
     family = family_of(pipe)
     if not isinstance(runs, int) or runs < 1:
@@ -28,7 +31,14 @@ def calibration_setup(pipe, call_kwargs: dict, *, runs: int = 2, seed: int = 0, 
 
     def sample(run: int, accelerators):
         with driving(pipe, accelerators, family):
-            return pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed + run))
+            out = pipe(**call_kwargs, generator=torch.Generator().manual_seed(seed + run))
+        images = out.images if hasattr(out, "images") else out[0]
+        if isinstance(images, list):
+            raise ValueError(
+                "calibration_setup: the pipeline returned a list (PIL images); pass "
+                'output_type="latent", "pt" or "np" in call_kwargs'
+            )
+        return torch.as_tensor(images)
 
     steps = call_kwargs.get("num_inference_steps")
     sampling = {"pipeline": type(pipe).__name__, "steps": steps, "runs": runs, "seed": seed}
