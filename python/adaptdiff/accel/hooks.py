@@ -10,7 +10,8 @@ State lives in :class:`ContextState` objects, one per context name: the model-ca
 hit/miss counters. A handle is an :class:`~adaptdiff.samplers.Accelerator`: passed to
 ``sample(..., accelerators=[handle])`` it resets every context at the start of each call,
 learns how many model calls the sampler will make (``num_calls``) and sets ``step`` to each
-call's place among them, so a step that SADA skips leaves its index unused. On calls that a
+call's place among them, so a step that SADA skips leaves its index unused (inside a diffusers
+pipeline the driver of :mod:`.pipelines` does the same: ``driven``, ``begin_call``). On calls that a
 token-subset accelerator (RAS) runs on part of the tokens, the hooks step aside
 (``subset_call``; RAS links itself in its ``connect``, see :mod:`adaptdiff.samplers.compose`).
 
