@@ -53,6 +53,15 @@ API (for users and for other acceleration modules):
   the reusable residual-branch submodules (DiT: ``attn``, ``mlp``; diffusers: ``attn1``,
   ``attn2``, ``ff``, ``attn``, ``ff_context``, ``proj_mlp``, ``proj_out``); ``layout(model)``.
 
+Diffusers pipelines (:mod:`.pipelines`): ``apply(pipe, *configs)`` on a ``DiTPipeline``,
+``PixArtSigmaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``SanaPipeline``
+installs the hooks on ``pipe.transformer`` and makes every ``pipe(...)`` call one sampling run
+(clean state, step count known, AG / LinearAG / SADA inside the pipeline's own loop);
+``summary(pipe)`` reports per call, ``summary(pipe, text=True)`` (or ``str(handle)``) in one
+line; ``remove(pipe)`` restores it. Other pipelines: ``register_pipeline_family(PipelineFamily(
+...))``. ``calibration_setup(pipe, call_kwargs)`` draws ``run_calibration``'s runs through a
+pipeline.
+
 The classes behind the configs (``AdaptiveGuidance``, ``LinearAG``, ``SADA``, ``RAS``) can also
 be passed to ``sample`` directly.
 
@@ -79,6 +88,7 @@ from .calibration import (
 )
 from .guidance.adaptive import AdaptiveGuidanceConfig, LinearAGConfig  # registers linear-ag
 from .hooks import AccelHandle, ContextState, Hook, SampleHook, find_blocks, find_components, layout
+from .pipelines import PipelineFamily, PipelineHandle, calibration_setup, register_pipeline_family
 from .steps import autodiffusion as _autodiffusion  # noqa: F401  (registers autodiffusion)
 from .steps.sada import SADAConfig
 from .tokens.entropy_scaling import EntropyScalingConfig
@@ -111,6 +121,8 @@ __all__ = [
     "Hook",
     "LinearAGConfig",
     "MagCacheConfig",
+    "PipelineFamily",
+    "PipelineHandle",
     "RASConfig",
     "SADAConfig",
     "SampleHook",
@@ -119,6 +131,7 @@ __all__ = [
     "TaylorSeerConfig",
     "TeaCacheConfig",
     "apply",
+    "calibration_setup",
     "context",
     "find_blocks",
     "find_components",
@@ -127,6 +140,7 @@ __all__ = [
     "load_calibration",
     "register_calibrator",
     "register_config",
+    "register_pipeline_family",
     "remove",
     "reset",
     "run_calibration",

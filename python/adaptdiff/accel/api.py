@@ -21,7 +21,14 @@ def register_config(config_cls: type, hook_cls: type[Hook]) -> None:
     HOOKS[config_cls] = hook_cls
 
 
-def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> AccelHandle:
+def _pipeline_family(obj):
+    """The pipeline family of ``obj`` when it is a diffusers pipeline (else None)."""
+    from .pipelines import family_of, is_pipeline
+
+    return family_of(obj) if is_pipeline(obj) else None
+
+
+def apply(model, *configs, blocks: Sequence[str] | None = None):
     """Install the accelerations ``configs`` on ``model`` (in place) and return the handle.
 
     Pass the handle to ``sample(..., accelerators=[handle])``: every call starts from clean
@@ -29,11 +36,46 @@ def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> Ac
     (model-level caches and schedules alone may run without it: call ``reset(model)`` between
     generations then). ``blocks`` names the block lists when they are not ``blocks`` /
     ``transformer_blocks`` / ``single_transformer_blocks``.
+
+    ``model`` may also be a diffusers ``DiffusionPipeline`` of a known family
+    (:mod:`.pipelines`): the hooks go on its denoiser (``pipe.transformer``) and every
+    ``pipe(...)`` call then runs as one sampling run (clean state, the methods inside the
+    pipeline's own loop); returns a :class:`~.pipelines.PipelineHandle`.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not configs:
         raise ValueError("apply: give at least one config")
+    if not isinstance(model, nn.Module):
+        family = _pipeline_family(model)
+        if family is None:
+            raise ValueError(
+                f"model must be an nn.Module or a diffusers pipeline, got {type(model).__name__}"
+            )
+        if model.__dict__.get(ATTR) is not None:
+            raise ValueError(
+                "apply: the pipeline already has adaptdiff.accel hooks; call "
+                "adaptdiff.accel.remove(pipe) first"
+            )
+        from .pipelines import NOT_IN_PIPELINES, PipelineHandle
+
+        for cfg in configs:
+            reason = NOT_IN_PIPELINES.get(type(cfg).__name__)
+            if reason is not None:
+                raise ValueError(f"apply: {type(cfg).__name__} on {type(model).__name__}: {reason}")
+
+        transformer = getattr(model, family.denoiser, None)
+        if not isinstance(transformer, nn.Module):
+            raise ValueError(
+                f"apply: {type(model).__name__} has no denoiser module at "
+                f"pipe.{family.denoiser} (family {family.name!r})"
+            )
+        handle = apply(transformer, *configs, blocks=blocks)
+        try:
+            owner = PipelineHandle(model, family, handle)
+            owner.install()
+        except BaseException:
+            remove(transformer)
+            raise
+        return owner
     if getattr(model, ATTR, None) is not None:
         raise ValueError(
             "apply: the model already has adaptdiff.accel hooks; call "
@@ -67,15 +109,17 @@ def apply(model: nn.Module, *configs, blocks: Sequence[str] | None = None) -> Ac
     return handle
 
 
-def get_handle(model: nn.Module) -> AccelHandle:
-    handle = getattr(model, ATTR, None)
+def get_handle(model):
+    """The handle :func:`apply` returned for ``model`` (a model or a pipeline)."""
+    handle = model.__dict__.get(ATTR) if hasattr(model, "__dict__") else None
     if handle is None:
         raise ValueError(f"{type(model).__name__} has no adaptdiff.accel hooks (call apply first)")
     return handle
 
 
-def remove(model: nn.Module) -> None:
-    """Take every hook off ``model``; it computes exactly as before :func:`apply`."""
+def remove(model) -> None:
+    """Take every hook off ``model``; it computes exactly as before :func:`apply` (a pipeline
+    gets its class, its transformer's forward and ``cache_context`` back)."""
     handle = model.__dict__.pop(ATTR, None)
     if handle is not None:
         handle.remove()
@@ -86,14 +130,29 @@ def reset(model: nn.Module) -> None:
     get_handle(model).reset()
 
 
-def summary(model: nn.Module) -> dict:
+def summary(model, text: bool = False):
     """Per context: model calls, hits/misses, cached steps, per-block hit rates, indicator
-    percentiles (what each installed method reports)."""
-    return get_handle(model).summary()
+    percentiles (what each installed method reports).
+
+    On a pipeline: ``{"pipeline", "family", "calls": [...]}``, one entry per ``pipe(...)`` call
+    (the last 64; see :meth:`~.pipelines.PipelineHandle.summary`). ``text=True``: one line
+    about the last pipeline call (or the model's contexts) instead.
+    """
+    handle = get_handle(model)
+    if not text:
+        return handle.summary()
+    if hasattr(handle, "text"):
+        return handle.text()
+    parts = []
+    for name, entry in handle.summary().items():
+        parts.append(
+            f"{name}: {entry['model_calls']} model calls, hit rate {entry['hit_rate']:.0%}"
+        )
+    return f"{type(model).__name__}: " + ("; ".join(parts) if parts else "no call yet")
 
 
 @contextlib.contextmanager
-def context(model: nn.Module, name: str):
+def context(model, name: str):
     """``with context(model, "uncond"): model(...)`` keeps that branch's caches apart.
 
     Calls outside any ``with`` use the context ``"default"`` (no error, unlike diffusers), and on a

@@ -10,7 +10,8 @@ State lives in :class:`ContextState` objects, one per context name: the model-ca
 hit/miss counters. A handle is an :class:`~adaptdiff.samplers.Accelerator`: passed to
 ``sample(..., accelerators=[handle])`` it resets every context at the start of each call,
 learns how many model calls the sampler will make (``num_calls``) and sets ``step`` to each
-call's place among them, so a step that SADA skips leaves its index unused. On calls that a
+call's place among them, so a step that SADA skips leaves its index unused (inside a diffusers
+pipeline the driver of :mod:`.pipelines` does the same: ``driven``, ``begin_call``). On calls that a
 token-subset accelerator (RAS) runs on part of the tokens, the hooks step aside
 (``subset_call``; RAS links itself in its ``connect``, see :mod:`adaptdiff.samplers.compose`).
 
@@ -227,6 +228,7 @@ class AccelHandle(Accelerator):
         self.token_subsets: list = []
         self.step: ModelStep | None = None  # the sample() call being made (its batch_slots)
         self.hooks: list[Hook] = []  # in the order of the configs given to apply
+        self.driven = False  # a pipeline driver counts the calls (begin_call), not the pre-hook
         self._wrapped: list[tuple[nn.Module, Any]] = []
         # the members that may skip a step, the others, and all in after_model order
         self._skippers: list[Accelerator] = []
@@ -258,6 +260,13 @@ class AccelHandle(Accelerator):
 
     @torch.compiler.disable
     def _begin_call(self, module, args):
+        if not self.driven:
+            self.begin_call()
+
+    def begin_call(self) -> None:
+        """Count one model call in the current context and set its step (the forward pre-hook
+        does it, unless a pipeline driver, ``driven``, calls it just before the calls it makes:
+        a step it answers without the model is then no call)."""
         ctx = self.ctx
         ctx.calls += 1
         if self.next_call is None:

@@ -23,7 +23,9 @@ diffusers' own ``apply_first_block_cache`` / ``apply_taylorseer_cache`` in a thr
 chosen from the indicators of one exact run (:mod:`.diffusers_dit`); then
 :func:`.comparison.equal_speedup` puts each adaptdiff cache's PSNR beside diffusers'
 FirstBlockCache's at the speedups (and the compute) that one reached. All sample with Euler on
-flow matching.
+flow matching. ``pipelines`` (not in the default list): every method inside the diffusers
+pipelines' own loops and schedulers (DiT, PixArt-Sigma, SD3, Flux, Sana with random weights,
+:mod:`.pipes`).
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ from ..output import environment
 from .diffusers_dit import run_diffusers
 from .digits import run_digits
 from .dit_b import run_dit_b
+from .pipes import run_pipelines
 from .report import render, report, write_json
 
-RUNNERS = {"digits": run_digits, "dit-b": run_dit_b, "diffusers": run_diffusers}
+RUNNERS = {
+    "digits": run_digits, "dit-b": run_dit_b, "diffusers": run_diffusers, "pipelines": run_pipelines
+}  # fmt: skip
 MODELS = tuple(RUNNERS)
+DEFAULT_MODELS = ("digits", "dit-b", "diffusers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         json="append JSON lines here (with --render: the merged rows)",
     )
     p.add_argument(
-        "--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}"
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated: {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)})",
     )
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--dit", default="DiT-B/2", choices=[n for n in DIT_CONFIGS if n.endswith("/2")],
@@ -108,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.clock} clock), torch {env['torch']}, commit {env['commit'] or 'unknown'}, "
         f"{env['date']}; euler {steps} steps, flow matching\n"
     )
-    if "diffusers" in names and importlib.util.find_spec("diffusers") is None:
-        print(
-            "adaptdiff bench accel: diffusers is not installed; skipping its model", file=sys.stderr
-        )
-        names.remove("diffusers")
+    if importlib.util.find_spec("diffusers") is None:
+        for needs in ("diffusers", "pipelines"):
+            if needs in names:
+                print(
+                    f"adaptdiff bench accel: diffusers is not installed; skipping {needs}",
+                    file=sys.stderr,
+                )
+                names.remove(needs)
     results = []
     for name in names:
         results += RUNNERS[name](args, steps)
