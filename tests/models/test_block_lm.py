@@ -8,6 +8,7 @@ from adaptdiff.models import (
     KVCache,
     create_block_lm,
 )
+from adaptdiff.models.block_lm import apply_rope, rope_angles
 
 V = 23
 
@@ -143,6 +144,49 @@ def test_explicit_positions_and_state_dict_round_trip(model):
     copy = BlockDiffusionLM(model.config)
     copy.load_state_dict(model.state_dict())
     torch.testing.assert_close(copy(x), model(x))
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500.0])
+def test_rope_is_the_closed_form_rotation(theta):
+    """Channel pair (i, i + Dh/2) at position p is the complex number x_i + j x_{i+Dh/2}
+    multiplied by exp(j p theta^(-2i/Dh)), computed here in float64."""
+    B, H, L, Dh = 2, 3, 9, 8
+    x = torch.randn(B, H, L, Dh, dtype=torch.float64)
+    positions = torch.tensor([[0, 1, 2, 3, 5, 8, 13, 40, 300], [7, 6, 5, 4, 3, 2, 1, 0, 1000]])
+    got = apply_rope(x, *rope_angles(positions, Dh, theta))
+    freq = theta ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)  # [Dh/2]
+    turn = torch.polar(
+        torch.ones((), dtype=torch.float64), positions[:, None, :, None].double() * freq
+    )
+    z = torch.complex(x[..., : Dh // 2], x[..., Dh // 2 :]) * turn
+    want = torch.cat([z.real, z.imag], dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # float32 angles and math
+    assert (want - x).abs().max() > 0.5  # the rotation moved the vectors
+    # position 0 is the identity; the dot product of q at p and k at p' depends on p - p' only
+    cos, sin = rope_angles(torch.zeros(1, L, dtype=torch.long), Dh, theta)
+    torch.testing.assert_close(apply_rope(x, cos, sin), x)
+    q, k = torch.randn(2, 1, 1, 1, Dh, dtype=torch.float64)
+
+    def dot(p, r):
+        rq = apply_rope(q, *rope_angles(torch.tensor([[p]]), Dh, theta))
+        rk = apply_rope(k, *rope_angles(torch.tensor([[r]]), Dh, theta))
+        return float((rq * rk).sum())
+
+    assert abs(dot(5, 2) - dot(45, 42)) < 1e-4
+    assert abs(dot(5, 2) - dot(2, 5)) > 1e-2
+
+
+def test_positions_change_the_logits(model):
+    """Reordering positions changes what attention sees (without RoPE a causal model is blind
+    to them); shifting them all changes nothing (RoPE is relative)."""
+    x = ids(2, 10)
+    pos = torch.arange(10)
+    base = model(x, positions=pos)
+    reversed_ = model(x, positions=pos.flip(0))
+    assert (reversed_ - base).abs().max() > 1.0
+    spread = model(x, positions=pos * 3)
+    assert (spread - base).abs().max() > 1.0
+    torch.testing.assert_close(model(x, positions=pos + 11), base, atol=1e-4, rtol=1e-4)
 
 
 def test_every_attention_goes_through_block_attention(model, monkeypatch):

@@ -323,6 +323,30 @@ def test_dtr_masks_clamp_and_use_scaled_t():
     )
 
 
+def test_dtr_forward_scales_t_before_the_masks():
+    """The masks follow the scaled t: DiT(time_scale=1000)(x, 0.5) is DiT(time_scale=1)(x, 500),
+    and its blocks get the window of t = 500, not of 0.5 (alpha = 1, so mid-range windows
+    differ from t = 0's even at hidden size 16)."""
+    flow = randomize_(create_dit("DiT-tiny/2", dtr=True, dtr_alpha=1.0, time_scale=1000.0))
+    flow.eval()
+    ddpm = DiT(dataclasses.replace(flow.config, time_scale=1.0)).eval()
+    ddpm.load_state_dict(flow.state_dict())
+    x, _, y = inputs(flow, batch=2)
+    seen = []
+    hook = flow.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    out = flow(x, torch.tensor(0.5), y)
+    hook.remove()
+    torch.testing.assert_close(out, ddpm(x, torch.tensor(500.0), y))
+    cfg = flow.config
+    args = (cfg.hidden_size, cfg.dtr_num_tasks, cfg.dtr_sharing_ratio, cfg.dtr_alpha)
+    scaled, unscaled = (
+        dtr_masks(torch.full((2,), 500.0), *args),
+        dtr_masks(torch.full((2,), 0.5), *args),
+    )
+    assert not torch.equal(scaled, unscaled)
+    assert torch.equal(seen[0], scaled)
+
+
 def test_dtr_block_routes_the_input_only():
     model = randomize_(create_dit("DiT-tiny/2", dtr=True))
     block = model.blocks[0]
