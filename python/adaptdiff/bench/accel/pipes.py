@@ -10,12 +10,9 @@ output latents (DiT: the decoded images) against the plain pipeline's.
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 
-from adaptdiff.accel.evaluate import Result, pareto
+from adaptdiff.accel.evaluate import Result, _timed, pareto
 
 from ..pipelines import FAMILIES, build_pipeline
 from .methods import _cache_compute
@@ -50,16 +47,6 @@ def _compute(name: str, call: dict) -> float:
     if name in ("AG", "SADA"):
         return call["rows"] / call["rows_plain"] if call["rows_plain"] else 1.0
     return _cache_compute(call.get("contexts", {}))
-
-
-def _timed(fn, repeats: int, clock: str):
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t0 = timer()
-        out = fn()
-        best = min(best, timer() - t0)
-    return out, best
 
 
 def _row(ref, method, setting, out, seconds, nfe, compute, extra=None) -> Result:
