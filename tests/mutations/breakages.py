@@ -166,6 +166,24 @@ def _lora_scale_ignored() -> None:
     _wrap(LoraLinear, "scaling", lambda _: lambda self, name: self.weights[name])
 
 
+def _fera_routing_uniform() -> None:
+    from adaptdiff.adapters.fera import FeRALinear
+
+    def make(route):
+        def uniform(model, args):
+            route(model, args)
+            w = model.fera_router.last_weights
+            flat = w * 0 + 1 / w.shape[1]  # every sample, every expert: 1/E
+            model.fera_router.last_weights = flat
+            for layer in model.modules():
+                if isinstance(layer, FeRALinear):
+                    layer.routing_weights = flat
+
+        return uniform
+
+    _replace("adaptdiff.adapters.fera", "_route_hook", make)
+
+
 def _sara_values_not_written() -> None:
     from adaptdiff.adapters import sara
 
@@ -300,6 +318,13 @@ BREAKAGES = [
         _lora_scale_ignored,
         ("tests/adapters/test_lora.py",),
         "tests/adapters/test_lora.py::test_new_adapter_is_identity_and_scaling_is_alpha_over_rank",
+    ),
+    Breakage(
+        "fera_routing_uniform",
+        "FeRA's router output replaced by equal expert weights for every input",
+        _fera_routing_uniform,
+        ("tests/adapters/test_fera.py",),
+        "tests/adapters/test_fera.py::test_apply_fera_routes_per_sample_and_gradients_flow",
     ),
     Breakage(
         "sara_values_not_written",
