@@ -679,7 +679,8 @@ class Trainer:
             logger.warning("resuming with a changed config: %s", ", ".join(changed))
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it."""
+        """Destroy the process group if this trainer created it. Under DDP, torch (2.13) keeps
+        the gloo group's threads and sockets alive after this until the process exits."""
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
