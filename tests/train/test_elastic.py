@@ -3,7 +3,7 @@ mid-run, torchrun brings the group back, and the Trainer resumes from the last c
 checkpoint. The final weights equal an uninterrupted run's bit for bit, and the step log shows
 every step after the resume point exactly once, with the losses of the first attempt.
 
-The launches run side by side in one fixture (about 30 s on 2 idle cores); each torchrun may
+The launches run side by side in one fixture (about a minute on 2 cores); each torchrun may
 take up to 10 minutes on a loaded machine before the test fails."""
 
 from pathlib import Path
@@ -36,8 +36,14 @@ def runs(tmp_path_factory):
             WORKER, out / name, "train", options=ELASTIC, ELASTIC_KILL=kill
         )
     procs["split"] = torchrun_start(WORKER, out / "split", "split")
-    for name, proc in procs.items():
-        (out / name / "torchrun.log").write_text(torchrun_wait(proc, timeout=600))
+    try:
+        for name, proc in procs.items():
+            (out / name / "torchrun.log").write_text(torchrun_wait(proc, timeout=600))
+    finally:  # a failed launch fails the test; stop the others rather than leave them running
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.communicate(timeout=60)
     return out
 
 
