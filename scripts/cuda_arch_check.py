@@ -55,9 +55,12 @@ def run(cuobjdump: str, *args: str) -> str:
 def kernels_by_arch(cuobjdump: str, so: str) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     arch = None
+    in_elf = False
     for line in run(cuobjdump, "--dump-resource-usage", so).splitlines():
+        if line.startswith("Fatbin "):  # "Fatbin elf code:" or "Fatbin ptx code:"
+            in_elf, arch = line.startswith("Fatbin elf"), None
         m = re.match(r"\s*arch = sm_(\w+)", line)
-        if m:
+        if m and in_elf:
             arch = m.group(1)
             out.setdefault(arch, set())
         m = re.match(r"\s*Function (\S+?):", line)
