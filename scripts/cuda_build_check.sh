@@ -6,6 +6,7 @@
 # requested architecture, the same kernels in each, and PTX for the newest only
 # (scripts/cuda_arch_check.py).
 #   ADAPTDIFF_CUDA_ARCHS: the architectures (default 90; `./dev wheel` builds 80;86;89;90;100)
+#   ADAPTDIFF_CUDA_BUILD_DIR: the build folder (default build/cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cuda_env.sh
@@ -13,10 +14,10 @@ ARCHS=${ADAPTDIFF_CUDA_ARCHS:-90}
 SECONDS=0
 ADAPTDIFF_CUDA=ON ADAPTDIFF_CUDA_ARCHS=$ARCHS \
   "$CUDA_VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps \
-  -Cbuild-dir=build/cuda .
+  -Cbuild-dir="${ADAPTDIFF_CUDA_BUILD_DIR:-build/cuda}" .
 echo "CUDA build ($ARCHS) took ${SECONDS}s"
 expected=$(ls csrc/cuda/*.cu | xargs -n1 basename | sed 's/\.cu$//' | tr '\n' ' ')
-so=$(cd /tmp && "$OLDPWD/$CUDA_VENV/bin/python" - "$expected" <<'PY'
+so=$(cd /tmp && "$CUDA_VENV/bin/python" - "$expected" <<'PY'
 import sys
 
 import torch

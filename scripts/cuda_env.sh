@@ -5,6 +5,7 @@
 CUDA_VENV=${ADAPTDIFF_CUDA_VENV:-.venv-cuda}
 CUDA_DEPS="torch==2.14.1 numpy==2.4.6 scikit-build-core>=1.1 tqdm nvidia-cuda-cuobjdump==13.4.92"
 if [ ! -x "$CUDA_VENV/bin/python" ]; then python3 -m venv "$CUDA_VENV"; fi
+CUDA_VENV=$(cd "$CUDA_VENV" && pwd)
 if [ "$(cat "$CUDA_VENV/.adaptdiff-deps" 2>/dev/null)" != "$CUDA_DEPS" ]; then
   # shellcheck disable=SC2086
   "$CUDA_VENV/bin/pip" install -q --disable-pip-version-check $CUDA_DEPS
