@@ -237,6 +237,18 @@ def _resume_skips_optimizer_state() -> None:
     _wrap(Trainer, "load_checkpoint", make)
 
 
+def _grad_guidance_sigma_dropped() -> None:
+    from adaptdiff.samplers.grad_guidance import GradGuidance
+
+    def make(apply):
+        def unscaled(self, x, t, alpha, sigma, x0, eps):
+            return apply(self, x, t, alpha, torch.ones_like(sigma), x0, eps)
+
+        return unscaled
+
+    _wrap(GradGuidance, "apply", make)
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -352,6 +364,13 @@ BREAKAGES = [
         _resume_skips_optimizer_state,
         ("tests/train/test_trainer.py",),
         "tests/train/test_trainer.py::test_exact_resume_is_bit_identical",
+    ),
+    Breakage(
+        "grad_guidance_sigma_dropped",
+        "gradient guidance adds w g to eps without the factor sigma_t",
+        _grad_guidance_sigma_dropped,
+        ("tests/samplers/test_grad_guidance.py",),
+        "tests/samplers/test_grad_guidance.py::test_exact_classifier_guidance_is_the_conditional_model",
     ),
 ]
 
