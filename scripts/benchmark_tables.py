@@ -38,6 +38,8 @@ DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
 STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 # `adaptdiff study hf-convert`: one AR char model SDAR-converted natively and through transformers
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
+# `adaptdiff study nag`: predictor-guided architecture diffusion against random search
+STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 
 OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
 OPS += ["lincomb"]
@@ -453,6 +455,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "accel-h100": accel_h100,
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
+    "study-nag": lambda: study("nag", STUDY_NAG),
 }
 
 
