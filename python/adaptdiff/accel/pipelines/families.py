@@ -133,7 +133,6 @@ FAMILIES: dict[str, PipelineFamily] = {}
 
 # Configs that do not run inside a pipeline yet (``accel.apply(pipe, ...)`` refuses them).
 NOT_IN_PIPELINES = {
-    "RASConfig": "RAS inside a pipeline's own loop is not supported yet (use it through sample)",
     "EntropyScalingConfig": "entropy scaling inside a pipeline is not supported yet",
 }
 
