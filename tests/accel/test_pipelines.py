@@ -411,14 +411,6 @@ def test_unknown_pipeline_raises_and_a_new_family_can_be_registered():
         accel.PipelineFamily("x", ("X",), layout="rows", prediction="eps", guidance=lambda a: None)
 
 
-def test_methods_not_in_pipelines_yet_are_refused():
-    pipe, kw = build_pipeline("sd3")
-    for cfg in (accel.EntropyScalingConfig(),):
-        with pytest.raises(ValueError, match="not supported yet"):
-            accel.apply(pipe, cfg)
-        assert accel.pipelines.is_pipeline(pipe) and "forward" not in pipe.transformer.__dict__
-
-
 RAS_FAMILIES = ["dit", "pixart", "sd3", "flux"]  # Sana's linear attention: refused
 
 
@@ -503,12 +495,66 @@ def test_ras_runs_half_the_image_tokens_inside_the_pipeline(family):
     assert ras_db > reuse_db + 3.0, (ras_db, reuse_db)
 
 
-def test_ras_on_sana_is_refused_clearly():
+def test_sana_refuses_ras_and_entropy_scaling_clearly():
     pipe, kw = build_pipeline("sana")
-    with pytest.raises(ValueError, match="linear attention"):
-        accel.apply(pipe, accel.RASConfig(0.5))
+    plain = _run(pipe, kw)
+    for cfg in (accel.RASConfig(0.5), accel.EntropyScalingConfig(train_tokens=64)):
+        with pytest.raises(ValueError, match="linear attention"):
+            accel.apply(pipe, cfg)
+        assert "forward" not in pipe.transformer.__dict__
+    assert torch.equal(_run(pipe, kw), plain)  # the pipeline is untouched
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_entropy_scaling_inside_the_pipeline_at_another_size(family, monkeypatch):
+    import torch.nn.functional as F
+
+    from adaptdiff.accel.tokens.entropy_scaling import entropy_scale
+
+    pipe, kw = build_pipeline(family)
+    train, image, text = 16, 64, 6  # tiny: 4x4 image tokens; at twice the side 8x8; 6 text
+    side = 2 * kw["height"]
+    plain, plain_big = _run(pipe, kw), _run(pipe, kw, height=side, width=side)
+    handle = accel.apply(pipe, accel.EntropyScalingConfig(train_tokens=train))
+    try:
+        assert torch.equal(_run(pipe, kw), plain)  # the training size: unchanged, bit for bit
+        out = _run(pipe, kw, height=side, width=side)
+        assert torch.equal(out, _run(pipe, kw, height=side, width=side))
+        modules = handle.summary()["calls"][-1]["contexts"]
+        assert all(c["entropy_scaling"]["train_tokens"] == train for c in modules.values())
+    finally:
+        accel.remove(pipe)
+    assert torch.equal(_run(pipe, kw, height=side, width=side), plain_big)
+    # The reference: the plain pipeline with SDPA's scale multiplied by lambda on the
+    # self-attention (PixArt; its cross-attention over the text keeps its scale) or on the joint
+    # attention over image + text keys (SD3, Flux: n = 64 + 6 keys, trained 16 + 6).
+    joint = family != "pixart"
+    keys = image + text if joint else image
+    lam = entropy_scale(keys, train + text if joint else train)
+    sdpa = F.scaled_dot_product_attention
+    scaled_calls = []
+
+    def scaled(*args, scale=None, **kwargs):  # diffusers passes query/key/value by name too
+        q, k = (args[0], args[1]) if len(args) > 1 else (kwargs["query"], kwargs["key"])
+        if k.shape[-2] == keys:  # [B, H, S, D]
+            scale = (q.shape[-1] ** -0.5 if scale is None else scale) * lam
+            scaled_calls.append(k.shape[-2])
+        return sdpa(*args, scale=scale, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", scaled)
+    ref = _run(pipe, kw, height=side, width=side)
+    monkeypatch.undo()
+    assert scaled_calls  # the reference did scale
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert (out - plain_big).abs().max() > 1e-2  # lambda acted, well above that tolerance
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_ras_with_entropy_scaling_is_refused(family):
+    pipe, kw = build_pipeline(family)
+    with pytest.raises(ValueError, match="cannot be combined with RASConfig"):
+        accel.apply(pipe, accel.RASConfig(0.5), accel.EntropyScalingConfig(train_tokens=16))
     assert "forward" not in pipe.transformer.__dict__
-    assert torch.equal(_run(pipe, kw), _run(pipe, kw))  # the pipeline is untouched
 
 
 def test_sd3_skip_layer_guidance_is_refused():
