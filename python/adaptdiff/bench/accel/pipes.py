@@ -1,7 +1,8 @@
 """The ``pipelines`` models: every method inside the diffusers pipelines' own loops.
 
 For each family of :func:`adaptdiff.bench.pipelines.build_pipeline` (DiT, PixArt-Sigma, SD3,
-Flux, Sana; random weights, ``"small"`` sizes, ``"tiny"`` with ``--quick``): the plain
+Flux, Sana; random weights, ``"small"`` sizes, ``"tiny"`` with ``--quick``, another with
+``--pipeline-size``): the plain
 ``pipe(...)`` and ``pipe(...)`` after ``accel.apply(pipe, config)`` for each method, from the
 same seed. Rows: the speedup, the transformer calls (NFE), the compute done (block evaluations
 for caches and schedules, transformer rows for guidance and step skipping, the token-block
@@ -73,12 +74,13 @@ def run_pipelines(args, steps: int) -> list[Result]:
     """One table block per family (``steps``: the pipeline's ``num_inference_steps``)."""
     from adaptdiff import accel
 
-    size = "tiny" if args.quick else "small"
+    size = getattr(args, "pipeline_size", None) or ("tiny" if args.quick else "small")
     results = []
     for family in FAMILIES:
         pipe, kw = build_pipeline(family, size=size)
         kw["num_inference_steps"] = steps
         pipe.to(args.device)
+        kw = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
         def run(pipe=pipe, kw=kw):
             out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
