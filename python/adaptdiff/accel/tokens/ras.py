@@ -45,7 +45,10 @@ Usage::
     accel.remove(model)   # the model is plain again
 
 ``RAS(model, config)`` (hooks installed by the constructor, ``ras.remove()``) is the class
-behind the config.
+behind the config. Inside a diffusers pipeline (DiT, PixArt, SD3, Flux):
+``accel.apply(pipe, RASConfig(...))``; there Flux's packed ``[B, N, C]`` latents are scored per
+token and its separate cond/uncond transformer calls keep K/V caches per branch context (the
+handle's). Sana's linear self-attention is refused.
 """
 
 from __future__ import annotations
