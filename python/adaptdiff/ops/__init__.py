@@ -19,6 +19,7 @@ from .rel_l1 import rel_l1
 from .sampled_wgrad import sampled_wgrad
 from .sara_linear import sara_linear
 from .scatter_tokens import scatter_tokens
+from .selective_scan import selective_scan
 
 __all__ = [
     "Impl",
@@ -35,4 +36,5 @@ __all__ = [
     "sampled_wgrad",
     "sara_linear",
     "scatter_tokens",
+    "selective_scan",
 ]
