@@ -217,7 +217,7 @@ def selective_scan(
         dt_i = dt[:, :, i, None]  # [B, D, 1]
         h = torch.exp(dt_i * Af) * h + dt_i * Bf[:, None, :, i] * uf[:, :, i, None]
         ys.append((h * Cf[:, None, :, i]).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else uf.new_zeros(batch, dim, 0)
+    y = torch.stack(ys, dim=-1) if ys else uf[..., :0] * 0  # L = 0: empty, still u's graph
     if D_skip is not None:
         y = y + D_skip.to(acc)[:, None] * uf
     if z is not None:
