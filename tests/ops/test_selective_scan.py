@@ -141,9 +141,10 @@ def test_parameters_in_the_input_dtype(device, dtype):
     torch.testing.assert_close(ops.selective_scan(*args, impl="kernel"), oracle(args), **TOL[dtype])
 
 
-def test_long_sequence_float32_state():
-    # 2,000 steps of a bfloat16 input: the float32 state keeps the error at one output rounding.
-    args = make(1, 4, 8, 2000, torch.bfloat16)
+@pytest.mark.parametrize("device", devices(OP))
+def test_long_sequence_float32_state(device):
+    # 2,500 steps of a bfloat16 input: the float32 state keeps the error at one output rounding.
+    args = make(1, 4, 8, 2500, torch.bfloat16, device)
     torch.testing.assert_close(
         ops.selective_scan(*args, impl="kernel"), oracle(args), **TOL[torch.bfloat16]
     )
