@@ -20,9 +20,11 @@ and label embedders and final layer. Each :class:`DiMSUMBlock`:
 
 One transformer block (DiT's adaLN-Zero :class:`~adaptdiff.models.DiTBlock`, the *same* weights
 every time) runs after every ``shared_attn_every`` blocks. The Mamba mixer (:class:`Mamba`)
-calls :func:`adaptdiff.ops.selective_scan`. Differences from the reference code, on purpose: the
-orthonormal Haar transform (the code divides each level by 2 more), plain residuals (the code
-re-adds each block's normalised input) and no "conditional Mamba" (dead code there).
+calls :func:`adaptdiff.ops.selective_scan` (on CUDA its pure-torch reference, until the CUDA
+kernel is opted in to with :func:`adaptdiff.ops.unverified_cuda`). Differences from the
+reference code, on purpose: the orthonormal Haar transform (the code divides each level by 2
+more), plain residuals (the code re-adds each block's normalised input) and no "conditional
+Mamba" (dead code there).
 """
 
 from __future__ import annotations
