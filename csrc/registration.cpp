@@ -45,6 +45,18 @@ TORCH_LIBRARY(adaptdiff, m) {
                 "Tensor values) -> Tensor");
   ADAPTDIFF_DEF(m, "sampled_wgrad",
                 "sampled_wgrad(Tensor grad_out, Tensor x, Tensor indices) -> Tensor");
+
+  // State-space backbones (DiMSUM): Mamba's selective scan; the backward is its own op.
+  ADAPTDIFF_DEF(m, "selective_scan",
+                "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+                "Tensor? D_skip=None, Tensor? z=None, Tensor? delta_bias=None, "
+                "bool delta_softplus=False) -> Tensor");
+  ADAPTDIFF_DEF(m, "selective_scan",
+                "selective_scan_backward(Tensor grad_out, Tensor u, Tensor delta, Tensor A, "
+                "Tensor B, Tensor C, Tensor? D_skip, Tensor? z, Tensor? delta_bias, "
+                "bool delta_softplus) -> (Tensor grad_u, Tensor grad_delta, Tensor grad_A, "
+                "Tensor grad_B, Tensor grad_C, Tensor grad_D_skip, Tensor grad_z, "
+                "Tensor grad_delta_bias)");
 }
 
 namespace py = pybind11;

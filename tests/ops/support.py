@@ -24,6 +24,7 @@ CONTRACT_OPS = frozenset(
         "block_attention",
         "sara_linear",
         "sampled_wgrad",
+        "selective_scan",
     }
 )
 

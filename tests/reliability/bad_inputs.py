@@ -132,6 +132,23 @@ def _wgrad(grad_out=None, x=None, indices=None):
     return lambda: ops.sampled_wgrad(grad_out, x, indices)
 
 
+def _scan(**kw):
+    """selective_scan with valid defaults: u, delta, z [2, 3, 5], A [3, 4], B, C [2, 4, 5],
+    D_skip and delta_bias [3]."""
+    a = dict(u=f32(2, 3, 5), delta=f32(2, 3, 5), A=f32(3, 4), B=f32(2, 4, 5), C=f32(2, 4, 5))
+    a.update(D_skip=f32(3), z=f32(2, 3, 5), delta_bias=f32(3))
+    a.update(kw)
+    return lambda: ops.selective_scan(**a, delta_softplus=True)
+
+
+def _scan_bwd(grad_out):
+    u = f32(2, 3, 5)
+    bwd = torch.ops.adaptdiff.selective_scan_backward.default
+    return lambda: bwd(
+        grad_out, u, f32(2, 3, 5), f32(3, 4), f32(2, 4, 5), f32(2, 4, 5), None, None, None, False
+    )
+
+
 OP_ROWS: list[Bad] = [
     *op_rows(
         "gather_tokens",
@@ -454,6 +471,36 @@ OP_ROWS: list[Bad] = [
             ("indices with a duplicate", _wgrad(indices=i64(1, 1, 9, 17, 29)), "indices"),
             ("indices >= O*I", _wgrad(indices=i64(1, 4, 9, 17, 30)), "indices"),
             ("indices < 0", _wgrad(indices=i64(-1, 4, 9, 17, 29)), "indices"),
+        ],
+    ),
+    *op_rows(
+        "selective_scan",
+        [
+            ("u of an integer dtype", _scan(u=torch.ones(2, 3, 5, dtype=torch.int64)), "u"),
+            ("u not 3-D", _scan(u=f32(3, 5)), "u"),
+            ("delta of another dtype", _scan(delta=f32(2, 3, 5).double()), "delta"),
+            ("delta of another shape", _scan(delta=f32(2, 3, 4)), "delta"),
+            ("A not 2-D", _scan(A=f32(3)), "A"),
+            ("A with another D", _scan(A=f32(2, 4)), "A"),
+            ("A float64 with float32 u", _scan(A=f32(3, 4).double()), "A"),
+            ("A on another device", _scan(A=meta(3, 4)), "A"),
+            ("B with another N", _scan(B=f32(2, 3, 5)), "B"),
+            ("B of another dtype", _scan(B=f32(2, 4, 5).half()), "B"),
+            ("C with another L", _scan(C=f32(2, 4, 6)), "C"),
+            ("C with another batch", _scan(C=f32(1, 4, 5)), "C"),
+            ("D_skip of another shape", _scan(D_skip=f32(4)), "D_skip"),
+            ("D_skip float64 with float32 u", _scan(D_skip=f32(3).double()), "D_skip"),
+            ("z of another shape", _scan(z=f32(2, 3, 4)), "z"),
+            ("z of another dtype", _scan(z=f32(2, 3, 5).half()), "z"),
+            ("delta_bias not 1-D", _scan(delta_bias=f32(1, 3)), "delta_bias"),
+            ("delta_bias on another device", _scan(delta_bias=meta(3)), "delta_bias"),
+        ],
+    ),
+    *op_rows(
+        "selective_scan_backward",
+        [
+            ("grad_out of another shape", _scan_bwd(f32(2, 3, 4)), "grad_out"),
+            ("grad_out of another dtype", _scan_bwd(f32(2, 3, 5).double()), "grad_out"),
         ],
     ),
     Bad(

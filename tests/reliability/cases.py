@@ -404,6 +404,55 @@ def _sampled_wgrad(data, device):
     torch.testing.assert_close(got, want, **sum_tol(dtype, N))
 
 
+def zeros_if_none(grad, t):
+    return torch.zeros_like(t) if grad is None else grad
+
+
+def _selective_scan(data, device):
+    with ops.unverified_cuda(ops=["selective_scan"]):  # on CUDA: the (opt-in) kernel itself
+        return _selective_scan_case(data, device)
+
+
+def _selective_scan_case(data, device):
+    dtype = dtype_of(data, device)
+    dims = (("B", 2), ("D", 4), ("N", 5), ("L", 12))
+    batch, dim, n, length = (data.draw(st.integers(0, hi), name) for name, hi in dims)
+    pdtype = data.draw(st.sampled_from([torch.float32, dtype]), "parameter dtype")
+    if dtype == torch.float64:
+        pdtype = dtype
+    with_d, with_z, with_bias, softplus = (
+        data.draw(st.booleans(), name) for name in ("D_skip", "z", "delta_bias", "softplus")
+    )
+    g = generator(data)
+    u = laid_out(data, randn(g, (batch, dim, length), dtype, device), "u")
+    raw = randn(g, (batch, dim, length), torch.float64, device)
+    delta = laid_out(data, (raw * 0.5 if softplus else raw.abs() * 0.3).to(dtype), "delta")
+    A = laid_out(data, -randn(g, (dim, n), torch.float64, device).mul(0.5).exp().to(pdtype), "A")
+    B = laid_out(data, randn(g, (batch, n, length), dtype, device), "B")
+    C = laid_out(data, randn(g, (batch, n, length), dtype, device), "C")
+    D_skip = laid_out(data, randn(g, (dim,), pdtype, device), "D_skip") if with_d else None
+    z = laid_out(data, randn(g, (batch, dim, length), dtype, device), "z") if with_z else None
+    bias = laid_out(data, randn(g, (dim,), pdtype, device), "delta_bias") if with_bias else None
+    args = [u, delta, A, B, C, D_skip, z, bias]
+    got = ops.selective_scan(*args, softplus, impl="kernel")
+    up = [t.double() if t is not None else None for t in args]
+    want = reference.selective_scan(*up, softplus).to(dtype)
+    assert got.dtype == dtype and got.shape == u.shape
+    torch.testing.assert_close(got, want, **ATTENTION_TOL[dtype])
+    if data.draw(st.booleans(), "backward"):
+        grad = randn(g, tuple(u.shape), dtype, device)
+        grads = []
+        for fn in (lambda *a: ops.selective_scan(*a, impl="kernel"), reference.selective_scan):
+            ins = [t.detach().requires_grad_() if t is not None else None for t in args]
+            fn(*ins, softplus).backward(grad)
+            # The reference leaves the gradients of inputs an empty scan never reads as None.
+            grads.append([zeros_if_none(t.grad, t) for t in ins if t is not None])
+        low = dtype in (torch.float16, torch.bfloat16)
+        tol = dict(rtol=5e-2, atol=5e-2) if low else dict(rtol=1e-4, atol=1e-4 * max(1, length))
+        for have, ref in zip(*grads, strict=True):
+            torch.testing.assert_close(have, ref, **tol)
+
+
 OP_CASES: dict[str, OpCase] = {
     c.op: c
     for c in [
@@ -419,6 +468,7 @@ OP_CASES: dict[str, OpCase] = {
         OpCase("block_attention", "attention", _block_attention),
         OpCase("sara_linear", "sum", _sara_linear),
         OpCase("sampled_wgrad", "sum", _sampled_wgrad),
+        OpCase("selective_scan", "attention", _selective_scan),
     ]
 }
 
@@ -459,6 +509,10 @@ def _fixed_inputs(op: str, g: torch.Generator):
         if op == "sara_linear":
             return r(4, 64, I), r(O, I) / I**0.5, r(O), sparse, r(sparse.numel())
         return r(512, O) / 512**0.5, r(512, I), sparse
+    if op == "selective_scan":  # 2 x 64 channels of 256 steps, every optional argument
+        u, delta, z = r(2, 64, 256), r(2, 64, 256).abs() * 0.3, r(2, 64, 256)
+        A = -torch.rand(64, 16, generator=g) - 0.1
+        return u, delta, A, r(2, 16, 256), r(2, 16, 256), r(64), z, r(64) * 0.1, True
     experts = torch.randint(0, 8, (2048, 2), generator=g)
     if op == "moe_permute":
         return r(2048, 64), experts, 8, 4

@@ -72,4 +72,29 @@ at::Tensor sampled_wgrad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
 at::Tensor sampled_wgrad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& indices);
 
+at::Tensor selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                              const at::Tensor& B, const at::Tensor& C,
+                              const std::optional<at::Tensor>& D_skip,
+                              const std::optional<at::Tensor>& z,
+                              const std::optional<at::Tensor>& delta_bias, bool delta_softplus);
+at::Tensor selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                               const at::Tensor& B, const at::Tensor& C,
+                               const std::optional<at::Tensor>& D_skip,
+                               const std::optional<at::Tensor>& z,
+                               const std::optional<at::Tensor>& delta_bias, bool delta_softplus);
+// (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D_skip, grad_z, grad_delta_bias); the
+// gradient of an absent optional input is an empty [0] tensor.
+using SelectiveScanGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                      at::Tensor, at::Tensor, at::Tensor>;
+SelectiveScanGrads selective_scan_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D_skip,
+    const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+    bool delta_softplus);
+SelectiveScanGrads selective_scan_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D_skip,
+    const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+    bool delta_softplus);
+
 }  // namespace adaptdiff

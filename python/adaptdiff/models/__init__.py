@@ -4,7 +4,9 @@ its mixture-of-experts variants (DiT-MoE, MoDE) and their helpers; :class:`Block
 saved and loaded by :func:`save_block_lm` / :func:`load_block_lm`, converted from a Hugging Face
 Llama / Qwen2 / Qwen3 causal LM by :func:`block_lm_from_hf` (and back by
 :func:`block_lm_to_hf`); :func:`load_dit` / :func:`save_dit`
-for the original DiT and diffusers checkpoint layouts."""
+for the original DiT and diffusers checkpoint layouts; :class:`DiMSUM`
+(:data:`DIMSUM_CONFIGS`, :func:`create_dimsum`), a Mamba backbone with wavelet scans, called
+like DiT."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -15,6 +17,7 @@ from .block_lm import (
 )
 from .block_lm_io import load_block_lm, save_block_lm
 from .checkpoints import DiffusersTimestepEmbedder, DiTCheckpointError, load_dit, save_dit
+from .dimsum import DIMSUM_CONFIGS, DiMSUM, DiMSUMConfig, create_dimsum
 from .dit import (
     DIT_CONFIGS,
     DiT,
@@ -33,11 +36,14 @@ from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 
 __all__ = [
     "BLOCK_LM_CONFIGS",
+    "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
     "Attention",
     "BlockDiffusionLM",
     "BlockLMConfig",
     "DiT",
+    "DiMSUM",
+    "DiMSUMConfig",
     "DiTBlock",
     "DiTCheckpointError",
     "DiTConfig",
@@ -51,6 +57,7 @@ __all__ = [
     "block_lm_from_hf",
     "block_lm_to_hf",
     "create_block_lm",
+    "create_dimsum",
     "create_dit",
     "dtr_masks",
     "expert_load",

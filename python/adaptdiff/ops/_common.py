@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -20,12 +22,91 @@ KERNELS_DISABLED = os.environ.get("ADAPTDIFF_DISABLE_KERNELS", "") == "1"
 _AVAILABLE = {(op, dev): has_kernel(op, dev) for op in op_names() for dev in ("cpu", "cuda")}
 
 
-def use_kernel(op: str, impl: str, device: torch.device) -> bool:
-    """True to call the registered kernel, False to run the pure-torch reference.
+# CUDA kernels that compile but have not yet passed their tests on a GPU. On CUDA their
+# wrappers run the pure-torch reference unless the user opts in (`unverified_cuda`, or
+# ADAPTDIFF_UNVERIFIED_CUDA); a GPU run whose tests pass removes the name from this set.
+UNVERIFIED_CUDA: frozenset[str] = frozenset({"selective_scan"})
+UNVERIFIED_CUDA_ENV = "ADAPTDIFF_UNVERIFIED_CUDA"
 
-    ``auto`` takes the kernel when one is registered for the device (and kernels are not
-    disabled by ``ADAPTDIFF_DISABLE_KERNELS=1``); ``kernel`` never falls back and raises
-    instead; ``reference`` always runs the reference.
+
+def _unverified_names(where: str, names: Iterable[str]) -> frozenset[str]:
+    """``names`` as a set of op names ("all": every unverified op); unknown names raise."""
+    names = [names] if isinstance(names, str) else list(names)
+    known = set(op_names()) | UNVERIFIED_CUDA
+    out: set[str] = set()
+    for name in names:
+        if name == "all":
+            out |= UNVERIFIED_CUDA
+        elif name in known:
+            out.add(name)
+        else:
+            raise ValueError(f"{where}: unknown op {name!r} (ops: 'all' or op names)")
+    return frozenset(out)
+
+
+def _from_env() -> frozenset[str]:
+    raw = os.environ.get(UNVERIFIED_CUDA_ENV, "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    return _unverified_names(UNVERIFIED_CUDA_ENV, names)
+
+
+# The ops whose unverified CUDA kernel the user opted in to; reassigned, never mutated.
+_opted_in: frozenset[str] = _from_env()
+_warned: set[str] = set()
+
+
+class unverified_cuda:  # lower case: used like torch.set_grad_enabled, a call or a `with`
+    """Opt in to (``enable=True``) or out of the CUDA kernels not yet verified on a GPU.
+
+    The ops in ``UNVERIFIED_CUDA`` have a CUDA kernel that compiles but has not yet passed its
+    tests on a GPU; on CUDA their wrappers run the pure-torch reference (``impl="auto"``, with
+    a one-time warning) or raise (``impl="kernel"``) until the user opts in. ``ops``: op names
+    (default: every unverified op). Takes effect at the call; as a context manager, the previous
+    choice comes back on exit. ``ADAPTDIFF_UNVERIFIED_CUDA=all`` (or comma-separated op names)
+    sets the choice at import. The raw ``torch.ops.adaptdiff.<op>`` always runs the kernel.
+    """
+
+    def __init__(self, enable: bool = True, ops: Iterable[str] | None = None) -> None:
+        global _opted_in
+        if not isinstance(enable, bool):
+            raise TypeError(
+                f"adaptdiff.ops.unverified_cuda: enable must be a bool, got {type(enable).__name__}"
+            )
+        names = (
+            UNVERIFIED_CUDA
+            if ops is None
+            else _unverified_names("adaptdiff.ops.unverified_cuda: ops", ops)
+        )
+        self._previous = _opted_in
+        _opted_in = _opted_in | names if enable else _opted_in - names
+
+    def __enter__(self) -> unverified_cuda:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _opted_in
+        _opted_in = self._previous
+
+
+def unverified_cuda_enabled(op: str) -> bool:
+    """True when ``op``'s CUDA kernel may run: verified, or opted in to."""
+    return op not in UNVERIFIED_CUDA or op in _opted_in
+
+
+def unverified_message(op: str) -> str:
+    return (
+        f"adaptdiff::{op}: its CUDA kernel compiles but has not yet passed its tests on a GPU; "
+        f"opt in to it with adaptdiff.ops.unverified_cuda() or {UNVERIFIED_CUDA_ENV}={op}"
+    )
+
+
+def choose_kernel(op: str, impl: str, device_type: str, available: bool) -> bool:
+    """The backend decision of :func:`use_kernel`, given whether a kernel is registered.
+
+    ``reference`` runs the reference; ``kernel`` runs the kernel or raises (none registered,
+    or an unverified CUDA kernel not opted in to); ``auto`` runs the kernel when one is
+    registered, kernels are not disabled, and (on CUDA) it is verified or opted in to, else the
+    reference (warning once per op when it is an unverified CUDA kernel that is skipped).
     """
     if impl == "reference":
         return False
@@ -33,19 +114,41 @@ def use_kernel(op: str, impl: str, device: torch.device) -> bool:
         raise ValueError(
             f"adaptdiff::{op}: impl must be 'auto', 'kernel' or 'reference', got {impl!r}"
         )
-    available = _AVAILABLE.get((op, device.type), False)
+    unverified = device_type == "cuda" and not unverified_cuda_enabled(op)
     if impl == "kernel":
         if not available:
             raise RuntimeError(
-                f"adaptdiff::{op}: no {device.type} kernel is registered in this build "
+                f"adaptdiff::{op}: no {device_type} kernel is registered in this build "
                 "(see `adaptdiff info`)"
             )
+        if unverified:
+            raise RuntimeError(unverified_message(op) + " (impl='kernel'), or use impl='reference'")
         return True
     if KERNELS_DISABLED or not available:
         if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
-            log.debug("adaptdiff::%s: running the reference on %s", op, device.type)
+            log.debug("adaptdiff::%s: running the reference on %s", op, device_type)
+        return False
+    if unverified:
+        if op not in _warned and not torch.compiler.is_compiling():
+            _warned.add(op)
+            warnings.warn(
+                unverified_message(op) + "; running the pure-torch reference instead",
+                UserWarning,
+                stacklevel=4,
+            )
         return False
     return True
+
+
+def use_kernel(op: str, impl: str, device: torch.device) -> bool:
+    """True to call the registered kernel, False to run the pure-torch reference.
+
+    ``auto`` takes the kernel when one is registered for the device (and kernels are not
+    disabled by ``ADAPTDIFF_DISABLE_KERNELS=1``, and a CUDA kernel is not an unverified one
+    the user has not opted in to, see :class:`unverified_cuda`); ``kernel`` never falls back
+    and raises instead; ``reference`` always runs the reference.
+    """
+    return choose_kernel(op, impl, device.type, _AVAILABLE.get((op, device.type), False))
 
 
 def check(cond, op: str, message: str) -> None:

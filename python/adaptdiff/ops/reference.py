@@ -188,3 +188,38 @@ def sampled_wgrad(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor
     acc = _acc_dtype(x)
     dense = grad_out.to(acc).t() @ x.to(acc)  # the whole [O, I] weight gradient
     return dense.reshape(-1)[indices].to(x.dtype)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D_skip: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Mamba's ``selective_scan_ref`` (real A, B and C of shape ``[B, N, L]``): a Python loop
+    over L in float32 (float64 for float64 u), differentiable by autograd."""
+    acc = _acc_dtype(u)
+    uf, dt = u.to(acc), delta.to(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    Af, Bf, Cf = A.to(acc), B.to(acc), C.to(acc)
+    batch, dim, length = u.shape
+    h = uf.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for i in range(length):
+        dt_i = dt[:, :, i, None]  # [B, D, 1]
+        h = torch.exp(dt_i * Af) * h + dt_i * Bf[:, None, :, i] * uf[:, :, i, None]
+        ys.append((h * Cf[:, None, :, i]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else uf[..., :0] * 0  # L = 0: empty, still u's graph
+    if D_skip is not None:
+        y = y + D_skip.to(acc)[:, None] * uf
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype)

@@ -3,7 +3,8 @@
 ``adaptdiff bench [families or ops] [--quick] [--json PATH] [--device cpu|cuda]``. Families,
 one module each: ``tokens`` (gather_tokens, scatter_tokens, indexed_linear_), ``patch_scores``,
 ``reductions`` (rel_l1, cosine, lincomb), ``moe`` (moe_permute, moe_unpermute),
-``block_attention``, ``sara`` (sara_linear, sampled_wgrad); an op name selects that op only.
+``block_attention``, ``sara`` (sara_linear, sampled_wgrad), ``selective_scan``; an op name
+selects that op only.
 The output (header, table, JSON lines): :mod:`.report`.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from ..harness import Options, Result, run_case
 from ..output import environment
-from . import block_attention, moe_dispatch, patch_scores, reductions, sara, tokens
+from . import block_attention, moe_dispatch, patch_scores, reductions, sara, selective_scan, tokens
 from .report import append_json, header, table
 
 FAMILIES = {
@@ -25,6 +26,7 @@ FAMILIES = {
     "moe": moe_dispatch,
     "block_attention": block_attention,
     "sara": sara,
+    "selective_scan": selective_scan,
 }
 OPS = {op: family for family, module in FAMILIES.items() for op in module.OPS}
 
