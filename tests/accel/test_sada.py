@@ -428,3 +428,73 @@ def test_pipelines_refuse_per_sample_for_a_batch_and_run_the_whole_batch_rule(fa
         assert torch.isfinite(pipe(**kw, generator=torch.Generator().manual_seed(0)).images).all()
     finally:
         accel.remove(pipe)
+
+
+def test_per_sample_with_a_static_schedule_equals_each_trajectory_alone():
+    """A schedule keeps its reused outputs per (branch, sample) row, so it follows the rows a
+    per-sample call carries: the batch samples as each trajectory alone."""
+    from adaptdiff import accel
+
+    model = real_dit(learn_sigma=False)
+    x, cond, uncond = _labelled(model)
+    steps = 16
+
+    def schedule():
+        s = accel.Schedule.for_model(model, steps)
+        for i in (5, 8, 11):  # reuse every block's MLP output
+            s.mask[i] = [[True, False] for _ in s.components]
+        return s
+
+    kw = dict(method="dpmpp_2m", steps=steps, prediction="flow", guidance_scale=3.0, progress=False)
+
+    def run(rows):
+        handle = accel.apply(model, accel.ScheduleConfig(schedule()), accel.SADAConfig())
+        try:
+            out = sample(
+                model, x[rows], cond={"y": cond["y"][rows]}, uncond={"y": uncond["y"][rows]},
+                accelerators=[handle], **kw,
+            )  # fmt: skip
+            return out, accel.summary(model)["default"]
+        finally:
+            accel.remove(model)
+
+    out, summary = run(slice(None))
+    per_sample = summary["sada"]["skipped_per_sample"]
+    assert len({tuple(s) for s in per_sample}) > 1 and summary["hits"] > 0
+    for b in range(x.shape[0]):
+        one, alone = run(slice(b, b + 1))
+        assert alone["sada"]["skipped_per_sample"][0] == per_sample[b]
+        torch.testing.assert_close(out[b : b + 1], one, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sample_token_wise_caches_follow_each_sample():
+    """Token-wise with per-sample skipping: a call carries the computing rows only, and each
+    row's untouched tokens keep *its own* last block output (the caches are kept per batch
+    slot), not another row's."""
+    model = real_dit(learn_sigma=False)
+    x, cond, _ = _labelled(model)
+    sada = SADA(tokens=True, window=2)
+    calls = []  # per call: the slots (samples) it carried, its token count, the last block's out
+
+    def record(module, args, out):
+        slots = sada.step.batch_slots.tolist()
+        calls.append((slots, args[0].shape[1], out.detach().clone()))
+
+    hook = model.blocks[-1].register_forward_hook(record)
+    try:
+        sample(model, x, cond=cond, method="dpmpp_2m", steps=16, prediction="flow",
+               accelerators=[sada], progress=False)  # fmt: skip
+    finally:
+        hook.remove()
+    B, N = x.shape[0], calls[0][2].shape[1]
+    assert sada.token_fraction and any(0 < n < B for n in sada.rows_per_call)
+    last, checked = {}, 0  # each sample's last block output
+    for slots, tokens, out in calls:
+        if tokens < N and len(slots) < B:  # a token-subset call on some rows only
+            for r, b in enumerate(slots):
+                kept = (out[r] == last[b]).all(-1)  # tokens that kept sample b's output
+                assert N - tokens <= int(kept.sum()) < N, (slots, b)
+                checked += 1
+        for r, b in enumerate(slots):
+            last[b] = out[r]
+    assert checked > 0
