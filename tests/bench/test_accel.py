@@ -66,8 +66,11 @@ def test_quick_accel_benchmark_writes_table_plot_and_json(tmp_path, capsys):
     assert [r["method"] for r in rows][0] == "exact"
     assert {r["method"] for r in rows[1:]} >= {"RAS", "SADA", "FirstBlockCache"}
     assert all(r["speedup"] > 0 for r in rows)
-    sada = next(r for r in rows if r["method"] == "SADA")
-    assert sada["nfe"] < rows[0]["nfe"] and sada["compute"] == sada["nfe"] / rows[0]["nfe"]
+    sadas = [r for r in rows if r["method"] == "SADA"]
+    for sada in sadas:  # per sample, a call may carry some of the rows only
+        assert sada["nfe"] < rows[0]["nfe"] and sada["compute"] <= sada["nfe"] / rows[0]["nfe"]
+    whole = next(r for r in sadas if r["setting"].startswith("whole batch"))
+    assert whole["compute"] == whole["nfe"] / rows[0]["nfe"]
     assert (tmp_path / "accel.png").stat().st_size > 0
     assert "| RAS" in (tmp_path / "accel.md").read_text()
     redrawn = tmp_path / "redrawn"

@@ -20,7 +20,11 @@ STEPS = 8
 
 
 class AlwaysStable(SADA):
-    """SADA whose criterion always allows a skip: deterministic skipped steps."""
+    """SADA whose criterion always allows a skip: deterministic skipped steps (one skip in a
+    row, no late phase)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"max_skips": 1, "lagrange_from": None, **kwargs})
 
     def _momentum(self, step):
         m = super()._momentum(step)
@@ -256,7 +260,7 @@ def test_sada_and_ras_in_either_order():
     ras = RAS(model, sample_ratio=0.5, start_step=2)
     outs, drops = [], []
     for ras_first in (True, False):
-        sada = AlwaysStable(start=0.0, end=1.0)
+        sada = AlwaysStable(start=0.0, end=1.0, per_sample=False)  # per sample: refused
         outs.append(_run(model, [ras, sada] if ras_first else [sada, ras]))
         drops.append(ras.drop_count.clone())
         assert sada.skipped == [3, 5, 7] and ras.summary()["ras_calls"] == 3  # steps 2, 4, 6
@@ -271,7 +275,7 @@ def test_ag_ras_schedule_and_sada_all_act_in_one_call(method):
     sched = Schedule.for_model(model, STEPS)
     for s in (1, 4):  # dense steps for RAS (warm-up, error reset), computed by SADA
         sched.mask[s] = [[True, False] for _ in comps]  # reuse every MLP (attention keeps K/V)
-    ag, sada = AdaptiveGuidance(0.975), AlwaysStable(start=0.0, end=1.0)
+    ag, sada = AdaptiveGuidance(0.975), AlwaysStable(start=0.0, end=1.0, per_sample=False)
     ras = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(4,))
     handle = accel.apply(model, ScheduleConfig(sched))
     out, info = _run(model, [ag, ras, handle, sada], method=method, info=True)
@@ -376,14 +380,16 @@ def _schedule(model, method):
     return sched
 
 
-def _config(name, model, method):
-    """(the config, the same method as a standalone accelerator or None for model-level ones)."""
+def _config(name, model, method, names=()):
+    """(the config, the same method as a standalone accelerator or None for model-level ones);
+    SADA with RAS on the whole-batch rule (per sample it is refused with RAS)."""
     if name == "ag":
         return accel.AdaptiveGuidanceConfig(0.975), AdaptiveGuidance(0.975)
     if name == "linear_ag":
         return accel.LinearAGConfig(LAG, steps=(2, 4, 6)), LinearAG(LAG, steps=(2, 4, 6))
     if name == "sada":
-        return accel.SADAConfig(start=0.0, end=1.0), SADA(start=0.0, end=1.0)
+        kw = dict(start=0.0, end=1.0, per_sample="ras" not in names)
+        return accel.SADAConfig(**kw), SADA(**kw)
     if name == "ras":
         cfg = RASConfig(sample_ratio=0.5, start_step=2)
         return cfg, RAS(model, cfg)  # made before the model-level hooks
@@ -407,7 +413,7 @@ def test_allowed_combinations_run_through_one_handle(combo):
     same methods passed as standalone accelerators (with the model-level ones in a handle)."""
     method, names = ALLOWED[combo], combo.split("+")
     model = _guided_dit()
-    pairs = [_config(n, model, method) for n in names]
+    pairs = [_config(n, model, method, names) for n in names]
     standalone = [acc for _, acc in pairs if acc is not None]
     model_level = [cfg for cfg, acc in pairs if acc is None]
     handle = accel.apply(model, *model_level) if model_level else None

@@ -12,8 +12,9 @@ An accelerator subclasses :class:`Accelerator` and overrides any of four no-op m
   drop ``"uncond"`` from ``step.branches`` (guidance off, one branch: adaptive guidance), put a
   branch's prediction into ``step.branch_preds`` (that branch is not computed, the others are:
   LinearAG), set ``step.uncond_rows`` to evaluate the ``"uncond"`` branch for some batch rows
-  only (the others take their cond prediction: per-sample adaptive guidance), or change
-  ``step.guidance_scale``.
+  only (the others take their cond prediction: per-sample adaptive guidance), set
+  ``step.rows`` and ``step.row_preds`` to run the model on some batch rows only and answer the
+  others itself (per-sample step skipping: SADA), or change ``step.guidance_scale``.
 - ``after_model(step, pred) -> pred`` after every prediction, computed or supplied; it may return
   a replacement (RAS merges cached velocities here). ``step.evaluated`` says whether the model ran,
   ``step.branch_preds`` holds each branch's own prediction when it did.
@@ -108,6 +109,14 @@ class ModelStep:
     # int64 [R] rows of x whose "uncond" branch runs (None: all). The other rows get their cond
     # prediction as uncond one, so u + w (c - u) is exactly c there.
     uncond_rows: torch.Tensor | None = None
+    # int64 [R] rows of x the model computes at all (None: every row), set by a step skipper that
+    # answers the step for the other rows (per-sample SADA): ``row_preds`` [B, ...] holds their
+    # prediction (guided, in the model's parameterisation; its rows in ``rows`` are ignored).
+    # Every branch runs on these rows only (the uncond branch on rows and uncond_rows: sample
+    # narrows uncond_rows to them); the other rows get row_preds as both branch predictions, so
+    # the guided prediction is exactly row_preds there.
+    rows: torch.Tensor | None = None
+    row_preds: torch.Tensor | None = None
     # int64 [M] (CPU), set just before the model call: the slot of each row of the model batch,
     # branch k's sample i being slot k * B + i (k: 0 cond, 1 uncond). Caches kept per row use it
     # to follow a batch that guidance accelerators shrink or change between calls.

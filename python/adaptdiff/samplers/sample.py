@@ -90,6 +90,16 @@ class _GuidedModel:
     def _evaluate(self, step: ModelStep) -> list[str]:
         todo = [b for b in step.branches if b not in step.branch_preds]
         B = step.x.shape[0]
+        keep = step.rows  # rows computed at all (None: every row)
+        if keep is not None:
+            if step.row_preds is None or step.row_preds.shape != step.x.shape:
+                raise ValueError("ModelStep.rows needs row_preds shaped like x (the other rows)")
+            if keep.numel() == 0:
+                raise ValueError("ModelStep.rows is empty: return the prediction instead")
+            keep = keep.cpu()
+            if "uncond" in todo:  # the uncond branch runs on rows that compute at all only
+                u = keep if step.uncond_rows is None else step.uncond_rows.cpu()
+                step.uncond_rows = u[torch.isin(u, keep)]
         rows = step.uncond_rows if "uncond" in todo else None
         if rows is not None and rows.numel() == 0:  # every row takes its cond prediction
             todo.remove("uncond")
@@ -97,21 +107,22 @@ class _GuidedModel:
             if rows is not None:
                 step.branch_preds["uncond"] = step.branch_preds["cond"]
             return todo
-        if rows is None:
+        if rows is None and keep is None:
             key = tuple(todo)
             if key not in self._merged:
                 self._merged[key] = _batch_kwargs([self.branch_kwargs[b] for b in todo])
-            kwargs, xs = self._merged[key], [step.x] * len(todo)
-        else:  # per-row guidance: the uncond branch on a subset of the rows
-            rows = rows.to(step.x.device)
+            kwargs, which = self._merged[key], [None] * len(todo)
+        else:  # some rows only: per-row guidance (uncond_rows), per-sample skipping (rows)
+            which = [rows if b == "uncond" and rows is not None else keep for b in todo]
             kwargs = _batch_kwargs(
-                [_take_rows(self.branch_kwargs[b], rows, B) if b == "uncond" else
-                 self.branch_kwargs[b] for b in todo]
+                [self.branch_kwargs[b] if r is None else
+                 _take_rows(self.branch_kwargs[b], r.to(step.x.device), B)
+                 for b, r in zip(todo, which, strict=True)]
             )  # fmt: skip
-            xs = [step.x[rows] if b == "uncond" else step.x for b in todo]
+        xs = [step.x if r is None else step.x[r.to(step.x.device)] for r in which]
         step.batch_slots = torch.cat(
-            [_BRANCHES.index(b) * B + (torch.arange(B) if x is step.x else step.uncond_rows.cpu())
-             for b, x in zip(todo, xs, strict=True)]
+            [_BRANCHES.index(b) * B + (torch.arange(B) if r is None else r)
+             for b, r in zip(todo, which, strict=True)]
         )  # fmt: skip
         x_in = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
         t_in = step.t.to(step.x.device).repeat(x_in.shape[0])
@@ -120,9 +131,13 @@ class _GuidedModel:
         self.row_evals += x_in.shape[0]
         step.evaluated = True
         step.branch_preds.update(zip(todo, out.split([len(x) for x in xs]), strict=True))
+        if keep is not None and "cond" in todo:  # the other rows: the skipper's prediction
+            cond = step.row_preds.clone()
+            cond[keep.to(cond.device)] = step.branch_preds["cond"]
+            step.branch_preds["cond"] = cond
         if rows is not None:
             uncond = step.branch_preds["cond"].clone()
-            uncond[rows] = step.branch_preds["uncond"]
+            uncond[rows.to(uncond.device)] = step.branch_preds["uncond"]
             step.branch_preds["uncond"] = uncond
         return todo
 

@@ -8,27 +8,45 @@ probability-flow ODE has, expressed on this time axis). With the last three drif
     y_hat_i = y_{i-1} + (tau_i - tau_{i-1}) (5/8 f_{i-1} + 3/4 f_{i-2} - 3/8 f_{i-3})
     momentum = (y_i - y_hat_i) * (f_{i-1} - 2 f_{i-2} + f_{i-3})
 
-and step i is *stable* when mean(momentum) <= 0 (``criterion="adams"``; ``"curvature"`` uses
--(second difference of f), SADA's rule for flow models). A stable step inside ``[start, end)``
-skips the network (at most ``max_skips`` in a row) and gets an approximation instead:
+and step i is *stable* for a sample when the mean of its momentum is <= 0
+(``criterion="adams"``; ``"curvature"`` uses -(second difference of f), SADA's rule for flow
+models). The criterion is per sample (per trajectory, ``per_sample=True``): a stable sample
+inside ``[start, end)`` skips the network at that step (at most ``max_skips`` in a row) and gets
+an approximation instead, while the model call carries the other samples' rows only; when every
+sample is stable no model call is made. ``per_sample=False`` is the whole-batch rule (the mean
+over every sample of the batch decides for all of them, one schedule for the batch). The
+approximations:
 
 - ``"eps"``: x0/eps reuse: the last noise prediction at the new state (x0 follows from x);
 - ``"velocity"``: linear velocity extrapolation 2 f_{i-1} - f_{i-2} (SADA's FLUX path);
-- ``"lagrange"``: Lagrange extrapolation of the last ``lagrange_terms`` computed x0 over the
-  step index.
+- ``"lagrange"``: Lagrange extrapolation of the last ``lagrange_terms`` computed x0 (of that
+  sample) over the step index.
 
 ``lagrange_from`` (a fraction of the steps) adds SADA's late phase: from there on the network
 runs every ``lagrange_every`` steps only and the steps between get the Lagrange x0.
+
+The defaults are the reference's (``Ting-Justin-Jiang/sada-icml``: ``sada/patch.py``
+``apply_patch`` and the SD-2 / SDXL demos ``sd_demo.py``, ``xl_demo.py``, 50 steps):
+``acc_range=(10, 47)`` (start 0.2, end 0.94), ``max_interval=4`` (``sada/solver.py`` forces a
+computed step once ``cons_skip >= max_interval``: at most 4 skips in a row, also in the late
+phase), ``lagrange_step=24, lagrange_int=4, lagrange_term=4`` (the late phase from step 24 of
+50: ``lagrange_from=0.48``). The reference's criterion takes ``momentum.mean()`` over the whole
+latent batch; its demos sample one prompt at a time, where the two rules agree.
 
 Token-wise recomputation (``tokens=True``, DiT-style models with ``model.blocks``): on computed
 steps after the first three, tokens whose momentum (mean over their patch) is negative are
 stable; per ``window x window`` cell one random token plus the (at most ``max_fix``) unstable
 tokens are recomputed, every block runs on them only (``gather_tokens``), and the other tokens
-keep their previous block outputs (``scatter_tokens`` into a per-block cache). A full step
-refreshes the caches every ``max_skips + 1`` computed steps.
+keep their previous block outputs (``scatter_tokens`` into a per-block cache kept per batch
+slot, so it follows the rows a per-sample call carries). A full step refreshes the caches every
+``max_skips + 1`` token-wise model calls.
 
 The approximations return a prediction in the model's parameterisation, so any solver (Euler,
-DDIM, DPM-Solver++, DDPM) consumes it; Heun (two calls per step) is refused.
+DDIM, DPM-Solver++, DDPM) consumes it; Heun (two calls per step) is refused. Per-sample skipping
+needs ``sample``'s row dropping (``ModelStep.rows``): inside a diffusers pipeline
+(``accel.apply(pipe, ...)``) it runs for a batch of one sample (where it is the whole-batch rule)
+and is refused for larger batches (pass ``per_sample=False`` there); with RAS (token subsets)
+it is refused too.
 
 Install it with ``accel.apply(model, SADAConfig(...))`` and pass the handle to ``sample``; the
 class :class:`SADA` (the same arguments) is the accelerator behind the config.
@@ -73,11 +91,10 @@ def momentum(y, y_prev, dtau, f1, f2, f3) -> torch.Tensor:
 
 
 class _Record:
-    __slots__ = ("index", "tau", "y", "f", "x0", "computed")
+    __slots__ = ("index", "tau", "y", "f", "x0")
 
-    def __init__(self, index, tau, y, f, x0, computed):
+    def __init__(self, index, tau, y, f, x0):
         self.index, self.tau, self.y, self.f, self.x0 = index, tau, y, f, x0
-        self.computed = computed
 
 
 class SADA(Accelerator):
@@ -86,7 +103,7 @@ class SADA(Accelerator):
     Args:
         start, end: the fractions of the steps within which steps may be skipped (never before
             step 3: the criterion needs three drifts).
-        max_skips: at most this many skipped steps in a row.
+        max_skips: at most this many skipped steps in a row (per sample).
         approximation: "auto" ("velocity" for flow models, else "eps"), "eps", "velocity" or
             "lagrange".
         criterion: "adams" (the momentum test), "curvature" (flow rule) or "off" (never skip:
@@ -95,9 +112,14 @@ class SADA(Accelerator):
         tokens: token-wise recomputation on computed steps (needs ``model.blocks``).
         window, max_fix, seed: the token partition (cell size), the cap on unstable tokens per
             sample, the seed of the random token per cell.
+        per_sample: True: each sample (trajectory) skips by its own criterion and the model
+            call carries the rows that compute only; False: the whole-batch rule (the mean
+            momentum over the batch decides for every sample).
 
-    After sampling, ``skipped`` lists the skipped step indices and ``token_fraction`` the
-    fraction of tokens recomputed on each token-wise step.
+    The defaults are the reference's (see the module docstring). After sampling, ``skipped``
+    lists the steps no model call was made at (every sample skipped), ``skipped_per_sample``
+    each sample's skipped steps, ``rows_per_call`` the rows of each model call (per guidance
+    branch) and ``token_fraction`` the fraction of tokens recomputed on each token-wise call.
     """
 
     def __init__(
@@ -105,16 +127,17 @@ class SADA(Accelerator):
         *,
         start: float = 0.2,
         end: float = 0.94,
-        max_skips: int = 1,
+        max_skips: int = 4,
         approximation: str = "auto",
         criterion: str = "adams",
-        lagrange_from: float | None = None,
+        lagrange_from: float | None = 0.48,
         lagrange_every: int = 4,
-        lagrange_terms: int = 3,
+        lagrange_terms: int = 4,
         tokens: bool = False,
         window: int = 2,
         max_fix: int | None = None,
         seed: int = 0,
+        per_sample: bool = True,
     ):
         self.config = SADAConfig(
             start,
@@ -129,13 +152,17 @@ class SADA(Accelerator):
             window,
             max_fix,
             seed,
+            per_sample,
         )  # fmt: skip  (checks the arguments)
         self.start, self.end, self.max_skips = start, end, max_skips
         self.approximation, self.criterion = approximation, criterion
         self.lagrange_from, self.lagrange_every = lagrange_from, lagrange_every
         self.lagrange_terms = lagrange_terms
         self.tokens, self.window, self.max_fix, self.seed = tokens, window, max_fix, seed
+        self.per_sample = per_sample
         self.skipped: list[int] = []
+        self.skipped_per_sample: list[list[int]] = []
+        self.rows_per_call: list[int] = []
         self.token_fraction: list[float] = []
         self._wrapped: list = []  # the blocks' wrappers of a token-wise run
         self.caches = None
@@ -144,16 +171,47 @@ class SADA(Accelerator):
         on = self.criterion != "off"
         name = "SADA(tokens=True)" if self.tokens else "SADA"
         tokens = on and self.tokens
+        rows = on and self.per_sample and ctx.x.shape[0] > 1
         return [
             Part(
                 name, on, skips_steps=True, one_call_per_step=True, token_subset=tokens,
-                row_caches=tokens, after_stage=2,
+                row_caches=tokens, changes_batch=rows, after_stage=2,
             )
         ]  # fmt: skip
 
+    def connect(self, ctx: SampleContext, accelerators: list) -> None:
+        if self.criterion == "off" or not self.per_sample or ctx.x.shape[0] == 1:
+            return
+        if "pipeline" in ctx.state:
+            raise ValueError(
+                f"SADA(per_sample=True) inside a diffusers pipeline runs for a batch of one "
+                f"sample only (got {ctx.x.shape[0]}): the pipeline driver cannot drop rows "
+                "from the transformer call; pass per_sample=False (the whole-batch rule)"
+            )
+        for acc in accelerators:
+            for p in acc.parts(ctx):
+                if p.active and p.subset_source:  # RAS: token subsets and cached velocities
+                    raise ValueError(
+                        f"SADA(per_sample=True) cannot be combined with {p.name}: its skipped "
+                        "rows would take its merge of cached velocities; pass per_sample=False"
+                    )
+
     def summary(self) -> dict:
-        """The last run's skipped steps and recomputed token fraction per token-wise step."""
-        return {"skipped": list(self.skipped), "token_fraction": list(self.token_fraction)}
+        """The last run's skipped steps (all samples; per sample), the rows of each model call
+        and the recomputed token fraction per token-wise call."""
+        return {
+            "skipped": list(self.skipped),
+            "skipped_per_sample": [list(s) for s in self.skipped_per_sample],
+            "compute_fraction": self.compute_fraction(),
+            "token_fraction": list(self.token_fraction),
+        }
+
+    def compute_fraction(self) -> float:
+        """The fraction of (sample, step) pairs of the last run that the model computed."""
+        n = len(self.skipped_per_sample)
+        if not n or not self.steps:
+            return 1.0
+        return 1 - sum(len(s) for s in self.skipped_per_sample) / (n * self.steps)
 
     # -- per-sample state ---------------------------------------------------------------------
     def on_sample_start(self, ctx: SampleContext) -> None:
@@ -161,23 +219,32 @@ class SADA(Accelerator):
         self.approx = self.approximation
         if self.approx == "auto":
             self.approx = "velocity" if ctx.prediction == "flow" else "eps"
-        K = ctx.num_steps
+        K = self.steps = ctx.num_steps
+        B = ctx.x.shape[0]
         self.first = max(3, round(self.start * K))
         self.last = round(self.end * K)
         self.late = None if self.lagrange_from is None else max(3, round(self.lagrange_from * K))
         self.records: list[_Record] = []  # the last four steps
-        self.anchors: list[_Record] = []  # the last lagrange_terms computed steps
-        self.run = 0  # skips in a row
-        self.skipped, self.token_fraction = [], []
+        # each sample's last lagrange_terms computed steps: x0 [terms, B, ...] and step index
+        n = self.lagrange_terms
+        self.anchor_x0: torch.Tensor | None = None
+        self.anchor_index = torch.zeros(n, B, dtype=torch.long)
+        self.anchor_count = torch.zeros(B, dtype=torch.long)
+        self.run = torch.zeros(B, dtype=torch.long)  # skips in a row, per sample
+        self.skipping: torch.Tensor | None = None  # [B] bool: the rows this step answers
+        self.skipped, self.token_fraction, self.rows_per_call = [], [], []
+        self.skipped_per_sample = [[] for _ in range(B)]
         self.computed_since_refresh = 0
         self.generator = torch.Generator().manual_seed(self.seed)
         self.active = None  # token index [B, K] for the next model call
+        self.step: ModelStep | None = None
         if self.tokens:
             self._install(ctx.model)
 
     def on_sample_end(self, ctx: SampleContext) -> None:
         restore_forwards(self._wrapped)  # the blocks' wrappers of a token-wise run
         self.caches = None
+        self.step = None
 
     # -- the step decision --------------------------------------------------------------------
     def _flow(self, step: ModelStep):
@@ -199,61 +266,128 @@ class SADA(Accelerator):
             return None
         return "compute" if (i - self.late) % self.lagrange_every == 0 else "skip"
 
+    def _stable(self, m: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the samples whose mean momentum is <= 0 (all or none: whole batch)."""
+        B = m.shape[0]
+        if self.per_sample:
+            return (m.reshape(B, -1).mean(1) <= 0).cpu()
+        return torch.full((B,), float(m.mean()) <= 0)
+
     def before_model(self, step: ModelStep) -> torch.Tensor | None:
         if step.call != 0 or self.criterion == "off":
             return None
-        i = step.index
-        self.active = None
+        i, B = step.index, step.x.shape[0]
+        self.active, self.skipping, self.step = None, None, step
         late = self._late_phase(i)
-        if late == "skip" and len(self.anchors) >= 2:
-            return self._skip(step, "lagrange")
+        m = None
         if late == "compute":
             return None
-        m = self._momentum(step)
-        if m is None:
+        if late == "skip":
+            # the reference skips every off-grid step of its late phase (no momentum test), a
+            # sample once it has two computed x0 to extrapolate from
+            skip, approx = self.anchor_count >= 2, "lagrange"
+        else:
+            m = self._momentum(step)
+            if m is None:
+                return None
+            skip = self._stable(m) & (self.first <= i < self.last)
+            approx = self.approx
+        skip &= self.run < self.max_skips  # the reference's max_interval, also in the late phase
+        if not skip.any():
+            if self.tokens and m is not None:
+                self._choose_tokens(step, m, torch.arange(B))
             return None
-        stable = float(m.mean()) <= 0
-        if stable and self.first <= i < self.last and self.run < self.max_skips:
-            return self._skip(step, self.approx)
-        if self.tokens:
-            self._choose_tokens(step, m)
+        pred = self._skip(step, approx, skip)
+        self.skipping = skip
+        for b in skip.nonzero().flatten().tolist():
+            self.skipped_per_sample[b].append(i)
+        if skip.all():
+            self.skipped.append(i)
+            return pred
+        rows = (~skip).nonzero().flatten()
+        step.rows, step.row_preds = rows, pred
+        if self.tokens and m is not None:
+            self._choose_tokens(step, m, rows)
         return None
 
-    def _skip(self, step: ModelStep, approx: str) -> torch.Tensor:
+    def _skip(self, step: ModelStep, approx: str, skip: torch.Tensor) -> torch.Tensor:
+        """The approximated prediction of every row (meaningful at the rows of ``skip``)."""
         r = self.records
         x = step.x
         if approx == "velocity":
             f = 2 * r[-1].f - r[-2].f
             x0, eps = to_x0_eps(f, x, step.alpha, step.sigma, "flow")
         elif approx == "lagrange":
-            pts = self.anchors
-            if len(pts) < 2:
-                raise ValueError("lagrange needs two computed steps first")
-            w = lagrange_weights([float(p.index) for p in pts], float(step.index))
-            x0 = lincomb([p.x0 for p in pts], w)
+            x0 = self._lagrange(step.index, skip)
             x0, eps = to_x0_eps(x0, x, step.alpha, step.sigma, "x0")
         else:  # eps reuse
             eps = r[-1].f + r[-1].x0  # f = eps - x0
             x0, eps = to_x0_eps(eps, x, step.alpha, step.sigma, "eps")
-        self.skipped.append(step.index)
         return target(x0, eps, step.alpha, step.sigma, step.ctx.prediction)
+
+    def _lagrange(self, i: int, skip: torch.Tensor) -> torch.Tensor:
+        """x0 at step ``i`` extrapolated through each skipping sample's computed x0 (samples
+        sharing their anchor steps in one combination)."""
+        if self.anchor_x0 is None or bool((self.anchor_count[skip] < 2).any()):
+            raise ValueError("lagrange needs two computed steps first")
+        n = self.lagrange_terms
+        out = torch.zeros_like(self.anchor_x0[0])
+        groups: dict[tuple, list[int]] = {}
+        for b in skip.nonzero().flatten().tolist():
+            k = min(int(self.anchor_count[b]), n)
+            groups.setdefault(tuple(self.anchor_index[n - k :, b].tolist()), []).append(b)
+        for nodes, samples in groups.items():
+            w = lagrange_weights([float(t) for t in nodes], float(i))
+            k = len(nodes)
+            if len(samples) == out.shape[0]:
+                out = lincomb([self.anchor_x0[n - k + j] for j in range(k)], w)
+            else:
+                idx = torch.tensor(samples, device=out.device)
+                pts = [self.anchor_x0[n - k + j].index_select(0, idx) for j in range(k)]
+                out[idx] = lincomb(pts, w)
+        return out
 
     def after_model(self, step: ModelStep, pred: torch.Tensor) -> torch.Tensor:
         if step.call != 0:
             return pred
         x0, eps = step.to_x0_eps(pred)
         tau, y = self._flow(step)
-        record = _Record(step.index, tau, y, eps - x0, x0, step.evaluated)
-        self.records.append(record)
+        self.records.append(_Record(step.index, tau, y, eps - x0, x0))
         del self.records[:-4]
-        if step.evaluated:
-            self.anchors.append(record)
-            del self.anchors[: -self.lagrange_terms]
-        self.run = 0 if step.evaluated else self.run + 1
+        B = pred.shape[0]
+        if not step.evaluated:
+            computed = torch.zeros(B, dtype=torch.bool)
+        elif self.skipping is not None:
+            computed = ~self.skipping
+        else:
+            computed = torch.ones(B, dtype=torch.bool)
+        if step.evaluated and self.criterion != "off":
+            self.rows_per_call.append(int(computed.sum()))
+        if computed.any():
+            self._anchor(step.index, x0, computed)
+        self.run = torch.where(computed, 0, self.run + 1)
+        self.skipping = None
         return pred
 
+    def _anchor(self, i: int, x0: torch.Tensor, computed: torch.Tensor) -> None:
+        if self.anchor_x0 is None:
+            self.anchor_x0 = x0.new_zeros((self.lagrange_terms, *x0.shape))
+        if bool(computed.all()):
+            self.anchor_x0 = torch.cat([self.anchor_x0[1:], x0[None]])
+            self.anchor_index = torch.cat(
+                [self.anchor_index[1:], torch.full_like(self.run, i)[None]]
+            )
+        else:
+            rows = computed.nonzero().flatten()
+            r = rows.to(x0.device)
+            self.anchor_x0[:-1, r] = self.anchor_x0[1:, r].clone()
+            self.anchor_x0[-1, r] = x0[r]
+            self.anchor_index[:-1, rows] = self.anchor_index[1:, rows].clone()
+            self.anchor_index[-1, rows] = i
+        self.anchor_count = self.anchor_count + computed.long()
+
     # -- token-wise recomputation (DiT blocks) ------------------------------------------------
-    def _choose_tokens(self, step: ModelStep, m: torch.Tensor) -> None:
+    def _choose_tokens(self, step: ModelStep, m: torch.Tensor, rows: torch.Tensor) -> None:
         model = step.ctx.model
         p = model.patch_size
         self.computed_since_refresh += 1
@@ -274,10 +408,10 @@ class SADA(Accelerator):
         cells_h, cells_w = -(-gh // n), -(-gw // n)
         rh = torch.randint(0, n, (cells_h, cells_w), generator=self.generator)
         rw = torch.randint(0, n, (cells_h, cells_w), generator=self.generator)
-        rows = (torch.arange(cells_h)[:, None] * n + rh).clamp(max=gh - 1)
-        cols = (torch.arange(cells_w)[None, :] * n + rw).clamp(max=gw - 1)
-        keep[:, (rows * gw + cols).flatten().to(keep.device)] = True
-        counts = keep.sum(1)
+        r_ = (torch.arange(cells_h)[:, None] * n + rh).clamp(max=gh - 1)
+        c_ = (torch.arange(cells_w)[None, :] * n + rw).clamp(max=gw - 1)
+        keep[:, (r_ * gw + c_).flatten().to(keep.device)] = True
+        counts = keep[rows.to(keep.device)].sum(1)  # the rows this call computes
         k = int(counts.max())
         if k == gh * gw:
             return
@@ -289,23 +423,26 @@ class SADA(Accelerator):
     def _install(self, model) -> None:
         if not hasattr(model, "blocks"):
             raise ValueError("SADA(tokens=True) needs a DiT-style model with .blocks")
-        self.caches = None
         blocks = list(model.blocks)
+        # per block: the outputs of every batch slot (ModelStep.batch_slots) computed so far
         self._outputs: list = [None] * len(blocks)
+        self._filled: torch.Tensor | None = None
 
         # The stack runs on the active tokens only; each block scatters its fresh rows into its
         # cache, and the last block hands the whole (cached + fresh) sequence to the final layer.
         def block_forward(i):
             def forward(inner, x, c, mask=None):
-                index = self._index_for(x)
+                slots = self._slots(x)
+                index = self._index_for(x, slots)
                 if index is None:
                     out = inner(x, c, mask)
-                    self._outputs[i] = out
+                    self._store(i, slots, out)
                     return out
                 sub = x if x.shape[1] == index.shape[1] else gather_tokens(x, index)
                 out = inner(sub, c, mask)
-                full = scatter_tokens(self._outputs[i], index, out)
-                self._outputs[i] = full
+                pos = slots.to(out.device)
+                full = scatter_tokens(self._outputs[i].index_select(0, pos), index, out)
+                self._outputs[i][pos] = full
                 return full if i == len(blocks) - 1 else out
 
             return forward
@@ -314,15 +451,39 @@ class SADA(Accelerator):
             wrap_forward(block, block_forward(i), self._wrapped)
         self.caches = self._outputs
 
-    def _index_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.active is None or any(o is None for o in self._outputs):
+    def _slots(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch slots of the model call's rows (slot k * B + b: branch k, sample b)."""
+        slots = None if self.step is None else self.step.batch_slots
+        if slots is None or slots.numel() != x.shape[0]:
+            return torch.arange(x.shape[0])
+        return slots.cpu()
+
+    def _store(self, i: int, slots: torch.Tensor, out: torch.Tensor) -> None:
+        size = int(slots.max()) + 1
+        cache = self._outputs[i]
+        if cache is None or cache.shape[0] < size or cache.shape[1:] != out.shape[1:]:
+            grown = out.new_zeros((max(size, 0 if cache is None else cache.shape[0]),
+                                   *out.shape[1:]))  # fmt: skip
+            if cache is not None and cache.shape[1:] == out.shape[1:]:
+                grown[: cache.shape[0]] = cache
+            elif i == 0:
+                self._filled = None  # another token count: nothing cached is usable
+            cache = self._outputs[i] = grown
+        cache[slots.to(out.device)] = out.detach()
+        if i == 0:
+            filled = torch.zeros(cache.shape[0], dtype=torch.bool)
+            if self._filled is not None:
+                filled[: self._filled.numel()] = self._filled
+            filled[slots] = True
+            self._filled = filled
+
+    def _index_for(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        if self.active is None or self._filled is None or any(o is None for o in self._outputs):
             return None
-        if self._outputs[0].shape[0] != x.shape[0]:
-            return None
-        idx = self.active.to(x.device)
-        if idx.shape[0] != x.shape[0]:
-            idx = idx.repeat(x.shape[0] // idx.shape[0], 1)
-        return idx
+        if int(slots.max()) >= self._filled.numel() or not bool(self._filled[slots].all()):
+            return None  # a row never computed in full: compute every token
+        B = self.active.shape[0]
+        return self.active.to(x.device).index_select(0, (slots % B).to(x.device))
 
 
 @dataclass
@@ -331,16 +492,17 @@ class SADAConfig:
 
     start: float = 0.2
     end: float = 0.94
-    max_skips: int = 1
+    max_skips: int = 4
     approximation: str = "auto"
     criterion: str = "adams"
-    lagrange_from: float | None = None
+    lagrange_from: float | None = 0.48
     lagrange_every: int = 4
-    lagrange_terms: int = 3
+    lagrange_terms: int = 4
     tokens: bool = False
     window: int = 2
     max_fix: int | None = None
     seed: int = 0
+    per_sample: bool = True
 
     def __post_init__(self):
         if self.approximation not in APPROXIMATIONS:
@@ -357,6 +519,10 @@ class SADAConfig:
             raise ValueError(f"max_skips must be an int >= 1, got {self.max_skips!r}")
         if self.lagrange_every < 2 or self.lagrange_terms < 2:
             raise ValueError("lagrange_every and lagrange_terms must be >= 2")
+        if self.lagrange_from is not None and not 0 <= self.lagrange_from <= 1:
+            raise ValueError(f"lagrange_from must be in [0, 1] or None, got {self.lagrange_from!r}")
+        if not isinstance(self.per_sample, bool):
+            raise ValueError(f"per_sample must be a bool, got {self.per_sample!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window!r}")
 

@@ -105,19 +105,28 @@ def methods(steps: int, quick: bool) -> list[Method]:
 
 
 def sada_methods(steps: int, quick: bool) -> list[Method]:
-    """SADA's stability-guided step skipping (adaptdiff.accel.steps.sada); compute: model calls
-    made."""
+    """SADA's stability-guided step skipping (adaptdiff.accel.steps.sada); compute: the
+    (sample, step) pairs the model computed (per sample, a call carries the rows that compute)."""
     from adaptdiff.accel.steps.sada import SADA
 
     def method(setting, **kwargs) -> Method:
         def apply(model) -> Applied:
             sada = SADA(**kwargs)
-            return Applied([sada], stats=lambda: {"compute": 1 - len(sada.skipped) / steps})
+            return Applied([sada], stats=lambda: {"compute": sada.compute_fraction()})
 
         return Method("SADA", setting, apply)
 
-    out = [method("default (max 1 skip in a row)")]
-    return out if quick else out + [method("max 2 skips in a row", max_skips=2)]
+    former = dict(max_skips=1, lagrange_from=None, lagrange_terms=3)
+    out = [
+        method("default: per sample, max 4 skips in a row, Lagrange from 48%"),
+        method("whole batch, max 1 skip in a row, no late phase", per_sample=False, **former),
+    ]
+    if quick:
+        return out
+    return out + [
+        method("per sample, max 1 skip in a row, no late phase", **former),
+        method("whole batch, max 4 skips in a row, Lagrange from 48%", per_sample=False),
+    ]
 
 
 def guidance_methods(model, steps: int, quick: bool) -> list[Method]:
