@@ -279,3 +279,21 @@ def test_calibrate_cli_searches_a_runnable_policy(tmp_path):
     )  # fmt: skip
     accel.remove(model)
     assert info["nfe_per_sample"] == doc["evaluations"]
+
+
+def test_comparison_with_the_cosine_rule_runs_at_equal_evaluations():
+    from adaptdiff.accel.guidance.compare import compare, summarize
+
+    record = compare(steps=4, batch=2, thresholds=(0.95,), seeds=(0, 1), trials=4, log=None)
+    rows = record["rows"]
+    assert [(r["seed"], r["method"]) for r in rows] == [
+        (s, m) for s in (0, 1) for m in ("AG", "truncation", "searched", "searched-cond")
+    ]
+    for s in (0, 1):
+        ag, trunc, found, found_cond = (r for r in rows if r["seed"] == s)
+        assert found["evals"] <= ag["evals"] and trunc["evals"] <= ag["evals"]
+        assert found["evals"] == policy_evaluations(found["policy"])
+        assert found_cond["evals"] == policy_evaluations(found_cond["policy"]) <= ag["evals"]
+        assert "linear" not in found_cond["policy"]
+    stats = {r["method"]: r for r in summarize(rows)}
+    assert stats["AG"]["n"] == 2 and len(stats["searched"]["psnr"]) == 2
