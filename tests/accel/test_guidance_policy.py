@@ -297,3 +297,33 @@ def test_comparison_with_the_cosine_rule_runs_at_equal_evaluations():
         assert "linear" not in found_cond["policy"]
     stats = {r["method"]: r for r in summarize(rows)}
     assert stats["AG"]["n"] == 2 and len(stats["searched"]["psnr"]) == 2
+
+
+def test_inside_a_diffusers_pipeline():
+    """In SD3's own loop: all-cfg is the plain pipeline bit for bit; the transformer runs the
+    cond rows alone on "cond" and "linear" steps."""
+    pytest.importorskip("diffusers")
+    from adaptdiff.bench.pipelines import SIZES, build_pipeline
+
+    from .test_pipelines import _Calls
+    from .test_pipelines import _run as run_pipe
+
+    steps = SIZES["tiny"]["steps"]
+    pipe, kw = build_pipeline("sd3")
+    plain = run_pipe(pipe, kw)
+    accel.apply(pipe, GuidancePolicyConfig(("cfg",) * steps))
+    try:
+        assert torch.equal(run_pipe(pipe, kw), plain)
+    finally:
+        accel.remove(pipe)
+    policy = ("cfg", "cond", "linear") + ("cfg",) * (steps - 3)
+    cfg = GuidancePolicyConfig(policy, coefficients={2: [0.5, 0.3, 0.2]})
+    batches = _Calls(pipe.transformer)
+    accel.apply(pipe, cfg)
+    try:
+        out = run_pipe(pipe, kw)
+    finally:
+        batches.close()
+        accel.remove(pipe)
+    assert batches.sizes == [2 if c == "cfg" else 1 for c in policy]
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
