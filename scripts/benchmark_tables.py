@@ -42,6 +42,8 @@ STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 # `adaptdiff study nag`: predictor-guided architecture diffusion against random search
 STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
+# python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
+GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
 OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
 OPS += ["lincomb"]
@@ -456,6 +458,32 @@ def study(name: str, record: str) -> str:
     return "```\n" + format_table(get_study(name).columns, summary) + "\n```\n"
 
 
+def guidance_policy(record: str) -> str:
+    """AG's cosine rule, the truncation rule and the searched policy at AG's evaluations:
+    mean ± standard deviation over the recorded seeds."""
+    doc = json.loads((RESULTS / record).read_text())
+    groups: dict[tuple, list[dict]] = {}
+    for r in doc["rows"]:
+        groups.setdefault((r["threshold"], r["method"]), []).append(r)
+
+    def ms(rs: list[dict], key: str, fmt: str) -> str:
+        v = [r[key] for r in rs]
+        mean = sum(v) / len(v)
+        std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        return f"{mean:{fmt}} ± {std:{fmt}}"
+
+    names = {"AG": "AG (cosine rule)", "truncation": "CFG on the first k steps, then cond",
+             "searched": "searched policy (cfg/cond/linear)",
+             "searched-cond": "searched policy (cfg/cond only)"}  # fmt: skip
+    header = ["AG γ̄", "method", "seeds", "evals/sample", "PSNR vs CFG (dB)", "policies found"]
+    rows = []
+    for (threshold, method), rs in groups.items():
+        found = ", ".join(f"`{r['setting'].split(': ')[1]}`" for r in rs if ": " in r["setting"])
+        rows.append([f"{threshold}", names.get(method, method), str(len(rs)),
+                     ms(rs, "evals", ".2f"), ms(rs, "psnr", ".2f"), found])  # fmt: skip
+    return table(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO),
@@ -488,6 +516,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
+    "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 
 

@@ -22,6 +22,8 @@ Configs (every training-free method):
   ``EntropyScalingConfig`` (:mod:`.tokens.entropy_scaling`);
 - guidance (:mod:`.guidance.adaptive`): ``AdaptiveGuidanceConfig``, ``LinearAGConfig``
   (coefficients, or the JSON of ``adaptdiff calibrate --method linear-ag``);
+  ``GuidancePolicyConfig`` (:mod:`.guidance.policy`: a per-step cfg/cond/linear policy, or the
+  JSON of ``adaptdiff calibrate --method guidance-policy``);
 - steps: ``SADAConfig`` (:mod:`.steps.sada`).
 
 API (for users and for other acceleration modules):
@@ -87,6 +89,7 @@ from .calibration import (
     run_calibration,
 )
 from .guidance.adaptive import AdaptiveGuidanceConfig, LinearAGConfig  # registers linear-ag
+from .guidance.policy import GuidancePolicyConfig  # registers guidance-policy
 from .hooks import AccelHandle, ContextState, Hook, SampleHook, find_blocks, find_components, layout
 from .pipelines import PipelineFamily, PipelineHandle, calibration_setup, register_pipeline_family
 from .steps import autodiffusion as _autodiffusion  # noqa: F401  (registers autodiffusion)
@@ -118,6 +121,7 @@ __all__ = [
     "ContextState",
     "EntropyScalingConfig",
     "FirstBlockCacheConfig",
+    "GuidancePolicyConfig",
     "Hook",
     "LinearAGConfig",
     "MagCacheConfig",
