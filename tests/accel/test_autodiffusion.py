@@ -230,3 +230,34 @@ def test_saved_schedule_samples_exactly_what_the_search_scored(tmp_path):
     )  # fmt: skip
     accel.remove(model)
     assert metric(x) == searched
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart"])
+@torch.no_grad()
+def test_removal_on_diffusers_blocks_equals_deleting_the_block(kind):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    common = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=3,
+                  sample_size=8, patch_size=2, norm_num_groups=1)  # fmt: skip
+    x = torch.randn(2, 4, 8, 8)
+    if kind == "dit":
+        model = diffusers.DiTTransformer2DModel(num_embeds_ada_norm=10, **common)
+        kw = dict(timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 2]))
+    else:
+        model = diffusers.PixArtTransformer2DModel(
+            out_channels=8, cross_attention_dim=16, caption_channels=16, **common
+        )
+        kw = dict(
+            encoder_hidden_states=torch.randn(2, 5, 16), timestep=torch.tensor([500.0, 500.0]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )  # fmt: skip
+    model.eval()  # (training mode drops class labels at random)
+    comps = layout(model)
+    mask = [[[b != 1] * len(c) for b, c in enumerate(comps)]]  # block 1, every component
+    accel.apply(model, ScheduleConfig(Schedule(comps, mask, skipped="remove")))
+    removed = model(x, **kw).sample
+    accel.remove(model)
+    pruned = copy.deepcopy(model)
+    del pruned.transformer_blocks[1]
+    assert torch.equal(removed, pruned(x, **kw).sample)
+    assert rel_err(removed, model(x, **kw).sample) > 0.01  # block 1 does matter
