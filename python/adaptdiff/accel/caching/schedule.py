@@ -330,7 +330,7 @@ class ScheduleExecutor(Hook):
             "method": "ScheduleConfig",
             "block_hit_rates": block_rates(ctx, "block", len(self.schedule.components)),
             "planned_compute_fraction": self.schedule.compute_fraction(),
-            "skipped": self.schedule.skipped,
+            "schedule_skipped": self.schedule.skipped,
         }
 
 
