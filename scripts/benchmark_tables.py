@@ -34,10 +34,14 @@ ACCEL_SWEEP = "accel-sweep-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_DIFFUSERS_RUN1 = "accel-diffusers-sweep-run1-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
+# `adaptdiff bench accel --models pipelines`: the methods inside the diffusers pipelines' loops
+ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
 DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
 STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 # `adaptdiff study hf-convert`: one AR char model SDAR-converted natively and through transformers
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
+# `adaptdiff study nag`: predictor-guided architecture diffusion against random search
+STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 
 OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
 OPS += ["lincomb"]
@@ -294,6 +298,34 @@ def accel_headline() -> str:
     )
 
 
+def accel_pipelines(name: str) -> str:
+    """Every row of the pipelines run (no digits columns: random weights)."""
+    rows = [r for r in records(name) if r.get("benchmark") == "accel" and "method" in r]
+    return table(ACCEL_HEADER[:9], [accel_row(r)[:9] for r in rows])
+
+
+def accel_pipelines_targets(name: str) -> str:
+    """Per pipeline: the fastest cache or schedule at >= 30 dB, RAS 0.5, AG's rows saved."""
+    rows = [r for r in records(name) if r.get("benchmark") == "accel" and "method" in r]
+    caches = ("FirstBlockCache", "TeaCache", "TaylorSeer", "DeepCache-like")
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        good = [r for r in mine if r["method"] in caches and r["psnr"] >= 30.0]
+        best = max(good, key=lambda r: r["speedup"], default=None)
+        ras = next((r for r in mine if r["method"] == "RAS"), None)
+        ag = next((r for r in mine if r["method"] == "AG"), None)
+        out.append([
+            model.split()[0],
+            "none" if best is None else
+            f"{best['speedup']:.2f}× ({best['method']} {best['setting']}, {best['psnr']:.1f} dB)",
+            "not run" if ras is None else f"{ras['speedup']:.2f}× ({ras['psnr']:.1f} dB)",
+            "" if ag is None else f"{100 * (1 - ag['compute']):.0f}%",
+        ])  # fmt: skip
+    header = ["pipeline", "best cache at >= 30 dB", "RAS ratio 0.5", "AG 0.99: rows saved"]
+    return table(header, out)
+
+
 def first_block_pairs(name: str) -> str:
     """diffusers' and adaptdiff's first-block caches at the same thresholds."""
     rows = [r for r in records(name) if r.get("method", "").endswith("FirstBlockCache")]
@@ -451,8 +483,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "accel-diffusers-run1": lambda: accel(ACCEL_DIFFUSERS_RUN1),
     "accel-cpu-first": lambda: accel(ACCEL_CPU_FIRST),
     "accel-h100": accel_h100,
+    "accel-pipelines": lambda: accel_pipelines(ACCEL_PIPELINES),
+    "accel-pipelines-targets": lambda: accel_pipelines_targets(ACCEL_PIPELINES),
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
+    "study-nag": lambda: study("nag", STUDY_NAG),
 }
 
 

@@ -20,7 +20,7 @@ OUT=${OUT:-$PWD/gpu-out}
 PY=${PYTHON:-python3}
 SITE=${ADAPTDIFF_GPU_SITE:-/tmp/adaptdiff-site}
 BUDGET=${GPU_CHECK_BUDGET:-100000}
-STAGES=${GPU_CHECK_STAGES:-"build tests bench block_attention memcheck large moe sampling mode adapters accel racecheck"}
+STAGES=${GPU_CHECK_STAGES:-"build tests bench block_attention memcheck large moe sampling mode adapters accel pipelines racecheck"}
 LOG=$(mktemp -d /tmp/gpu-logs.XXXX)
 mkdir -p "$OUT"
 SECONDS=0
@@ -160,6 +160,17 @@ if wanted accel; then
       --size "$size" --out "$LOG/accel_$size" --json "$LOG/bench_accel_cuda.jsonl"
     rc=$?; ((rc == 199)) || status "accel XL/2 $((size * 8))px (cuda)" "exit $rc (${LAST_SECS}s)"
   done
+fi
+# Every accelerator inside the diffusers pipelines' own loops (DiT, PixArt, SD3, Flux, Sana),
+# random weights at build_pipeline's "large" size (width 768, 8 layers, 1024 image tokens, 4096
+# on Sana), --quick's 8 steps and four methods (FirstBlockCache, AG, SADA, RAS); capped at 60 s
+# (building the models takes part of it; the JSON is written at the end, so a run cut off by the
+# cap records nothing). This stage has not run on a GPU yet.
+if wanted pipelines; then
+  stage "accel pipelines large (cuda)" 60 bench_accel_pipelines_cuda.txt "$PY" -m adaptdiff.bench \
+    accel --device cuda --models pipelines --pipeline-size large --quick \
+    --out "$LOG/accel_pipelines" --json "$LOG/bench_accel_pipelines_cuda.jsonl"
+  rc=$?; ((rc == 199)) || status "accel pipelines large (cuda)" "exit $rc (${LAST_SECS}s)"
 fi
 if wanted racecheck && command -v compute-sanitizer > /dev/null; then
   sanitize racecheck 120 tests/ops/test_block_attention.py tests/ops/test_sampled_wgrad.py \

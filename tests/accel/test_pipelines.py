@@ -8,6 +8,7 @@ import torch
 from adaptdiff import accel
 from adaptdiff.accel.caching.producers import interval_schedule
 from adaptdiff.accel.pipelines import driving
+from adaptdiff.metrics import psnr
 from adaptdiff.samplers import Accelerator
 
 diffusers = pytest.importorskip("diffusers")
@@ -410,12 +411,150 @@ def test_unknown_pipeline_raises_and_a_new_family_can_be_registered():
         accel.PipelineFamily("x", ("X",), layout="rows", prediction="eps", guidance=lambda a: None)
 
 
-def test_methods_not_in_pipelines_yet_are_refused():
-    pipe, kw = build_pipeline("sd3")
-    for cfg in (accel.RASConfig(0.5), accel.EntropyScalingConfig()):
-        with pytest.raises(ValueError, match="not supported yet"):
+RAS_FAMILIES = ["dit", "pixart", "sd3", "flux"]  # Sana's linear attention: refused
+
+
+def _images(pipe, kw, **extra):
+    out = _run(pipe, kw, **extra).float()
+    return out.unsqueeze(1) if out.ndim == 3 else out  # Flux's packed latents [B, N, C]
+
+
+@pytest.mark.parametrize("family", RAS_FAMILIES)
+def test_neutral_ras_is_the_plain_pipeline_exactly(family):
+    pipe, kw = build_pipeline(family)
+    plain = _run(pipe, kw)
+    accel.apply(pipe, accel.RASConfig(sample_ratio=1.0, start_step=0))
+    try:
+        assert torch.equal(_run(pipe, kw), plain)
+        for ctx in accel.summary(pipe)["calls"][-1]["contexts"].values():
+            assert ctx["ras"]["ras_calls"] == 0 and ctx["ras"]["active_fraction"] == 1.0
+    finally:
+        accel.remove(pipe)
+    assert torch.equal(_run(pipe, kw), plain)
+
+
+class _ReuseVelocity(Accelerator):
+    """The baseline RAS improves on: every token keeps its last prediction on the RAS steps."""
+
+    def __init__(self, skips):
+        self.skips = skips
+
+    def on_sample_start(self, ctx):
+        self.last = None
+
+    def before_model(self, step):
+        return self.last if self.skips[step.index] and self.last is not None else None
+
+    def after_model(self, step, pred):
+        self.last = pred
+        return pred
+
+
+@pytest.mark.parametrize("family", RAS_FAMILIES)
+def test_ras_runs_half_the_image_tokens_inside_the_pipeline(family):
+    steps = 10
+    pipe, kw = build_pipeline(family, batch=2)
+    kw["num_inference_steps"] = steps
+    plain = _images(pipe, kw)
+    t = pipe.transformer
+    attn = (
+        t.transformer_blocks[0].attn1
+        if family in ("dit", "pixart")
+        else t.transformer_blocks[0].attn
+    )
+    lengths = []  # the image sequence into the first block's attention, per transformer call
+    hook = attn.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(
+            (args[0] if args else kwargs["hidden_states"]).shape[1]
+        ),
+        with_kwargs=True,
+    )
+    accel.apply(pipe, accel.RASConfig(sample_ratio=0.5, start_step=2, error_reset_steps=(6,)))
+    try:
+        out, again = _images(pipe, kw), _images(pipe, kw)
+        call = accel.summary(pipe)["calls"][-1]
+    finally:
+        accel.remove(pipe)
+        hook.remove()
+    assert torch.equal(out, again)  # every call starts clean
+    ras = next(iter(call["contexts"].values()))["ras"]
+    assert ras["skips"] == [0, 0, 8, 8, 8, 8, 0, 8, 8, 8] and ras["ras_calls"] == 7
+    per_step = 2 if family == "flux" else 1  # Flux: a cond and an uncond call per step
+    half = lengths[: len(lengths) // 2]  # the first of the two pipe(...) calls
+    assert len(half) == steps * per_step
+    dense = 16  # tiny: 4x4 image tokens
+    want = [dense if k == 0 else dense - k for k in ras["skips"] for _ in range(per_step)]
+    assert half == want
+    with driving(pipe, [_ReuseVelocity(ras["skips"])]):
+        baseline = _images(pipe, kw)
+    rng = float(plain.max() - plain.min())
+    ras_db = float(psnr(out, plain, rng).mean())
+    reuse_db = float(psnr(baseline, plain, rng).mean())
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    # Recomputing half the tokens must beat keeping every token's prediction by a clear margin.
+    assert ras_db > reuse_db + 3.0, (ras_db, reuse_db)
+
+
+def test_sana_refuses_ras_and_entropy_scaling_clearly():
+    pipe, kw = build_pipeline("sana")
+    plain = _run(pipe, kw)
+    for cfg in (accel.RASConfig(0.5), accel.EntropyScalingConfig(train_tokens=64)):
+        with pytest.raises(ValueError, match="linear attention"):
             accel.apply(pipe, cfg)
-        assert accel.pipelines.is_pipeline(pipe) and "forward" not in pipe.transformer.__dict__
+        assert "forward" not in pipe.transformer.__dict__
+    assert torch.equal(_run(pipe, kw), plain)  # the pipeline is untouched
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])
+def test_entropy_scaling_inside_the_pipeline_at_another_size(family, monkeypatch):
+    import torch.nn.functional as F
+
+    from adaptdiff.accel.tokens.entropy_scaling import entropy_scale
+
+    pipe, kw = build_pipeline(family)
+    train, image, text = 16, 64, 6  # tiny: 4x4 image tokens; at twice the side 8x8; 6 text
+    side = 2 * kw["height"]
+    plain, plain_big = _run(pipe, kw), _run(pipe, kw, height=side, width=side)
+    handle = accel.apply(pipe, accel.EntropyScalingConfig(train_tokens=train))
+    try:
+        assert torch.equal(_run(pipe, kw), plain)  # the training size: unchanged, bit for bit
+        out = _run(pipe, kw, height=side, width=side)
+        assert torch.equal(out, _run(pipe, kw, height=side, width=side))
+        modules = handle.summary()["calls"][-1]["contexts"]
+        assert all(c["entropy_scaling"]["train_tokens"] == train for c in modules.values())
+    finally:
+        accel.remove(pipe)
+    assert torch.equal(_run(pipe, kw, height=side, width=side), plain_big)
+    # The reference: the plain pipeline with SDPA's scale multiplied by lambda on the
+    # self-attention (PixArt; its cross-attention over the text keeps its scale) or on the joint
+    # attention over image + text keys (SD3, Flux: n = 64 + 6 keys, trained 16 + 6).
+    joint = family != "pixart"
+    keys = image + text if joint else image
+    lam = entropy_scale(keys, train + text if joint else train)
+    sdpa = F.scaled_dot_product_attention
+    scaled_calls = []
+
+    def scaled(*args, scale=None, **kwargs):  # diffusers passes query/key/value by name too
+        q, k = (args[0], args[1]) if len(args) > 1 else (kwargs["query"], kwargs["key"])
+        if k.shape[-2] == keys:  # [B, H, S, D]
+            scale = (q.shape[-1] ** -0.5 if scale is None else scale) * lam
+            scaled_calls.append(k.shape[-2])
+        return sdpa(*args, scale=scale, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", scaled)
+    ref = _run(pipe, kw, height=side, width=side)
+    monkeypatch.undo()
+    assert scaled_calls  # the reference did scale
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert (out - plain_big).abs().max() > 1e-2  # lambda acted, well above that tolerance
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_ras_with_entropy_scaling_is_refused(family):
+    pipe, kw = build_pipeline(family)
+    with pytest.raises(ValueError, match="cannot be combined with RASConfig"):
+        accel.apply(pipe, accel.RASConfig(0.5), accel.EntropyScalingConfig(train_tokens=16))
+    assert "forward" not in pipe.transformer.__dict__
 
 
 def test_sd3_skip_layer_guidance_is_refused():

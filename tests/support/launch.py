@@ -1,5 +1,6 @@
 """Child processes for the tests: ``torchrun`` for the distributed tests (2 CPU processes over
-gloo) and a plain ``python -m`` worker for the checkpoint-fault tests (which kill it).
+gloo; :func:`torchrun_start` with launcher options for the elastic-restart tests) and a plain
+``python -m`` worker for the checkpoint-fault tests (which kill it).
 
 Every child runs from the repository root with it on ``PYTHONPATH`` (so workers import
 ``tests.support``) and one OpenMP thread (the children are tiny and share the machine)."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,3 +50,30 @@ def worker(module: str, *args: str, **env: str | None) -> subprocess.Popen:
         cmd, cwd=ROOT, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
+
+
+def torchrun_start(
+    module: str, *args: str, options: Sequence[str] = ("--standalone",), nproc: int = 2, **env: str
+) -> subprocess.Popen:
+    """Starts ``torchrun *options --nproc_per_node=nproc -m module *args`` (launcher options such
+    as ``--max-restarts=1`` or a multi-node rendezvous; ``env``: as :func:`child_env`'s extras),
+    output piped; finish it with :func:`torchrun_wait`. Lets a test run several at once."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", *options]
+    cmd = [*launcher, f"--nproc_per_node={nproc}", "-m", module, *map(str, args)]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def torchrun_wait(proc: subprocess.Popen, timeout: float = 600) -> str:
+    """Waits for a :func:`torchrun_start` launch; fails the test with the tail of its output
+    unless it exits 0 (every rank done, within the allowed restarts). Returns the output."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers on SIGTERM
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError(f"torchrun still running after {timeout} s:\n{out[-6000:]}") from None
+    assert proc.returncode == 0, out[-6000:]
+    return out

@@ -5,11 +5,13 @@
 - :mod:`.solvers`: k-diffusion-style sampler functions, one signature (``SAMPLERS``).
 - :mod:`.accelerator`: the hook protocol accelerators implement.
 - :mod:`.sample`: the entry point, with classifier-free guidance.
+- :mod:`.grad_guidance`: classifier and predictor guidance (``sample(grad_guidance=...)``).
 - :mod:`.block_decode`: block decoding of diffusion LMs with an exact KV cache, and AR decoding.
 """
 
 from .accelerator import Accelerator, ModelStep, Part, Prediction, SampleContext
 from .block_decode import DecodeOutput, TraceStep, ar_decode, block_decode
+from .grad_guidance import GradGuidance, classifier_guidance, predictor_guidance
 from .parameterization import PREDICTIONS, convert, eps_to_x0, target, to_x0_eps, x0_to_eps
 from .sample import denoiser, sample
 from .schedules import FlowSchedule, VPSchedule
@@ -28,6 +30,7 @@ __all__ = [
     "Accelerator",
     "DecodeOutput",
     "FlowSchedule",
+    "GradGuidance",
     "ModelStep",
     "Part",
     "Prediction",
@@ -36,9 +39,11 @@ __all__ = [
     "VPSchedule",
     "ar_decode",
     "block_decode",
+    "classifier_guidance",
     "convert",
     "denoiser",
     "eps_to_x0",
+    "predictor_guidance",
     "sample",
     "sample_ddim",
     "sample_ddpm",

@@ -10,6 +10,7 @@ import torch
 
 from .accelerator import Accelerator, ModelStep, Prediction, SampleContext
 from .compose import Plan, plan
+from .grad_guidance import GradGuidance
 from .parameterization import check_prediction, to_x0_eps
 from .schedules import FlowSchedule, VPSchedule, randn
 from .solvers import SAMPLERS
@@ -73,8 +74,9 @@ def _take_rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
 class _GuidedModel:
     """The model as the solver sees it: guidance branches batched, accelerators consulted."""
 
-    def __init__(self, ctx: SampleContext, plan: Plan):
+    def __init__(self, ctx: SampleContext, plan: Plan, grad_guidance: GradGuidance | None):
         self.ctx = ctx
+        self.grad_guidance, self.grad_guided = grad_guidance, 0
         self.consult, self.finish = plan.before, plan.after
         self.branch_kwargs = {"cond": ctx.cond, "uncond": ctx.uncond}
         self.guided = ctx.uncond is not None and ctx.guidance_scale != 1.0
@@ -158,6 +160,12 @@ class _GuidedModel:
             if not isinstance(pred, torch.Tensor):
                 raise TypeError(f"{type(acc).__name__}.after_model must return a tensor")
         self.history.append(Prediction(step.index, t, x, pred))
+        x0, eps = to_x0_eps(pred, x, alpha, sigma, self.ctx.prediction)
+        gg = self.grad_guidance  # after the history: accelerators extrapolate unguided outputs
+        guided = gg is not None and gg.active(float(t), float(alpha))
+        if guided:
+            x0, eps = gg.apply(x, t, alpha, sigma, x0, eps)
+            self.grad_guided += 1
         self.records.append(
             {
                 "index": step.index,
@@ -165,9 +173,10 @@ class _GuidedModel:
                 "t": float(t),
                 "evaluated": step.evaluated,
                 "branches": tuple(computed),
+                "grad_guided": guided,
             }
         )
-        return to_x0_eps(pred, x, alpha, sigma, self.ctx.prediction)
+        return x0, eps
 
 
 def sample(
@@ -183,6 +192,7 @@ def sample(
     prediction: str = "eps",
     schedule=None,
     accelerators: Sequence[Accelerator] = (),
+    grad_guidance: GradGuidance | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     return_info: bool = False,
@@ -211,11 +221,14 @@ def sample(
             prediction.
             Combinations whose assumptions conflict are refused before the first step
             (:mod:`.compose`).
+        grad_guidance: a :class:`.GradGuidance` (classifier or predictor guidance), applied to
+            every model call's (x0, eps) after classifier-free guidance and the accelerators
+            (:mod:`.grad_guidance`).
         generator: drives the initial noise and the noise of stochastic samplers.
         progress: show a tqdm bar over the steps.
         return_info: also return a dict: ``nfe`` (model calls, a batched guidance call counting
-            once), ``records`` (one dict per evaluation: index, call, t, evaluated, branches),
-            ``timesteps``.
+            once), ``records`` (one dict per evaluation: index, call, t, evaluated, branches,
+            grad_guided), ``grad_guided`` (calls with gradient guidance), ``timesteps``.
         device: where the noise goes when a shape is given (default: the device of the model's
             first parameter, else the generator's, else CPU); it is drawn on the generator's.
         **solver_options: the method's knobs, e.g. ``eta=`` for DDIM, ``variance=`` for DDPM.
@@ -239,6 +252,10 @@ def sample(
     if uncond is not None and set(uncond) != set(cond):
         raise ValueError(
             f"uncond must have the same keys as cond, got {set(uncond)} and {set(cond)}"
+        )
+    if grad_guidance is not None and not isinstance(grad_guidance, GradGuidance):
+        raise ValueError(
+            f"grad_guidance must be a GradGuidance, got {type(grad_guidance).__name__}"
         )
     for acc in accelerators:
         if not isinstance(acc, Accelerator):
@@ -267,7 +284,7 @@ def sample(
     ctx = SampleContext(
         model, schedule, prediction, method, ts, float(guidance_scale), cond, uncond, x
     )
-    guided = _GuidedModel(ctx, plan(ctx, accelerators))
+    guided = _GuidedModel(ctx, plan(ctx, accelerators), grad_guidance)
     for acc in accelerators:
         acc.on_sample_start(ctx)
     try:
@@ -281,5 +298,6 @@ def sample(
     if return_info:
         nfe_per_sample = guided.row_evals / max(x.shape[0], 1)
         info = {"nfe": guided.nfe, "nfe_per_sample": nfe_per_sample, "records": guided.records}
+        info["grad_guided"] = guided.grad_guided
         return out, {**info, "timesteps": ts}
     return out

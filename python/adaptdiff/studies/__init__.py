@@ -15,6 +15,7 @@ from .runner import Column, Progress, Stat, Study, run_study
 STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
     "hf-convert": "adaptdiff.studies.hf_convert",
+    "nag": "adaptdiff.studies.nag",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]

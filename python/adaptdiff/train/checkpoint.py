@@ -262,7 +262,10 @@ def _restore_swapped(out_dir: Path, name: str) -> None:
     move it back."""
     olds = sorted(out_dir.glob(f".{name}.old-*"))
     if len(olds) == 1 and (olds[0] / STATE_FILE).is_file():
-        os.replace(olds[0], out_dir / name)
+        try:
+            os.replace(olds[0], out_dir / name)
+        except FileNotFoundError:  # another rank resuming from the same out_dir was first
+            pass
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

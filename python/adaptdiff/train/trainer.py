@@ -14,6 +14,11 @@ shuffled global batch and trains on its own contiguous slice, so with a per-samp
 averaged gradients equal those of a single process on the whole batch. The global RNG is seeded
 with ``seed + rank``, so dropout and diffusion noise differ across ranks. Only rank 0 writes
 checkpoints, logs and shows progress; every rank must be able to read ``out_dir`` to resume.
+Under ``torchrun --max-restarts`` a script that calls :meth:`Trainer.resume` before
+:meth:`Trainer.fit` survives a killed worker: the restarted group continues from the last
+complete checkpoint and ends bit-identical to an uninterrupted run (``tests/train/test_elastic.py``;
+the process group is created per restart in a fresh store namespace, see
+:func:`_init_process_group`).
 
 ``TrainConfig.fsdp=True`` shards the model and its EMA copy with FSDP2
 (``torch.distributed.fsdp.fully_shard``): each element of the model's top-level ``nn.ModuleList``s
@@ -195,6 +200,38 @@ def _torchrun_env() -> tuple[int, int, int] | None:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
 
 
+def _init_process_group(backend: str, rank: int, world_size: int) -> None:
+    """``init_process_group`` from torchrun's environment, in a fresh key space per restart.
+
+    torchrun's c10d rendezvous lends its agent's TCPStore to the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps it across ``--max-restarts`` restarts,
+    with the keys of the killed attempt still in it (torch 2.5+, pytorch issue 135712): the
+    restarted ranks would read the dead ranks' addresses (gloo: "connection refused", NCCL: a
+    stale unique id). The keys are therefore prefixed with the restart count. That count is kept
+    per agent, and after a restart the nodes' counts differ, so on several nodes a run that may
+    restart must give every restart its own store instead
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which this function then leaves alone).
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        raise RuntimeError(
+            "Trainer: torchrun --max-restarts on several nodes needs "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of every torchrun: the "
+            "shared rendezvous store keeps the killed attempt's keys, and the nodes' restart "
+            "counts differ, so the restarted ranks could not meet"
+        )
+    from torch.distributed.constants import default_pg_timeout  # what env:// would wait
+
+    address, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    store = dist.TCPStore(address, port, world_size, is_master=False, timeout=default_pg_timeout)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix_store = dist.PrefixStore(f"adaptdiff/restart_{attempt}/", store)
+    dist.init_process_group(backend, store=prefix_store, rank=rank, world_size=world_size)
+
+
 def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The elements of the outermost ModuleLists (the blocks), outermost first."""
     units: list[tuple[str, nn.Module]] = []
@@ -268,7 +305,7 @@ class Trainer:
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         elif env is not None and (env[1] > 1 or cfg.fsdp):
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            _init_process_group("nccl" if self.device.type == "cuda" else "gloo", *env[:2])
             self.rank, self.world_size, self._owns_group = env[0], env[1], True
         self.distributed = self.world_size > 1 or cfg.fsdp
 
@@ -526,16 +563,50 @@ class Trainer:
     def resume(self, path: str | os.PathLike | None = None) -> bool:
         """Load the latest checkpoint of ``path`` (default ``config.out_dir``) if there is one.
         Returns False, starting fresh, only when ``path`` was not given and holds no checkpoint;
-        a damaged or mismatched checkpoint always raises :class:`CheckpointError`."""
-        if path is None:
-            if self.config.out_dir is None:
-                raise ValueError("Trainer.resume: give a path or set config.out_dir")
-            out = Path(self.config.out_dir)
-            if not (out / ckpt.STATE_FILE).is_file() and ckpt.latest_checkpoint(out) is None:
-                return False
-            path = out
-        self.load_checkpoint(path)
-        return True
+        a damaged or mismatched checkpoint always raises :class:`CheckpointError`.
+
+        Collective under DDP/FSDP (call it on every rank, e.g. first thing after every torchrun
+        restart): the ranks compare what they loaded, and if one failed or they resumed at
+        different steps (an ``out_dir`` that is not shared between nodes), every rank raises
+        :class:`CheckpointError` instead of training out of step or hanging."""
+        fresh, failure = False, None
+        try:
+            if path is None:
+                if self.config.out_dir is None:
+                    raise ValueError("Trainer.resume: give a path or set config.out_dir")
+                out = Path(self.config.out_dir)
+                fresh = (
+                    not (out / ckpt.STATE_FILE).is_file() and ckpt.latest_checkpoint(out) is None
+                )
+                path = out
+            if not fresh:
+                self.load_checkpoint(path)
+        except Exception as e:  # every rank learns of it below, then raises
+            failure = e
+        if self.distributed:
+            self._check_ranks_resumed_alike(failure)
+        if failure is not None:
+            raise failure
+        if not fresh and self.is_main:
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            logger.info("resumed at step %d (torchrun restart %s)", self.step, restart)
+        return not fresh
+
+    def _check_ranks_resumed_alike(self, failure: Exception | None) -> None:
+        mine = (self.step, None if failure is None else f"{type(failure).__name__}: {failure}")
+        results: list[Any] = [None] * self.world_size
+        dist.all_gather_object(results, mine)
+        failed = [(r, msg) for r, (_, msg) in enumerate(results) if msg is not None]
+        if failed and failure is None:
+            rank, msg = failed[0]
+            raise ckpt.CheckpointError(f"Trainer.resume: rank {rank} could not resume: {msg}")
+        steps = [step for step, _ in results]
+        if not failed and len(set(steps)) > 1:
+            raise ckpt.CheckpointError(
+                f"Trainer.resume: the ranks resumed at different steps {steps}: every rank must "
+                f"read the same out_dir ({self.config.out_dir}); on several nodes, put it on a "
+                "shared filesystem"
+            )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore everything for an exact resume. Verifies the files and that the weights match
@@ -608,7 +679,8 @@ class Trainer:
             logger.warning("resuming with a changed config: %s", ", ".join(changed))
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it."""
+        """Destroy the process group if this trainer created it. Under DDP, torch (2.13) keeps
+        the gloo group's threads and sockets alive after this until the process exits."""
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

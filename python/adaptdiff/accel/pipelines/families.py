@@ -132,10 +132,7 @@ class PipelineFamily:
 FAMILIES: dict[str, PipelineFamily] = {}
 
 # Configs that do not run inside a pipeline yet (``accel.apply(pipe, ...)`` refuses them).
-NOT_IN_PIPELINES = {
-    "RASConfig": "RAS inside a pipeline's own loop is not supported yet (use it through sample)",
-    "EntropyScalingConfig": "entropy scaling inside a pipeline is not supported yet",
-}
+NOT_IN_PIPELINES: dict[str, str] = {}
 
 
 def register_pipeline_family(family: PipelineFamily) -> PipelineFamily:

@@ -7,6 +7,19 @@ from the token count of its input; on a diffusers model each ``Attention`` runs
 :class:`EntropyScaledAttnProcessor` instead of its processor. At the training resolution
 lambda = 1 and the model is unchanged.
 
+Joint attention (diffusers' SD3 and Flux transformers: ``JointAttnProcessor2_0``,
+``FluxAttnProcessor``) attends over the image and the text tokens together; there ``n`` is the
+number of keys of the call (image + text tokens; the ``[text, image]`` sequence of Flux's
+single-stream blocks) and ``n_train`` the same count with the image tokens at ``train_tokens``
+(``n - image_tokens + train_tokens``; the image token count is read from the transformer call's
+``hidden_states``). The diffusers processor runs unchanged; the queries (after QK-norm, or the
+query projections without one) are multiplied by lambda, which is the same logit scaling.
+Linear attention (Sana) has no softmax to rescale: refused, as is any other processor.
+
+RAS and entropy scaling are not combined: ``accel.apply(model, RASConfig(...),
+EntropyScalingConfig(...))`` raises (RAS replaces the attention computation of the modules that
+entropy scaling changes).
+
 Install it with ``accel.apply(model, EntropyScalingConfig(train_tokens=...))`` (wrappers of the
 attention modules' ``forward``; ``accel.remove(model)`` restores them and their scales).
 :func:`apply_entropy_scaling` / :func:`remove_entropy_scaling` are that pair for one config, and
@@ -69,26 +82,60 @@ class EntropyScalingHook(Hook):
         from ...models.layers import Attention
 
         model, train = self.handle.model, self.config.train_tokens
+        if any(h.name == "ras" for h in self.handle.hooks):
+            raise ValueError(
+                "EntropyScalingConfig: cannot be combined with RASConfig on the same model (RAS "
+                "replaces the attention computation that entropy scaling rescales)"
+            )
         if train is None:
             if not hasattr(model, "grid_size"):
                 raise ValueError("train_tokens must be given for a model without grid_size")
             train = model.grid_size**2
         self.train_tokens, self.scales, self.count = train, [], 0
+        self.image_tokens: list[int | None] = [None]  # of the running transformer call
+        joint = []
         for module in model.modules():
             if isinstance(module, Attention):
                 self.scales.append((module, module.scale))
                 self.handle.wrap(module, _scaled_attention(module, module.scale, train))
+            elif _processor_name(module) in JOINT_PROCESSORS:
+                joint.append(module)
             elif _is_diffusers_attention(module):
+                name = _processor_name(module)
+                if name not in SOFTMAX_PROCESSORS:
+                    raise ValueError(
+                        f"EntropyScalingConfig: {type(model).__name__} has an attention with "
+                        f"processor {name}; entropy scaling supports softmax attention "
+                        f"({', '.join(SOFTMAX_PROCESSORS + JOINT_PROCESSORS)}), not linear "
+                        "attention (Sana) or other processors"
+                    )
                 self.handle.wrap(module, _processed_attention(module, train))
             else:
                 continue
             self.count += 1
+        for module in joint:
+            _wrap_joint(self.handle.wrap, module, train, self.image_tokens)
+        if joint:
+            self._pre = model.register_forward_pre_hook(self._image_tokens, with_kwargs=True)
         if not self.count:
             raise ValueError(f"EntropyScalingConfig: {type(model).__name__} has no attention")
+
+    def _image_tokens(self, model, args, kwargs):
+        """The image token count of this transformer call (its ``hidden_states``: a latent
+        ``[B, C, H, W]`` of ``patch_size`` patches, or a token sequence ``[B, N, C]``)."""
+        x = args[0] if args else kwargs.get("hidden_states")
+        p = int(getattr(getattr(model, "config", None), "patch_size", 1) or 1)
+        self.image_tokens[0] = (
+            (x.shape[-2] // p) * (x.shape[-1] // p) if x.ndim == 4 else x.shape[1]
+        )
 
     def uninstall(self) -> None:
         for module, base in self.scales:
             module.scale = base
+        pre = getattr(self, "_pre", None)
+        if pre is not None:
+            pre.remove()
+            self._pre = None
 
     def parts(self, ctx) -> list[Part]:
         return [Part("EntropyScalingConfig")]  # changes the attention, reuses nothing
@@ -115,6 +162,54 @@ def _processed_attention(module: nn.Module, train_tokens: int):
         return processor(module, *args, **kwargs)
 
     return forward
+
+
+SOFTMAX_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+JOINT_PROCESSORS = ("JointAttnProcessor2_0", "FluxAttnProcessor")
+
+
+def _processor_name(module: nn.Module) -> str | None:
+    processor = getattr(module, "processor", None)
+    if processor is None or not type(module).__module__.startswith("diffusers."):
+        return None
+    return type(processor).__name__
+
+
+def _wrap_joint(wrap, module: nn.Module, train_tokens: int, image_tokens: list) -> None:
+    """Joint attention (SD3, Flux): its processor runs unchanged with the queries scaled by
+    lambda(n keys of the call, the same count with ``train_tokens`` image tokens)."""
+    if getattr(module, "fused_projections", False):
+        raise ValueError("EntropyScalingConfig: fused QKV projections are not supported")
+    factor: list[float | None] = [None]
+
+    def scale_queries(inner, *args, **kwargs):
+        out = inner(*args, **kwargs)
+        return out if factor[0] is None else out * factor[0]
+
+    for norm, proj in (("norm_q", "to_q"), ("norm_added_q", "add_q_proj")):
+        target = getattr(module, norm, None)
+        target = getattr(module, proj, None) if target is None else target
+        if target is not None:
+            wrap(target, scale_queries)
+
+    def forward(inner, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        n = hidden_states.shape[1]
+        if encoder_hidden_states is not None:
+            n += encoder_hidden_states.shape[1]
+        image = image_tokens[0]
+        if image is None:
+            raise RuntimeError(
+                "EntropyScalingConfig: a joint attention ran outside a call of the transformer "
+                "the config was applied to"
+            )
+        n_train = n - image + train_tokens
+        factor[0] = None if n == n_train else entropy_scale(n, n_train)
+        try:
+            return inner(hidden_states, encoder_hidden_states, *args, **kwargs)
+        finally:
+            factor[0] = None
+
+    wrap(module, forward)
 
 
 def _is_diffusers_attention(module: nn.Module) -> bool:

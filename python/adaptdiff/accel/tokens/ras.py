@@ -45,7 +45,10 @@ Usage::
     accel.remove(model)   # the model is plain again
 
 ``RAS(model, config)`` (hooks installed by the constructor, ``ras.remove()``) is the class
-behind the config.
+behind the config. Inside a diffusers pipeline (DiT, PixArt, SD3, Flux):
+``accel.apply(pipe, RASConfig(...))``; there Flux's packed ``[B, N, C]`` latents are scored per
+token and its separate cond/uncond transformer calls keep K/V caches per branch context (the
+handle's). Sana's linear self-attention is refused.
 """
 
 from __future__ import annotations
@@ -169,6 +172,13 @@ class _State:
     index: torch.Tensor | None = None  # this call's active index when rows were dropped
     kv_slots: dict = field(default_factory=dict)  # attention module id -> slots of its rows
     kv_writes: int = 0  # attention layers that stored K/V during this call
+    # The name of the handle context a call runs in (a pipeline's separate "cond" / "uncond"
+    # transformer calls, Flux's true CFG): the K/V caches are kept per context.
+    context: object = None
+
+    def key(self, attn) -> tuple:
+        """The K/V cache key of attention module ``attn`` in the current context."""
+        return (None if self.context is None else self.context(), id(attn))
 
     def reset(self, num_tokens: int = 0) -> None:
         self.mode, self.active, self.num_tokens, self.model_ran = "off", None, num_tokens, False
@@ -233,7 +243,7 @@ def _adaptdiff_attention(attn, state: _State):
 
 def _store(state: _State, attn, kv) -> None:
     """A dense call's K/V: rows missing from this call (guidance skipped them) keep theirs."""
-    key, slots = id(attn), state.slots
+    key, slots = state.key(attn), state.slots
     state.kv_writes += 1
     old, old_slots = state.kv.get(key), state.kv_slots.get(key)
     if slots is not None and old_slots is not None and not torch.equal(old_slots, slots):
@@ -249,8 +259,9 @@ def _store(state: _State, attn, kv) -> None:
 
 
 def _cache(state: _State, attn, x: torch.Tensor):
-    cache = state.kv.get(id(attn))
-    cached, slots = state.kv_slots.get(id(attn)), state.slots
+    key = state.key(attn)
+    cache = state.kv.get(key)
+    cached, slots = state.kv_slots.get(key), state.slots
     if cache is not None and cached is not None and slots is not None:
         if not torch.equal(cached, slots):
             pos = slot_positions(cached, slots)
@@ -261,8 +272,8 @@ def _cache(state: _State, attn, x: torch.Tensor):
                 )  # cond rows only: views, writes reach it
             elif pos is not None:  # adaptive guidance dropped rows for good: shrink
                 pos = pos.to(x.device)
-                cache = state.kv[id(attn)] = map_tensors(cache, lambda c: c.index_select(0, pos))
-                state.kv_slots[id(attn)] = slots
+                cache = state.kv[key] = map_tensors(cache, lambda c: c.index_select(0, pos))
+                state.kv_slots[key] = slots
     first = cache[0] if isinstance(cache, tuple) else cache
     if first is None or first.shape[0] != x.shape[0] or first.dtype != x.dtype:
         raise RuntimeError(
@@ -322,6 +333,14 @@ def _layout(model):
     out = getattr(model, "proj_out", None) if out is None else out
     if blocks is not None and out is not None and hasattr(config, "patch_size"):
         if all(hasattr(b, "attn1") for b in blocks):  # BasicTransformerBlock: DiT, PixArt
+            for b in blocks:
+                name = type(getattr(b.attn1, "processor", None)).__name__
+                if name not in ("AttnProcessor2_0", "AttnProcessor"):
+                    raise ValueError(
+                        f"RAS: {type(model).__name__}'s self-attention uses {name}; RAS "
+                        "reproduces softmax attention (AttnProcessor2_0) only (Sana's linear "
+                        "attention is not supported)"
+                    )
             return blocks[0], out, int(config.patch_size), "diffusers"
     joint = _joint_layout(model)  # SD3, Flux
     if joint is not None:
@@ -342,17 +361,20 @@ class RAS(Accelerator):
     outside a RAS run); :meth:`remove` takes them off. See the module docstring.
     """
 
-    def __init__(self, model, config: RASConfig | None = None, *, wrap=None, **overrides):
+    def __init__(
+        self, model, config: RASConfig | None = None, *, wrap=None, context=None, **overrides
+    ):
         if config is None:
             config = RASConfig(**overrides)
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self._first, self._out, self.patch_size, self._kind = _layout(model)
-        self.model, self.config, self.state = model, config, _State()
+        self.model, self.config, self.state = model, config, _State(context=context)
         self._wrapped: list = []
         self._installed = True
         self._install(wrap or self._wrap)
         self.records: list[dict] = []
+        self.sequence = False  # the samples are [B, N, C] token sequences (on_sample_start)
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -378,6 +400,8 @@ class RAS(Accelerator):
         """Whether some step of the sampling ``ctx`` describes runs on a token subset."""
         x, p = ctx.x, self.patch_size
         tokens = (x.shape[2] // p) * (x.shape[3] // p) if x.ndim == 4 else 1
+        if x.ndim == 3 and p == 1:  # a token sequence (Flux's packed latents in its pipeline)
+            tokens = x.shape[1]
         return any(skip_schedule(self.config, ctx.num_steps, tokens))
 
     def parts(self, ctx: SampleContext) -> list[Part]:
@@ -458,12 +482,20 @@ class RAS(Accelerator):
 
     def on_sample_start(self, ctx: SampleContext) -> None:
         x = ctx.x
-        if x.ndim != 4 or x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
-            raise ValueError(f"RAS: samples must be [B, C, H, W] patches of {self.patch_size}")
+        # a [B, N, C] token sequence of a patch-1 model (Flux's packed latents inside its
+        # pipeline, tokens in row-major order): each token is a patch, scored over its channels
+        self.sequence = x.ndim == 3 and self.patch_size == 1
+        if not self.sequence and (
+            x.ndim != 4 or x.shape[2] % self.patch_size or x.shape[3] % self.patch_size
+        ):
+            raise ValueError(
+                f"RAS: samples must be [B, C, H, W] patches of {self.patch_size} (or [B, N, C] "
+                f"token sequences of a patch-1 model), got shape {list(x.shape)}"
+            )
         if not self._installed:
             raise RuntimeError("RAS: remove() was called; create a new RAS for this model")
         p = self.patch_size
-        self.grid = (x.shape[2] // p, x.shape[3] // p)
+        self.grid = (x.shape[1], 1) if self.sequence else (x.shape[2] // p, x.shape[3] // p)
         n = self.grid[0] * self.grid[1]
         self.skips = skip_schedule(self.config, ctx.num_steps, n)
         self.state.reset(n)
@@ -485,7 +517,10 @@ class RAS(Accelerator):
             B, n = self.drop_count.shape
             scores = torch.rand(B, n, generator=self.generator, device=self.drop_count.device)
         else:
-            scores = patch_scores(self.last_pred, self.patch_size, cfg.metric)
+            pred = self.last_pred
+            if self.sequence:  # [B, N, C] -> [B, C, N, 1]: one 1x1 patch per token
+                pred = pred.transpose(1, 2).unsqueeze(-1)
+            scores = patch_scores(pred, self.patch_size, cfg.metric)
         if cfg.starvation_scale:
             factor = torch.exp(cfg.starvation_scale * self.drop_count)
             scores = scores * factor if cfg.starvation == "reference" else scores / factor
@@ -531,7 +566,9 @@ class RAS(Accelerator):
             # in which another accelerator reused some attention layer's output (a schedule)
             self.kv_filled = state.mode == "dense" and state.kv_writes == self.num_attention
         active = state.mode == "ras"
-        if active:
+        if active and self.sequence:
+            pred = torch.where(self.active_mask.unsqueeze(-1), pred, self.last_pred)
+        elif active:
             B, C, H, W = pred.shape
             gh, gw = self.grid
             p = self.patch_size
@@ -579,7 +616,8 @@ class RASHook(SampleHook):
     innermost = True  # RAS's attention computes without calling what it wraps
 
     def make(self) -> RAS:
-        return RAS(self.handle.model, self.config, wrap=self.handle.wrap)
+        handle = self.handle
+        return RAS(handle.model, self.config, wrap=handle.wrap, context=lambda: handle.current)
 
     @property
     def ras(self) -> RAS:

@@ -102,10 +102,10 @@ def _full_kv(attn, state, x: torch.Tensor, index: torch.Tensor | None, length: i
                 "(Flux: one token per pixel of the sample, see adaptdiff.accel.tokens.ras_joint)"
             )
         kv = tuple(lin(x) for lin in linears)
-        state.kv[id(attn)] = kv
+        state.kv[state.key(attn)] = kv
         state.kv_writes += 1
         return kv
-    kv = state.kv.get(id(attn))
+    kv = state.kv.get(state.key(attn))
     if kv is None or kv[0].shape[:2] != (x.shape[0], length) or kv[0].dtype != x.dtype:
         raise RuntimeError(
             "RAS: no K/V cache for this model batch and sequence (a RAS step must follow a "

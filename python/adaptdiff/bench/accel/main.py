@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-weight model of dit-b and diffusers")  # fmt: skip
     p.add_argument("--size", type=int, default=32, help="latent size of dit-b and diffusers")
     p.add_argument("--repeats", type=int, default=1, help="time each run this often, keep the best")
+    p.add_argument("--pipeline-size", default=None, choices=["tiny", "small", "large"],
+                   help="pipelines: tiny, small (default) or large")  # fmt: skip
     p.add_argument("--out", default="bench-accel", help="folder for accel.md and accel.png")
     p.add_argument("--digits-dir", default=None, help="trained digits model (trained if absent)")
     p.add_argument("--train-steps", type=int, default=1500, help="digits training, if needed")

@@ -1,10 +1,12 @@
 """The ``pipelines`` models: every method inside the diffusers pipelines' own loops.
 
 For each family of :func:`adaptdiff.bench.pipelines.build_pipeline` (DiT, PixArt-Sigma, SD3,
-Flux, Sana; random weights, ``"small"`` sizes, ``"tiny"`` with ``--quick``): the plain
+Flux, Sana; random weights, ``"small"`` sizes, ``"tiny"`` with ``--quick``, another with
+``--pipeline-size``): the plain
 ``pipe(...)`` and ``pipe(...)`` after ``accel.apply(pipe, config)`` for each method, from the
 same seed. Rows: the speedup, the transformer calls (NFE), the compute done (block evaluations
-for caches and schedules, transformer rows for guidance and step skipping), PSNR/SSIM of the
+for caches and schedules, transformer rows for guidance and step skipping, the token-block
+evaluations of RAS, not run on Sana's linear attention), PSNR/SSIM of the
 output latents (DiT: the decoded images) against the plain pipeline's.
 """
 
@@ -21,7 +23,7 @@ from .report import progress
 __all__ = ["run_pipelines"]
 
 
-def _methods(steps: int, quick: bool, layout) -> list[tuple[str, str, object]]:
+def _methods(steps: int, quick: bool, layout, family: str) -> list[tuple[str, str, object]]:
     from adaptdiff import accel
     from adaptdiff.accel.caching.producers import interval_schedule
 
@@ -33,6 +35,8 @@ def _methods(steps: int, quick: bool, layout) -> list[tuple[str, str, object]]:
         ("AG", "cos >= 0.99", lambda: accel.AdaptiveGuidanceConfig(0.99)),
         ("SADA", "default", lambda: accel.SADAConfig()),
     ]
+    if family != "sana":  # RAS reproduces softmax attention; Sana's is linear
+        out.append(("RAS", "ratio 0.5", lambda: accel.RASConfig(sample_ratio=0.5)))
     if quick:
         return out
     return out + [
@@ -46,6 +50,9 @@ def _methods(steps: int, quick: bool, layout) -> list[tuple[str, str, object]]:
 def _compute(name: str, call: dict) -> float:
     if name in ("AG", "SADA"):
         return call["rows"] / call["rows_plain"] if call["rows_plain"] else 1.0
+    if name == "RAS":  # token-block evaluations relative to dense
+        fractions = [c["ras"]["active_fraction"] for c in call.get("contexts", {}).values()]
+        return sum(fractions) / len(fractions) if fractions else 1.0
     return _cache_compute(call.get("contexts", {}))
 
 
@@ -67,12 +74,13 @@ def run_pipelines(args, steps: int) -> list[Result]:
     """One table block per family (``steps``: the pipeline's ``num_inference_steps``)."""
     from adaptdiff import accel
 
-    size = "tiny" if args.quick else "small"
+    size = getattr(args, "pipeline_size", None) or ("tiny" if args.quick else "small")
     results = []
     for family in FAMILIES:
         pipe, kw = build_pipeline(family, size=size)
         kw["num_inference_steps"] = steps
         pipe.to(args.device)
+        kw = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
         def run(pipe=pipe, kw=kw):
             out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
@@ -88,7 +96,8 @@ def run_pipelines(args, steps: int) -> list[Result]:
 
         ref = (name, exact, exact_s, rng)
         rows = [_row(ref, "exact", f"pipeline {steps} steps", exact, exact_s, plain_calls, 1.0)]
-        for method, setting, make in _methods(steps, args.quick, accel.layout(pipe.transformer)):
+        layout = accel.layout(pipe.transformer)
+        for method, setting, make in _methods(steps, args.quick, layout, family):
             progress(f"{name}: {method} {setting}")
             accel.apply(pipe, make())
             try:
