@@ -91,6 +91,7 @@ def test_asdm_granularities_and_modes():
     comps = [["attn", "mlp"]] * 8
     layer = asdm_schedule(comps, 4, "layer", "alternate")
     assert [b for b in range(8) if layer.mask[1][b] == [False, False]] == [2, 3, 4, 5]
+    assert layer.meta["modes"] == "adaptdiff"  # the timestep modes are not the paper's
     unit = asdm_schedule(comps, 4, "unit", "alternate", units=["mlp"])
     assert unit.mask[1][3] == [True, False] and unit.mask[1][0] == [True, True]
     block = asdm_schedule(comps, 4, "block", "alternate", groups=4)

@@ -147,7 +147,7 @@ def test_nuclear_loss_exact_and_randomized():
     assert sara_nuclear_loss(nn.Sequential(nn.Linear(4, 4))).item() == 0.0
 
 
-def test_reselect_keeps_subset_below_threshold_and_resets_optimizer():
+def test_reselect_with_the_threshold_recomputes_on_the_whole_weight_and_resets_optimizer():
     net, x = make()
     params = apply_sara(net, threshold=0.05)
     opt = torch.optim.AdamW(params, lr=0.05)
@@ -155,16 +155,113 @@ def test_reselect_keeps_subset_below_threshold_and_resets_optimizer():
         opt.zero_grad()
         net(x).square().mean().backward()
         opt.step()
+    opt.param_groups[0]["lr"] = 0.0123  # as a scheduler would have set it
     before = {n: (l.indices.clone(), l.values.detach().clone()) for n, l in sara_layers(net)}
+    effective = {n: l.effective_weight().clone() for n, l in sara_layers(net)}
     y = net(x)
     new = sara_reselect(net, opt)
     torch.testing.assert_close(net(x), y)  # grown entries are folded into the base weight
     assert len(opt.state) == 0 and opt.param_groups[0]["params"] == new
+    assert opt.param_groups[0]["lr"] == 0.0123  # the group's settings are kept
+    left = 0
     for name, layer in sara_layers(net):
         idx, vals = before[name]
+        # the reference's rule: |w| < threshold over the whole current weight ...
+        want = torch.nonzero(effective[name].abs().reshape(-1) < 0.05).reshape(-1)
+        assert torch.equal(layer.indices, want)
+        # ... which, frozen entries being >= threshold, keeps the entries still below it
         assert torch.isin(layer.indices, idx).all()
-        assert (layer.values.abs() < 0.05).all()
         assert layer.indices.numel() == int((vals.abs() < 0.05).sum())
+        assert torch.equal(layer.frozen_indices, idx[vals.abs() >= 0.05])
+        left += layer.frozen_indices.numel()
+    assert left > 0  # some entries did grow past the threshold and leave
+
+
+def _hand_built():
+    """One Linear 4 -> 2 whose two smallest entries are 0 and 1."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[0.01, -0.02, 0.5, -0.6], [0.7, 0.8, -0.9, 1.0]]))
+    return m, torch.randn(5, 4)
+
+
+def test_reselect_lets_entries_enter_and_leave():
+    m, x = _hand_built()
+    extra = nn.Parameter(torch.ones(3))  # an optimizer may hold other parameters too
+    (values,) = apply_sara(m, fraction=0.25)
+    assert m[0].indices.tolist() == [0, 1]
+    opt = torch.optim.AdamW([{"params": [values, extra], "lr": 0.2}], weight_decay=0.0)
+    with torch.no_grad():
+        values.copy_(torch.tensor([0.95, -0.015]))  # entry 0 "became effective"
+    (m(x).sum() + extra.sum()).backward()
+    opt.step()
+    assert len(opt.state) == 2
+    trained = values.detach().clone()
+    y = m(x)
+    (new,) = sara_reselect(m, opt)
+    layer = m[0]
+    # the smallest quarter of |w| now: entry 1 (trained, still small) and entry 2 (0.5, was
+    # frozen) enter; entry 0 (grown) leaves, frozen at what it learned
+    assert layer.indices.tolist() == [1, 2]
+    assert torch.equal(new.detach(), torch.stack([trained[1], torch.tensor(0.5)]))
+    assert layer.frozen_indices.tolist() == [0]
+    assert layer.base.weight[0, 0] == trained[0] == layer.frozen_values[0]
+    torch.testing.assert_close(m(x), y)  # re-selection alone changes nothing
+    assert opt.param_groups[0]["params"] == [extra, new] and opt.param_groups[0]["lr"] == 0.2
+    assert len(opt.state) == 0  # rebuilt: the moments start again
+    # training goes on with the new selection: the entering entry moves, the frozen one not
+    opt.zero_grad()
+    m(x).square().sum().backward()
+    opt.step()
+    assert new.detach()[1] != 0.5 and layer.effective_weight()[0, 0] == trained[0]
+
+
+def test_reselect_with_a_new_threshold_and_argument_checks():
+    m, x = _hand_built()
+    apply_sara(m, threshold=0.05)
+    assert m[0].indices.tolist() == [0, 1]
+    sara_reselect(m)
+    assert m[0].indices.tolist() == [0, 1]  # nothing moved: the same entries are small
+    sara_reselect(m, threshold=0.55)  # a larger threshold: entry 2 (0.5) enters
+    assert m[0].indices.tolist() == [0, 1, 2] and m[0].threshold == 0.55
+    assert m[0].values.detach()[2] == 0.5
+    sara_reselect(m, fraction=0.125)  # the smallest eighth: entry 0 only
+    assert m[0].indices.tolist() == [0] and m[0].frozen_indices.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="sara_reselect: give threshold or fraction"):
+        sara_reselect(m, threshold=0.1, fraction=0.1)
+    with pytest.raises(ValueError, match="sara_reselect: threshold must be positive"):
+        sara_reselect(m, threshold=0.0)
+    with pytest.raises(ValueError, match=r"sara_reselect: fraction must be in \[0, 1\]"):
+        sara_reselect(m, fraction=1.5)
+
+
+def test_save_load_after_reselect_restores_the_frozen_entries(tmp_path):
+    net, x = make()
+    params = apply_sara(net, fraction=0.2)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.5)
+    new = sara_reselect(net)
+    with torch.no_grad():
+        for p in new:
+            p.add_(torch.randn_like(p) * 0.1)
+    assert sum(l.frozen_indices.numel() for _, l in sara_layers(net)) > 0
+    y = net(x)
+    path = tmp_path / "sara.safetensors"
+    save_sara(net, str(path))
+    fresh, _ = make()
+    apply_sara(fresh, fraction=0.2)  # the original selection, the original base weights
+    assert not torch.allclose(fresh(x), y)
+    load_sara(fresh, str(path))
+    torch.testing.assert_close(fresh(x), y)
+    for (_, a), (_, b) in zip(sara_layers(net), sara_layers(fresh), strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.frozen_indices, b.frozen_indices)
+    sd = dict(net.fc1.adapter_state_dict())
+    sd["frozen_indices"] = sd["indices"][:1].clone()  # both frozen and selected
+    sd["frozen_values"] = sd["values"][:1].clone()
+    with pytest.raises(ValueError, match="both frozen and selected"):
+        fresh.fc1.load_adapter_state_dict(sd)
 
 
 def test_save_load_merge_round_trip(tmp_path):

@@ -14,7 +14,8 @@ no boolean mask of the weight's size is kept, and the base weights stay frozen (
   reference "unstructural backpropagation" does).
 
 The recipe: :func:`sara_nuclear_loss` (the low-rank penalty on one random 2-D layer per step),
-:func:`sara_reselect` (progressive re-selection), :func:`sara_default_lr`. Files hold only the
+:func:`sara_reselect` (progressive re-selection of the entries small at that point: some leave,
+frozen at what they learned, others enter), :func:`sara_default_lr`. Files hold only the
 sparse values and their indices (:func:`save_sara`, :func:`load_sara`); :func:`merge_sara` folds
 them into plain modules. Example::
 
@@ -61,7 +62,9 @@ class _SaraLayer(nn.Module):
 
     adapter_kind = "sara"
 
-    def __init__(self, base: nn.Module, indices: Tensor, threshold: float):
+    def __init__(
+        self, base: nn.Module, indices: Tensor, threshold: float, fraction: float | None = None
+    ):
         super().__init__()
         self.base = base
         base.requires_grad_(False)
@@ -69,7 +72,12 @@ class _SaraLayer(nn.Module):
         w = base.weight.detach()
         # The selected entries start at their current values (no sign flip).
         self.values = nn.Parameter(w.reshape(-1)[self.indices].clone())
-        self.threshold = float(threshold)  # re-selection keeps entries still below it
+        self.threshold = float(threshold)  # |w| below it is "small" (re-selection's rule)
+        self.fraction = fraction  # selected as the smallest fraction: re-selection keeps it
+        # Entries that left the selection at a re-selection, frozen at what they learned (also
+        # written into the base weight): files carry them so a fresh model loads the same weight.
+        self.register_buffer("frozen_indices", indices.new_zeros(0, dtype=torch.int64), False)
+        self.register_buffer("frozen_values", w.new_zeros(0), False)
 
     def effective_weight(self) -> Tensor:
         """The weight with the values written in (a dense copy: for merging and tests)."""
@@ -84,24 +92,43 @@ class _SaraLayer(nn.Module):
         return zeros.index_put((self.indices,), self.values).view_as(w)
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
-        return {"indices": self.indices, "values": self.values.detach()}
+        sd = {"indices": self.indices, "values": self.values.detach()}
+        if self.frozen_indices.numel():  # after a re-selection moved entries out
+            sd.update(frozen_indices=self.frozen_indices, frozen_values=self.frozen_values)
+        return sd
 
-    def load_adapter_state_dict(self, sd: dict[str, Tensor]) -> None:
-        keys = set(sd)
-        if keys != {"indices", "values"}:
-            raise ValueError(
-                f"SaRA layer expects the keys ['indices', 'values'], got {sorted(keys)}"
-            )
-        idx, vals = sd["indices"].to(torch.int64), sd["values"]
-        numel = self.base.weight.numel()
+    def _check_indices(self, idx: Tensor, vals: Tensor, what: str) -> Tensor:
+        idx, numel = idx.to(torch.int64), self.base.weight.numel()
         if idx.dim() != 1 or vals.shape != idx.shape:
             raise ValueError(
-                f"SaRA layer: indices and values must be 1-D of one length, got "
+                f"SaRA layer: {what} indices and values must be 1-D of one length, got "
                 f"{list(idx.shape)} and {list(vals.shape)}"
             )
         if idx.numel() and (idx.min() < 0 or idx.max() >= numel or (idx[1:] <= idx[:-1]).any()):
-            raise ValueError(f"SaRA layer: indices must be sorted, unique and in [0, {numel})")
+            raise ValueError(
+                f"SaRA layer: {what} indices must be sorted, unique and in [0, {numel})"
+            )
+        return idx
+
+    def load_adapter_state_dict(self, sd: dict[str, Tensor]) -> None:
+        keys = set(sd)
+        frozen = {"frozen_indices", "frozen_values"}
+        if keys not in ({"indices", "values"}, {"indices", "values"} | frozen):
+            raise ValueError(
+                f"SaRA layer expects the keys ['indices', 'values'] (and ['frozen_indices', "
+                f"'frozen_values'] after a re-selection), got {sorted(keys)}"
+            )
+        idx = self._check_indices(sd["indices"], sd["values"], "selected")
+        vals = sd["values"]
         w = self.base.weight
+        if keys > {"indices", "values"}:
+            f_idx = self._check_indices(sd["frozen_indices"], sd["frozen_values"], "frozen")
+            if torch.isin(f_idx, idx).any():
+                raise ValueError("SaRA layer: an entry is both frozen and selected")
+            f_idx, f_vals = f_idx.to(w.device), sd["frozen_values"].to(w.device, w.dtype)
+            with torch.no_grad():
+                w.view(-1).index_put_((f_idx,), f_vals)
+            self.frozen_indices, self.frozen_values = f_idx, f_vals.clone()
         self.indices = idx.to(w.device)
         with torch.no_grad():
             if self.values.shape == vals.shape:
@@ -211,7 +238,7 @@ def apply_sara(
         indices, thr = _select(m.weight, threshold, fraction)
         if indices.numel() == 0:
             continue
-        layer = (SaraLinear if isinstance(m, nn.Linear) else SaraConv)(m, indices, thr)
+        layer = (SaraLinear if isinstance(m, nn.Linear) else SaraConv)(m, indices, thr, fraction)
         _replace(model, name, layer)
         params.append(layer.values)
     return params
@@ -274,40 +301,99 @@ def sara_nuclear_loss(
 
 @torch.no_grad()
 def sara_reselect(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    threshold: float | None = None,
+    fraction: float | None = None,
 ) -> list[nn.Parameter]:
-    """Progressive re-selection: keep training only the entries still below each layer's
-    threshold; those that grew past it become frozen (written into the base weight).
+    """Progressive re-selection (SaRA's progressive parameter adjustment): select again, over
+    the whole current weight, the entries that are small at this point, and train those.
 
-    The new selection is a subset of the old one. Returns the new ``values`` Parameters;
-    when ``optimizer`` is given, its parameters are replaced by them and its state is reset
-    (the paper rebuilds the optimizer here).
+    Per SaRA layer, as the reference's ``update_params`` does:
+
+    1. the trained values are written into the base weight, so an entry that leaves the
+       selection stays frozen at what it learned ("became effective");
+    2. the selection is recomputed on that weight: ``|w| < threshold`` (the layer's own
+       threshold, or ``threshold=`` given here), or, for a layer made with ``fraction``, its
+       smallest ``fraction`` of entries (adaptdiff's percentile form; ``fraction=`` overrides);
+    3. the new values start at the weight's current entries (trained ones keep their values,
+       entering ones start from the base weight).
+
+    Entries leave when they grew past the rule and enter when the rule picks them now: with a
+    fixed threshold a frozen entry (>= threshold when selected) can enter only if the base
+    weight or the threshold changed, so, as in the reference, the selection then only shrinks;
+    with ``fraction`` the entries that grew make room for frozen ones that are now among the
+    smallest. Layers that had no selected entry were never adapted and are not considered.
+
+    Returns the new ``values`` Parameters. With ``optimizer``, the old values are taken out of
+    its parameter groups and the new ones put into the group that held them (its
+    hyper-parameters, e.g. a scheduled ``lr``, are kept), and its state is cleared: the
+    reference rebuilds the optimizer here, which resets the Adam moments.
     """
-    params = []
+    if threshold is not None and fraction is not None:
+        raise ValueError("sara_reselect: give threshold or fraction, not both")
+    if threshold is not None and threshold <= 0:
+        raise ValueError(f"sara_reselect: threshold must be positive, got {threshold}")
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"sara_reselect: fraction must be in [0, 1], got {fraction}")
+    old_values, params = [], []
     for _, layer in sara_layers(model):
         w = layer.base.weight
-        w.view(-1).index_put_((layer.indices,), layer.values.detach())
-        keep = layer.values.detach().abs() < layer.threshold
-        layer.indices = layer.indices[keep]
-        layer.values = nn.Parameter(layer.values.detach()[keep].clone())
+        w.view(-1).index_put_((layer.indices,), layer.values.detach().to(w.dtype))
+        if threshold is not None:
+            layer.fraction = None
+            indices, thr = _select(w, threshold, None)
+        elif fraction is not None or layer.fraction is not None:
+            layer.fraction = fraction if fraction is not None else layer.fraction
+            indices, thr = _select(w, None, layer.fraction)
+        else:
+            indices, thr = _select(w, layer.threshold, None)
+        layer.threshold = thr if indices.numel() or layer.fraction is None else layer.threshold
+        old_values.append(layer.values)
+        indices = indices.to(w.device)
+        changed = torch.cat([layer.frozen_indices, layer.indices])  # entries moved off the base
+        changed = changed.unique()  # sorted
+        frozen = changed[~torch.isin(changed, indices)]
+        layer.frozen_indices = frozen
+        layer.frozen_values = w.detach().reshape(-1)[frozen].clone()
+        layer.indices = indices
+        layer.values = nn.Parameter(w.detach().reshape(-1)[layer.indices].clone())
         params.append(layer.values)
     if optimizer is not None:
-        optimizer.state.clear()
-        optimizer.param_groups.clear()
-        optimizer.add_param_group({"params": params})
+        _swap_optimizer_params(optimizer, old_values, params)
     return params
 
 
+def _swap_optimizer_params(optimizer, old: list[Tensor], new: list[nn.Parameter]) -> None:
+    gone = {id(p) for p in old}
+    home = None
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in gone]
+        if len(kept) != len(group["params"]) and home is None:
+            home = group
+        group["params"] = kept
+    if home is None:  # the optimizer held none of them: they join its first group
+        if not optimizer.param_groups:
+            raise ValueError("sara_reselect: the optimizer has no parameter group")
+        home = optimizer.param_groups[0]
+    home["params"] = home["params"] + list(new)
+    optimizer.state.clear()
+
+
 def save_sara(model: nn.Module, path: str) -> None:
-    """Write the SaRA layers' values and indices (int32 when they fit) to a safetensors file."""
+    """Write the SaRA layers' values and indices (int32 when they fit) to a safetensors file;
+    after :func:`sara_reselect`, also the entries it froze (``frozen_indices``/``frozen_values``),
+    so that loading into a freshly adapted base model gives the same weights."""
     from safetensors.torch import save_file
 
     tensors = {}
     for name, layer in sara_layers(model):
-        idx = layer.indices
         small = layer.base.weight.numel() < 2**31
-        tensors[f"{name}.indices"] = (idx.to(torch.int32) if small else idx).cpu().contiguous()
-        tensors[f"{name}.values"] = layer.values.detach().cpu().contiguous()
+        for key, t in layer.adapter_state_dict().items():  # + frozen_* after a re-selection
+            if key.endswith("indices") and small:
+                t = t.to(torch.int32)
+            tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
     save_file(tensors, path, metadata={"adaptdiff_adapter_kind": "sara"})
 
 

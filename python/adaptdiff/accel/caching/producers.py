@@ -61,13 +61,17 @@ ASDM_MODES = ("alternate", "early", "middle", "late")
 
 
 def asdm_steps(steps: int, mode: str) -> list[int]:
-    """Which calls inherit under an A-SDM timestep mode (step 0 never does).
+    """Which calls inherit under a timestep mode (step 0 never does).
+
+    These four modes are adaptdiff's own, not A-SDM's: the paper (arXiv 2406.00210) describes
+    timestep-level sampling modes for feature inheritance (alternate steps, denser inheritance
+    in some phase of sampling) but neither its text available to us nor any public code gives
+    their steps, so these rules were chosen here and are not the paper's:
 
     - ``alternate``: every other call (1, 3, 5, ...).
-    - ``early``: every other call in the first half (layout settles early).
+    - ``early``: every other call in the first half.
     - ``middle``: every other call in [30 %, 80 %) of the trajectory.
-    - ``late``: two of every three calls from the middle on (details change slowly there).
-    The paper gives modes but not their exact steps; these are ours.
+    - ``late``: two of every three calls from the middle on.
     """
     _check_steps(steps)
     if mode == "alternate":
@@ -88,7 +92,9 @@ def asdm_schedule(
     targets: Sequence | None = None, groups: int | None = None, units: Sequence[str] | None = None,
 ) -> Schedule:  # fmt: skip
     """A-SDM feature inheritance: on the calls of ``mode`` (see :func:`asdm_steps`) the chosen
-    units reuse ("inherit") their features from the previous call.
+    units reuse ("inherit") their features from the previous call. The granularities are the
+    paper's; the timestep modes and the default targets are adaptdiff's own choices (the paper's
+    exact steps and units are not published), recorded as ``meta.modes = "adaptdiff"``.
 
     granularity:
     - ``"block"``: the blocks form ``groups`` contiguous groups (default min(4, blocks); a
@@ -127,7 +133,7 @@ def asdm_schedule(
                 raise ValueError(f"units {list(units)} match no component of the target blocks")
     else:
         raise ValueError(f"granularity must be 'block', 'layer' or 'unit', got {granularity!r}")
-    meta = {"method": "asdm", "granularity": granularity, "mode": mode}
+    meta = {"method": "asdm", "granularity": granularity, "mode": mode, "modes": "adaptdiff"}
     sched = Schedule.full(components, steps, meta=meta)
     for s in inherit:
         for b, names in pick.items():

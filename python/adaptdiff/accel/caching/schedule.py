@@ -8,14 +8,26 @@ JSON (written by :meth:`Schedule.save`, read by :meth:`Schedule.load`)::
      "mask": [["11", "11", ...], ["11", "10", ...], ...],  # [step][block]: one char per
                                                      # component, "1" compute, "0" reuse
      "model": {"class": ..., "blocks": ..., "parameters": ...},   # optional
+     "skipped": "remove",                            # optional: what a "0" does
      "meta": {"method": "bac", ...}}                 # optional: who made it and how
 
 ``mask`` entries may also be lists of 0/1 or of "compute"/"reuse". A *step* is one model call
 in a context since the last reset (Heun makes two per solver step; in ``sample``, the call's
 place in the sampler's plan, so ``steps`` must equal its call count); calls past ``steps``
-compute. Reuse returns the component's output from the last call that computed it (ECAD's
-pre-gate output for DiT's ``attn``/``mlp``: the current step's AdaLN gate is still applied);
-a component with nothing cached yet, or cached for another batch size, computes.
+compute.
+
+``skipped`` says what a component marked "0" does:
+
+- ``"reuse"`` (the default, and what a file without the key means): it returns its output
+  from the last call that computed it (ECAD's pre-gate output for DiT's ``attn``/``mlp``: the
+  current step's AdaLN gate is still applied); a component with nothing cached yet, or cached
+  for another batch size, computes.
+- ``"remove"``: it is not run and returns zeros shaped like its output, so a residual branch
+  (attention, MLP, feed-forward) adds nothing and a block whose components are all removed
+  returns its input (AutoDiffusion's layer removal; exact on adaptdiff's DiT and on diffusers
+  blocks whose components are residual branches). The output's shape is taken from the
+  component's last computed output (its batch size from this call's input); a component
+  removed before it ever ran runs once to learn it and the result is discarded.
 """
 
 from __future__ import annotations
@@ -30,11 +42,19 @@ from torch import nn
 
 from ..api import register_config
 from ..calibration import model_signature, read_document
-from ..hooks import Hook, Part, block_rates, layout, merge_rows
+from ..hooks import Hook, Part, block_rates, layout, map_tensors, merge_rows
 
 FORMAT, VERSION = "adaptdiff.schedule", 1
 
-__all__ = ["Schedule", "ScheduleConfig"]
+__all__ = ["SKIPPED", "Schedule", "ScheduleConfig"]
+
+SKIPPED = ("reuse", "remove")  # what a "0" in the mask does (see the module docstring)
+
+
+def check_skipped(value, where: str) -> str:
+    if value not in SKIPPED:
+        raise ValueError(f"{where}: skipped must be one of {list(SKIPPED)}, got {value!r}")
+    return value
 
 
 def _parse_entry(entry, n: int, where: str) -> list[bool]:
@@ -57,14 +77,17 @@ def _parse_entry(entry, n: int, where: str) -> list[bool]:
 
 @dataclass
 class Schedule:
-    """``mask[step][block][component]``: True computes, False reuses the cached output."""
+    """``mask[step][block][component]``: True computes, False skips it: reuses the cached
+    output (``skipped="reuse"``) or contributes nothing (``skipped="remove"``)."""
 
     components: list[list[str]]
     mask: list[list[list[bool]]]
     meta: dict | None = None
     model: dict | None = None
+    skipped: str = "reuse"
 
     def __post_init__(self):
+        check_skipped(self.skipped, "Schedule")
         self.components = [list(c) for c in self.components]
         for s, row in enumerate(self.mask):
             if len(row) != len(self.components):
@@ -129,6 +152,8 @@ class Schedule:
             "steps": self.num_steps,
             "mask": [["".join("1" if v else "0" for v in e) for e in row] for row in self.mask],
         }
+        if self.skipped != "reuse":  # files without the key reuse (format version 1)
+            doc["skipped"] = self.skipped
         if self.model is not None:
             doc["model"] = self.model
         if self.meta is not None:
@@ -148,7 +173,10 @@ class Schedule:
         if doc["steps"] != len(doc["mask"]):
             raise ValueError(f"{where}: steps is {doc['steps']} but mask has {len(doc['mask'])}")
         try:
-            sched = cls(doc["components"], doc["mask"], doc.get("meta"), doc.get("model"))
+            sched = cls(
+                doc["components"], doc["mask"], doc.get("meta"), doc.get("model"),
+                doc.get("skipped", "reuse"),
+            )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if model is not None:
@@ -246,7 +274,44 @@ class ScheduleExecutor(Hook):
         merge = entry is not None and entry[1] is not None and slots is not None
         return hit, slots, merge and not torch.equal(entry[1], slots)
 
+    @torch.compiler.disable
+    def _removed(self, b: int, c: int) -> bool:
+        """Whether (b, c) is removed at this call (``skipped="remove"``); counts the decision."""
+        step, mask = self.handle.ctx.step, self.schedule.mask
+        removed = 0 <= step < len(mask) and not mask[step][b][c]
+        self.handle.ctx.count(("block", b), removed)
+        return removed
+
+    def _remove_wrapper(self, b: int, c: int):
+        def component(inner, *args, **kwargs):
+            if self.handle.subset_call():
+                return inner(*args, **kwargs)
+            batch = _batch(args, kwargs)
+            key = ("shape", b, c)
+            shape = tuple(args[0].shape[1:]) if args and isinstance(args[0], torch.Tensor) else None
+            known = self.state.get(key)
+            if not self._removed(b, c):
+                out = inner(*args, **kwargs)
+                self.state[key] = (
+                    shape,
+                    map_tensors(out, lambda v: v.new_zeros((1,) + v.shape[1:])),
+                )
+                return out
+            if known is None or known[0] != shape:  # never ran on inputs of this shape: learn
+                with torch.no_grad():  # the output's shape (the result is discarded)
+                    out = inner(*args, **kwargs)
+                known = self.state[key] = (
+                    shape, map_tensors(out, lambda v: v.new_zeros((1,) + v.shape[1:]))
+                )  # fmt: skip
+            n = batch if batch is not None else 1
+            return map_tensors(known[1], lambda z: z.new_zeros((n,) + z.shape[1:]))
+
+        return component
+
     def _wrapper(self, b: int, c: int):
+        if self.schedule.skipped == "remove":
+            return self._remove_wrapper(b, c)
+
         def component(inner, *args, **kwargs):
             if self.handle.subset_call():
                 return inner(*args, **kwargs)
@@ -265,6 +330,7 @@ class ScheduleExecutor(Hook):
             "method": "ScheduleConfig",
             "block_hit_rates": block_rates(ctx, "block", len(self.schedule.components)),
             "planned_compute_fraction": self.schedule.compute_fraction(),
+            "schedule_skipped": self.schedule.skipped,
         }
 
 
