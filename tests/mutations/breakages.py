@@ -89,9 +89,8 @@ def _sada_reuse() -> None:
     from adaptdiff.samplers.parameterization import target
 
     def make(_skip):
-        def reuse(self, step, approx):
+        def reuse(self, step, approx, skip):
             last = self.records[-1]  # f = eps - x0
-            self.skipped.append(step.index)
             eps = last.f + last.x0
             return target(last.x0, eps, step.alpha, step.sigma, step.ctx.prediction)
 
@@ -249,6 +248,57 @@ def _grad_guidance_sigma_dropped() -> None:
     _wrap(GradGuidance, "apply", make)
 
 
+def _sada_batch_criterion() -> None:
+    from adaptdiff.accel.steps.sada import SADA
+
+    def whole_batch(self, m):  # the mean over the batch decides for every sample
+        return torch.full((m.shape[0],), float(m.mean()) <= 0)
+
+    _wrap(SADA, "_stable", lambda _: whole_batch)
+
+
+def _removed_block_still_runs() -> None:
+    from adaptdiff.accel.caching.schedule import ScheduleExecutor
+
+    _wrap(ScheduleExecutor, "_removed", lambda _: lambda self, b, c: False)
+
+
+def _sara_reselect_shrinks_only() -> None:
+    from torch import nn
+
+    from adaptdiff.adapters import sara
+
+    def make(reselect):
+        def shrink_only(model, optimizer=None, **kwargs):
+            old = {id(layer): layer.indices.clone() for _, layer in sara.sara_layers(model)}
+            params = reselect(model, optimizer, **kwargs)
+            for _, layer in sara.sara_layers(model):
+                keep = torch.isin(layer.indices, old[id(layer)])  # nothing new enters
+                layer.indices = layer.indices[keep]
+                layer.values = nn.Parameter(layer.values.detach()[keep].clone())
+            return params
+
+        return shrink_only
+
+    _replace("adaptdiff.adapters.sara", "sara_reselect", make)
+
+
+def _guidance_policy_keeps_uncond() -> None:
+    from adaptdiff.accel.guidance.policy import GuidancePolicy
+
+    _wrap(GuidancePolicy, "before_model", lambda _: lambda self, step: None)
+
+
+def _selective_scan_skip_ignored() -> None:
+    def make(scan):
+        def no_skip(u, delta, A, B, C, D_skip=None, *args, **kwargs):
+            return scan(u, delta, A, B, C, None, *args, **kwargs)
+
+        return no_skip
+
+    _replace("adaptdiff.ops", "selective_scan", make)
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -371,6 +421,41 @@ BREAKAGES = [
         _grad_guidance_sigma_dropped,
         ("tests/samplers/test_grad_guidance.py",),
         "tests/samplers/test_grad_guidance.py::test_exact_classifier_guidance_is_the_conditional_model",
+    ),
+    Breakage(
+        "sada_batch_criterion",
+        "SADA's stability test averages over the batch instead of per sample",
+        _sada_batch_criterion,
+        ("tests/accel/test_sada.py",),
+        "tests/accel/test_sada.py::test_per_sample_batch_equals_each_trajectory_alone",
+    ),
+    Breakage(
+        "removed_block_still_runs",
+        'a schedule with `skipped="remove"` (AutoDiffusion\'s default) runs its removed blocks',
+        _removed_block_still_runs,
+        ("tests/accel/test_autodiffusion.py",),
+        "tests/accel/test_autodiffusion.py::test_removed_blocks_return_their_input_and_differ_from_reuse",
+    ),
+    Breakage(
+        "sara_reselect_shrinks_only",
+        "`sara_reselect` keeps only entries of the old selection (none can enter)",
+        _sara_reselect_shrinks_only,
+        ("tests/adapters/test_sara.py",),
+        "tests/adapters/test_sara.py::test_reselect_lets_entries_enter_and_leave",
+    ),
+    Breakage(
+        "guidance_policy_keeps_uncond",
+        "a guidance policy's `cond`/`linear` steps still run the unconditional branch",
+        _guidance_policy_keeps_uncond,
+        ("tests/accel/test_guidance_policy.py",),
+        "tests/accel/test_guidance_policy.py::test_all_cond_is_conditional_only_bit_for_bit",
+    ),
+    Breakage(
+        "selective_scan_skip_ignored",
+        "`ops.selective_scan` drops its `D_skip` term",
+        _selective_scan_skip_ignored,
+        ("tests/ops/test_selective_scan.py",),
+        "tests/ops/test_selective_scan.py::test_matches_reference",
     ),
 ]
 

@@ -33,6 +33,17 @@ def first_failure(output: str) -> str | None:
     return m.group(1) if m else None
 
 
+# A breakage whose patch no longer fits the code it patches (a changed signature, a renamed
+# attribute) fails its tests with one of these instead of an assertion: that catches nothing.
+STALE_PATCH = ("TypeError", "AttributeError", "NameError", "ImportError", "RuntimeError: mutation")
+
+
+def failure_reason(output: str) -> str:
+    """The first error line of the (one, under ``-x``) failure's traceback: ``E   Kind: ...``."""
+    m = re.search(r"^E\s+(\w+(?:Error|Exception)\b.*)$", output, re.MULTILINE)
+    return m.group(1) if m else ""
+
+
 def _case(b: breakages.Breakage):
     marks = [pytest.mark.slow] if b.slow else []
     if b.caught_by is None:
@@ -49,6 +60,10 @@ def test_breakage_makes_a_test_fail(breakage):
     assert proc.returncode == 1, f"{breakage.name}: exit {proc.returncode}, not caught:\n{tail}"
     failed = first_failure(out)
     assert failed is not None, f"{breakage.name}: no FAILED line:\n{tail}"
+    reason = failure_reason(out)
+    assert not reason.startswith(STALE_PATCH), (
+        f"{breakage.name}: {failed} failed with {reason!r}: the patch no longer fits the code"
+    )
     if breakage.caught_by is not None:
         assert failed == breakage.caught_by, (
             f"{breakage.name}: first failure {failed}, the table says {breakage.caught_by}; "
