@@ -69,22 +69,23 @@ def _check_param(op, name, t, u) -> None:
     )
 
 
+def _check_like_u(op, name, t, u) -> None:
+    """``t`` (delta, z, grad_out) on u's device with u's dtype and shape."""
+    check_same_device(op, name, t, "u", u)
+    check(t.dtype == u.dtype, op, f"{name} must have the dtype of u ({u.dtype}), got {t.dtype}")
+    check(
+        t.shape == u.shape,
+        op,
+        f"{name} must have the shape of u ({tuple(u.shape)}), got {tuple(t.shape)}",
+    )
+
+
 def _check_args(op, u, delta, A, B, C, D_skip, z, delta_bias) -> None:
     """The kernels' checks, in the same words (fake kernels and the reference path)."""
     check_floating(op, "u", u)
     check(u.dim() == 3, op, f"u must be 3-D [B, D, L], got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
-    check_same_device(op, "delta", delta, "u", u)
-    check(
-        delta.dtype == u.dtype,
-        op,
-        f"delta must have the dtype of u ({u.dtype}), got {delta.dtype}",
-    )
-    check(
-        delta.shape == u.shape,
-        op,
-        f"delta must have the shape of u ({tuple(u.shape)}), got {tuple(delta.shape)}",
-    )
+    _check_like_u(op, "delta", delta, u)
     _check_param(op, "A", A, u)
     check(A.dim() == 2, op, f"A must be 2-D [D, N], got shape {tuple(A.shape)}")
     check(
@@ -116,13 +117,7 @@ def _check_args(op, u, delta, A, B, C, D_skip, z, delta_bias) -> None:
             f"{name} must have shape [D] = [{dim}], got {tuple(t.shape)}",
         )
     if z is not None:
-        check_same_device(op, "z", z, "u", u)
-        check(z.dtype == u.dtype, op, f"z must have the dtype of u ({u.dtype}), got {z.dtype}")
-        check(
-            z.shape == u.shape,
-            op,
-            f"z must have the shape of u ({tuple(u.shape)}), got {tuple(z.shape)}",
-        )
+        _check_like_u(op, "z", z, u)
 
 
 @torch.library.register_fake("adaptdiff::selective_scan")
@@ -135,17 +130,7 @@ def _fake(u, delta, A, B, C, D_skip=None, z=None, delta_bias=None, delta_softplu
 def _fake_backward(grad_out, u, delta, A, B, C, D_skip, z, delta_bias, delta_softplus):
     op = "selective_scan_backward"
     _check_args(op, u, delta, A, B, C, D_skip, z, delta_bias)
-    check_same_device(op, "grad_out", grad_out, "u", u)
-    check(
-        grad_out.dtype == u.dtype,
-        op,
-        f"grad_out must have the dtype of u ({u.dtype}), got {grad_out.dtype}",
-    )
-    check(
-        grad_out.shape == u.shape,
-        op,
-        f"grad_out must have the shape of u ({tuple(u.shape)}), got {tuple(grad_out.shape)}",
-    )
+    _check_like_u(op, "grad_out", grad_out, u)
     fresh = torch.contiguous_format
 
     def absent():
