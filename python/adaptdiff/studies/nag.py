@@ -73,13 +73,22 @@ def _quick(cfg: NAGConfig) -> NAGConfig:
 # ---------------------------------------------------------------- the search space
 
 
+def _codes(ops: torch.Tensor) -> torch.Tensor:
+    """Op indices [N, edges] as codes [N, 30]: one-hot per edge scaled to +-1."""
+    return (2 * F.one_hot(ops, len(OPS)).float() - 1).flatten(1)
+
+
+def _random_arch(g: torch.Generator) -> tuple[int, ...]:
+    return tuple(torch.randint(0, len(OPS), (len(EDGES),), generator=g).tolist())
+
+
 def encode(arch: tuple[int, ...]) -> torch.Tensor:
     """An architecture (one op index per edge) as a code: one-hot per edge scaled to +-1."""
     if len(arch) != len(EDGES) or not all(0 <= op < len(OPS) for op in arch):
         raise ValueError(
             f"encode: an architecture is {len(EDGES)} op indices below {len(OPS)}, got {arch}"
         )
-    return (2 * F.one_hot(torch.tensor(arch), len(OPS)).float() - 1).flatten()
+    return _codes(torch.tensor([arch]))[0]
 
 
 def decode(codes: torch.Tensor) -> list[tuple[int, ...]]:
@@ -183,8 +192,7 @@ def train_generator(cfg: NAGConfig, schedule, g) -> nn.Module:
     model = _TimeMLP(CODE, 128)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(cfg.diffusion_steps):
-        arch = torch.randint(0, len(OPS), (128, len(EDGES)), generator=g)
-        codes = (2 * F.one_hot(arch, len(OPS)).float() - 1).flatten(1)
+        codes = _codes(torch.randint(0, len(OPS), (128, len(EDGES)), generator=g))
         x_t, t, eps = _noised(codes, schedule, g)
         loss = F.mse_loss(model(x_t, t), eps)
         opt.zero_grad()
@@ -233,9 +241,7 @@ def _run_seed(cfg: NAGConfig, seed: int, out: Path, progress: Progress) -> Metri
     oracle = Oracle(cfg, seed)
     schedule = VPSchedule("linear")
 
-    shared = [tuple(torch.randint(0, len(OPS), (len(EDGES),), generator=g).tolist())
-              for _ in range(cfg.num_random)]  # fmt: skip
-    shared = list(dict.fromkeys(shared))
+    shared = list(dict.fromkeys(_random_arch(g) for _ in range(cfg.num_random)))
     shared_acc = torch.tensor([oracle(a) for a in shared])
     progress.advance(f"{len(shared)} shared evaluations")
     top10 = float(shared_acc.quantile(0.9))
@@ -250,7 +256,7 @@ def _run_seed(cfg: NAGConfig, seed: int, out: Path, progress: Progress) -> Metri
     proposals: dict[str, tuple[list, float | None]] = {}
     rand = []
     while len(rand) < cfg.num_new:
-        arch = tuple(torch.randint(0, len(OPS), (len(EDGES),), generator=g).tolist())
+        arch = _random_arch(g)
         if arch not in seen and arch not in rand:
             rand.append(arch)
     proposals["random"] = (rand, None)
