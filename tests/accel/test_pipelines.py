@@ -15,6 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from adaptdiff.bench.pipelines import FAMILIES, SIZES, build_pipeline  # noqa: E402
 
+from .support import ReusePrediction  # noqa: E402
+
 STEPS = SIZES["tiny"]["steps"]
 
 
@@ -433,23 +435,6 @@ def test_neutral_ras_is_the_plain_pipeline_exactly(family):
     assert torch.equal(_run(pipe, kw), plain)
 
 
-class _ReuseVelocity(Accelerator):
-    """The baseline RAS improves on: every token keeps its last prediction on the RAS steps."""
-
-    def __init__(self, skips):
-        self.skips = skips
-
-    def on_sample_start(self, ctx):
-        self.last = None
-
-    def before_model(self, step):
-        return self.last if self.skips[step.index] and self.last is not None else None
-
-    def after_model(self, step, pred):
-        self.last = pred
-        return pred
-
-
 @pytest.mark.parametrize("family", RAS_FAMILIES)
 def test_ras_runs_half_the_image_tokens_inside_the_pipeline(family):
     steps = 10
@@ -485,7 +470,7 @@ def test_ras_runs_half_the_image_tokens_inside_the_pipeline(family):
     dense = 16  # tiny: 4x4 image tokens
     want = [dense if k == 0 else dense - k for k in ras["skips"] for _ in range(per_step)]
     assert half == want
-    with driving(pipe, [_ReuseVelocity(ras["skips"])]):
+    with driving(pipe, [ReusePrediction(i for i, skip in enumerate(ras["skips"]) if skip)]):
         baseline = _images(pipe, kw)
     rng = float(plain.max() - plain.min())
     ras_db = float(psnr(out, plain, rng).mean())

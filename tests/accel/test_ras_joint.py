@@ -7,8 +7,9 @@ import torch
 from adaptdiff import accel
 from adaptdiff.accel.tokens.ras import RAS, RASConfig
 from adaptdiff.metrics import psnr
-from adaptdiff.samplers import Accelerator, sample
+from adaptdiff.samplers import sample
 
+from .support import ReusePrediction
 from .test_diffusers import _build, diffusers
 from .test_ras import AllTokensPermuted, Spy
 
@@ -69,23 +70,6 @@ def run(model, kind, accelerators=(), steps=10, method="euler"):
         accelerators=list(accelerators), generator=torch.Generator().manual_seed(1),
         progress=False,
     )  # fmt: skip
-
-
-class ReuseVelocity(Accelerator):
-    """The baseline RAS improves on: every token keeps its last velocity on the RAS steps."""
-
-    def __init__(self, skips):
-        self.skips = skips
-
-    def on_sample_start(self, ctx):
-        self.last = None
-
-    def before_model(self, step):
-        return self.last if self.skips[step.index] and self.last is not None else None
-
-    def after_model(self, step, pred):
-        self.last = pred
-        return pred
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -178,7 +162,7 @@ def test_half_the_image_tokens_run_and_the_result_stays_close(kind):
     shortened = {8, 8 + text} if kind == "flux" else {8}
     for i, seen in enumerate(calls):
         assert set(seen) == (dense if s["skips"][i] == 0 else shortened), (i, seen)
-    baseline = run(model, kind, [ReuseVelocity(s["skips"])])
+    baseline = run(model, kind, [ReusePrediction(i for i, skip in enumerate(s["skips"]) if skip)])
     ras_db, reuse_db = psnr(out, plain).mean(), psnr(baseline, plain).mean()
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
     # Recomputing half the tokens must beat keeping every velocity (~29 dB) by a clear margin.
