@@ -13,7 +13,22 @@ from .base import (
     save_adapter,
     trainable_parameters,
 )
+from .controlnet import (
+    ControlledDiT,
+    DiTControlNet,
+    controlnet,
+    controlnet_state_dict_diffusers,
+    load_controlnet_diffusers,
+    save_controlnet_diffusers,
+)
 from .difffit import ScaledBranch, apply_difffit
+from .divcontrol import (
+    DivControlNet,
+    SVDLinear,
+    divcontrol,
+    divcontrol_loss,
+    tailor_parameters,
+)
 from .fera import FeRALinear, apply_fera, band_energies, fecl_loss, fera_loss
 from .lora import (
     LoraLinear,
@@ -39,6 +54,17 @@ from .sara import (
 )
 
 __all__ = [
+    "ControlledDiT",
+    "DiTControlNet",
+    "DivControlNet",
+    "SVDLinear",
+    "divcontrol",
+    "divcontrol_loss",
+    "tailor_parameters",
+    "controlnet",
+    "controlnet_state_dict_diffusers",
+    "load_controlnet_diffusers",
+    "save_controlnet_diffusers",
     "FeRALinear",
     "LoraLinear",
     "OrthogonalLoraLinear",

@@ -436,16 +436,23 @@ class DiT(nn.Module):
             t, cfg.hidden_size, cfg.dtr_num_tasks, cfg.dtr_sharing_ratio, cfg.dtr_alpha
         )
 
-    def forward(self, x, t, y=None, force_drop_ids=None) -> torch.Tensor:
+    def forward(self, x, t, y=None, force_drop_ids=None, *, block_residuals=None) -> torch.Tensor:
         """
         x: (B, C, H, W) images or latents, H and W multiples of patch_size
         t: (B,) or () float timesteps in the sampler's units
         y: (B,) int64 class labels; None means the null label (and must be None when the
            model is unconditional)
         force_drop_ids: (B,) 1 where the label is replaced by the null label (as in DiT)
+        block_residuals: None, or a sequence of at most ``depth`` (B, N, D) tensors; entry i is
+           added to the tokens after block i (a ControlNet's injection)
         returns: (B, C_out, H, W)
         """
         B, H, W = self._check_inputs(x, t, y, force_drop_ids)
+        if block_residuals is not None and len(block_residuals) > len(self.blocks):
+            raise ValueError(
+                f"DiT: block_residuals has {len(block_residuals)} entries, the model "
+                f"{len(self.blocks)} blocks"
+            )
         grid_h, grid_w = H // self.patch_size, W // self.patch_size
         t = t.expand(B) * self.config.time_scale  # (B,)
 
@@ -457,8 +464,10 @@ class DiT(nn.Module):
             t_emb = self.t_embedder(t)  # (B, D)
             for layer in noise_routed:
                 layer.noise_level = (t, t_emb)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = block(h, c, mask)  # (B, N, D)
+            if block_residuals is not None and i < len(block_residuals):
+                h = h + block_residuals[i]
         for layer in noise_routed:
             layer.noise_level = None
         h = self.final_layer(h, c)  # (B, N, p*p*C_out)
