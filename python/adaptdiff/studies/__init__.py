@@ -14,8 +14,10 @@ from .runner import Column, Progress, Stat, Study, run_study
 # name -> module defining STUDY
 STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
+    "dimsum": "adaptdiff.studies.dimsum",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
+    "prune": "adaptdiff.studies.prune",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
