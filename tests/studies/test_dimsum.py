@@ -42,7 +42,7 @@ def test_bad_configs_are_refused(tmp_path):
     for bad, match in (
         (dict(models=("dit", "unet")), "models must be some of"),
         (dict(models=()), "models must be some of"),
-        (dict(mid_step=250), r"mid_step must be in \(0, steps=250\)"),
+        (dict(mid_step=160, steps=160), r"mid_step must be in \(0, steps=160\)"),
     ):
         with pytest.raises(ValueError, match=f"dimsum study: {match}"):
             run_seed(dataclasses.replace(DimsumConfig(), **bad), 0, tmp_path, Progress())
