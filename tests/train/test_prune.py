@@ -11,6 +11,8 @@ from adaptdiff.samplers import FlowSchedule, VPSchedule
 from adaptdiff.train import TrainConfig, Trainer
 from adaptdiff.train.prune import (
     BlockDistiller,
+    MultiExpertLinear,
+    apply_multi_expert,
     block_importance,
     blocks_to_keep,
     calibration_timesteps,
@@ -201,3 +203,40 @@ def test_distiller_refuses_mismatched_students():
     distill = BlockDistiller(teacher, [0, 1])
     with pytest.raises(ValueError, match="the student has 3 blocks, keep names 2"):
         distill(prune_dit(teacher, [0, 1, 2]), _batch(2))
+
+
+def test_multi_expert_layers_start_as_the_original_and_route_by_timestep():
+    model = _dit(depth=2)
+    x, y = _batch(3)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    want = model(x, t, y)
+    params = apply_multi_expert(model, num_experts=3, blocks=[1])
+    layers = [m for m in model.modules() if isinstance(m, MultiExpertLinear)]
+    assert len(layers) == 2 and isinstance(model.blocks[0].mlp.fc1, nn.Linear)
+    assert len(params) == 2 * 4  # experts' weights and biases, router weight and bias
+    assert torch.allclose(model(x, t, y), want, atol=1e-5)  # equal mixing of equal copies
+    layer = model.blocks[1].mlp.fc1
+    with torch.no_grad():
+        layer.experts_weight[0].add_(torch.randn_like(layer.experts_weight[0]))
+        layer.router.weight.normal_()
+    model(x, t, y)
+    r = torch.softmax(layer.router(layer.route), -1)
+    assert not torch.allclose(r[0], r[2])  # a different mix of experts per timestep
+    # each sample uses its own mixed weight: the same as a plain linear with that weight
+    h = torch.randn(3, 5, layer.experts_weight.shape[2])
+    out = layer(h)
+    for b in range(3):
+        w = torch.einsum("e,eoi->oi", r[b], layer.experts_weight)
+        assert torch.allclose(out[b], h[b] @ w.T + r[b] @ layer.experts_bias, atol=1e-5)
+    model(x, t, y).square().mean().backward()
+    assert layer.experts_weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_multi_expert_checks():
+    model = _dit(depth=2)
+    with pytest.raises(ValueError, match="apply_multi_expert: block 0 has no nn.Linear at"):
+        apply_multi_expert(model, target_modules=["mlp.nope"])
+    with pytest.raises(ValueError, match="MultiExpertLinear: num_experts must be >= 1"):
+        MultiExpertLinear(nn.Linear(2, 2), 0, 4)
+    with pytest.raises(RuntimeError, match="MultiExpertLinear: route must be set"):
+        MultiExpertLinear(nn.Linear(2, 2), 2, 4)(torch.randn(1, 2))

@@ -15,8 +15,16 @@ side of A-SDM, arXiv 2312.15516 / 2406.00210, on a DiT instead of a UNet).
    input, timestep, labels and label drop; the teacher runs without autograd.
    :func:`multilevel_distillation_loss` is the formula alone.
 
-Not here: A-SDM's multi-expert conditional convolution (CondConv over the timestep) and its
-progressive ("incubation") schedule; pruning removes whole blocks at once.
+4. Optional multi-expert conditional layers (A-SDM's ME-CondConv, after CondConv, Yang et al.
+   2019, on a DiT's linear layers): :func:`apply_multi_expert` turns chosen ``nn.Linear`` layers
+   into :class:`MultiExpertLinear` (``E`` expert weight sets, each starting as a copy of the
+   layer, mixed per sample by a softmax router over the timestep embedding), so a pruned model
+   can spend its recovered capacity differently at different noise levels for the cost of one
+   linear layer per call. The router starts at zero (equal mixing), so the model computes
+   exactly what it did before.
+
+Not here: A-SDM's progressive ("incubation") schedule, and the inheritance of the removed
+blocks' weights into the experts; pruning removes whole blocks at once.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from ..samplers.parameterization import append_dims, target
 
 __all__ = [
     "BlockDistiller",
+    "MultiExpertLinear",
+    "apply_multi_expert",
     "block_importance",
     "blocks_to_keep",
     "calibration_timesteps",
@@ -297,3 +307,75 @@ class BlockDistiller:
             s_out, t_out, goal, s_feats, matched, **self.weights
         )
         return loss
+
+
+class MultiExpertLinear(nn.Module):
+    """``y = x W(r)^T + b(r)`` with ``W(r) = sum_e r_e W_e``, ``r = softmax(router(route))`` per
+    sample: ``num_experts`` copies of ``base``'s weight and bias (``experts_weight [E, out,
+    in]``, ``experts_bias [E, out]``) and a router ``Linear(route_dim, E)`` starting at zero.
+    ``route`` (``[B, route_dim]``) is set before the forward (:func:`apply_multi_expert` sets the
+    timestep embedding); ``x`` is ``[B, ..., in]``."""
+
+    def __init__(self, base: nn.Linear, num_experts: int, route_dim: int):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"MultiExpertLinear: num_experts must be >= 1, got {num_experts}")
+        w = base.weight.detach()
+        b = base.bias.detach() if base.bias is not None else w.new_zeros(w.shape[0])
+        self.experts_weight = nn.Parameter(w.expand(num_experts, *w.shape).clone())
+        self.experts_bias = nn.Parameter(b.expand(num_experts, *b.shape).clone())
+        self.router = nn.Linear(route_dim, num_experts)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.route: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.route is None or self.route.shape[0] != x.shape[0]:
+            got = None if self.route is None else list(self.route.shape)
+            raise RuntimeError(
+                f"MultiExpertLinear: route must be set to [{x.shape[0]}, route_dim] before the "
+                f"forward, got {got}"
+            )
+        r = torch.softmax(self.router(self.route).float(), dim=-1).to(x.dtype)  # [B, E]
+        weight = torch.einsum("be,eoi->boi", r, self.experts_weight)  # [B, out, in]
+        bias = r @ self.experts_bias  # [B, out]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, in]
+        y = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def apply_multi_expert(
+    model: DiT,
+    num_experts: int = 4,
+    target_modules: Sequence[str] = ("mlp.fc1", "mlp.fc2"),
+    blocks: Sequence[int] | None = None,
+) -> list[nn.Parameter]:
+    """Swap the ``target_modules`` (paths inside a block) of ``blocks`` (default all) for
+    :class:`MultiExpertLinear` layers routed by the timestep embedding (a forward hook on
+    ``model.t_embedder`` hands its output to them); returns the new layers' parameters. Apply it
+    to the final model, not before a ``copy.deepcopy`` (the copy's hook would feed the original's
+    layers)."""
+    _check_dit("apply_multi_expert", model)
+    blocks = range(len(model.blocks)) if blocks is None else blocks
+    layers = []
+    for i in blocks:
+        block = model.blocks[i]
+        for path in target_modules:
+            parent_path, _, name = path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            base = getattr(parent, name, None)
+            if not isinstance(base, nn.Linear):
+                raise ValueError(
+                    f"apply_multi_expert: block {i} has no nn.Linear at {path!r} "
+                    f"(found {type(base).__name__})"
+                )
+            layer = MultiExpertLinear(base, num_experts, model.config.hidden_size)
+            setattr(parent, name, layer.to(base.weight.device))
+            layers.append(layer)
+
+    def hand_over(module, args, out):
+        for layer in layers:
+            layer.route = out
+
+    model.t_embedder.register_forward_hook(hand_over)
+    return [p for layer in layers for p in layer.parameters()]
