@@ -42,6 +42,10 @@ STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 # `adaptdiff study nag`: predictor-guided architecture diffusion against random search
 STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
+# `adaptdiff study prune`: a DiT cut by block importance, recovered by fine-tuning or distillation
+STUDY_PRUNE = "study-prune-cpu-2core-2026-12-03.json"
+# `adaptdiff study dimsum`: DiMSUM against a same-size DiT at equal training steps
+STUDY_DIMSUM = "study-dimsum-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -521,6 +525,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
+    "study-prune": lambda: study("prune", STUDY_PRUNE),
+    "study-dimsum": lambda: study("dimsum", STUDY_DIMSUM),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 
