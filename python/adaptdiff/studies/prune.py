@@ -185,7 +185,6 @@ def _plot(summary: Summary, path: Path) -> None:
                label="real digits")  # fmt: skip
     ax.set_xlabel("sampling speed-up over the full model")
     ax.set_ylabel("digits-FD (lower is better)")
-    ax.set_yscale("log")
     ax.set_title("prune: cut blocks, then recover (mean ± std over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
