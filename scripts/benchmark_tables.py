@@ -46,6 +46,10 @@ STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 STUDY_CONTROL = "study-control-cpu-2core-2026-12-03.json"
 # `adaptdiff study divcontrol`: multi-condition ControlNet against DivControl
 STUDY_DIVCONTROL = "study-divcontrol-cpu-2core-2026-12-03.json"
+# `adaptdiff study prune`: a DiT cut by block importance, recovered by fine-tuning or distillation
+STUDY_PRUNE = "study-prune-cpu-2core-2026-12-03.json"
+# `adaptdiff study dimsum`: DiMSUM against a same-size DiT at equal training steps
+STUDY_DIMSUM = "study-dimsum-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -527,6 +531,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-nag": lambda: study("nag", STUDY_NAG),
     "study-control": lambda: study("control", STUDY_CONTROL),
     "study-divcontrol": lambda: study("divcontrol", STUDY_DIVCONTROL),
+    "study-prune": lambda: study("prune", STUDY_PRUNE),
+    "study-dimsum": lambda: study("dimsum", STUDY_DIMSUM),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

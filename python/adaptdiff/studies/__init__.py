@@ -16,8 +16,10 @@ STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
     "control": "adaptdiff.studies.control",
     "divcontrol": "adaptdiff.studies.divcontrol",
+    "dimsum": "adaptdiff.studies.dimsum",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
+    "prune": "adaptdiff.studies.prune",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
