@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,8 @@ class VLStudyConfig:
     train_per_kind: int = 2000
     test_per_kind: int = 100
     batch_size: int = 32
-    ar_steps: int = 800
-    convert_steps: int = 400
+    ar_steps: int = 600
+    convert_steps: int = 300
     ar_lr: float = 3e-3
     convert_lr: float = 1e-3
     block_size: int = 4
@@ -195,6 +196,10 @@ def _run_seed(cfg: VLStudyConfig, seed: int, out: Path, progress: Progress) -> M
     for name, decoder in DECODERS.items():
         model = {"AR": vlm, "AR (trained longer)": longer}.get(name, converted)
         metrics[name] = _evaluate(model, tok, tests, decoder, bs)
+        row = metrics[name]
+        progress.log(f"seed {seed} {name}: acc {row['acc']:.3f}, TPF {row['tpf']:.2f}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     progress.advance("decoding")
     return metrics
 
