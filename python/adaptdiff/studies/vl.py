@@ -217,7 +217,7 @@ def _plot(summary: Summary, path: Path) -> None:
         means = [summary[n][metric].mean or 0.0 for n in names]
         stds = [summary[n][metric].std or 0.0 for n in names]
         xs = [i + (j - len(KINDS) / 2) * width for i in range(len(names))]
-        axes[0].bar(xs, means, width, yerr=stds, label=metric.replace("acc_", "") or "all")
+        axes[0].bar(xs, means, width, yerr=stds, label="all" if metric == "acc" else metric[4:])
     axes[0].set_xticks(range(len(names)), names, fontsize=7, rotation=15)
     axes[0].set_ylabel("exact-match accuracy")
     axes[0].set_ylim(0, 1.05)
