@@ -50,6 +50,8 @@ STUDY_DIVCONTROL = "study-divcontrol-cpu-2core-2026-12-03.json"
 STUDY_PRUNE = "study-prune-cpu-2core-2026-12-03.json"
 # `adaptdiff study dimsum`: DiMSUM against a same-size DiT at equal training steps
 STUDY_DIMSUM = "study-dimsum-cpu-2core-2026-12-03.json"
+# `adaptdiff study vl`: a vision-language model, AR decoding vs block decoding after SDAR
+STUDY_VL = "study-vl-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -533,6 +535,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-divcontrol": lambda: study("divcontrol", STUDY_DIVCONTROL),
     "study-prune": lambda: study("prune", STUDY_PRUNE),
     "study-dimsum": lambda: study("dimsum", STUDY_DIMSUM),
+    "study-vl": lambda: study("vl", STUDY_VL),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

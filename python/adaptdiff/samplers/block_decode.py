@@ -37,6 +37,13 @@ and the commit is shared. ``record=True`` keeps, per row, a trajectory of
 :class:`TraceStep` (the row's forward index, position, token, log-prob, entropy), the data that
 trajectory-aware RL (TraceRL) consumes. ``use_cache=False`` recomputes the whole prefix at every
 forward instead: the reference the tests compare the cache with.
+
+``prefix`` (both decoders): a :class:`~adaptdiff.models.KVCache` holding the committed K/V of
+tokens every row sees before the prompt (one cache row per prompt row; an image's tokens, see
+:mod:`adaptdiff.models.vl`). The decoder copies it into its own cache and never changes it; the
+prompt's positions start at ``prefix.length`` and blocks are counted from the prompt's first
+token, so a prefix whose length is a multiple of ``block_size`` keeps the block grid the model
+was trained with. Forward counts leave out the prefix's prefill.
 """
 
 from __future__ import annotations
@@ -175,19 +182,37 @@ def schedule_count(n: Tensor, step: Tensor, steps: int) -> Tensor:
 class _Decoder:
     """State shared by the two decoders: the token buffer, active rows, cache and counters."""
 
-    def __init__(self, model, prompt, max_new_tokens, end, eos_id, use_cache, record, sampling):
+    def __init__(
+        self, model, prompt, max_new_tokens, end, eos_id, use_cache, record, sampling, prefix
+    ):
         b, self.p = prompt.shape
+        self.prefix, self.end = prefix, end
         self.model, self.eos_id, self.use_cache, self.sampling = model, eos_id, use_cache, sampling
         self.mask_id = model.mask_token_id
         self.limit = self.p + max_new_tokens
         self.tokens = torch.full((b, end), self.mask_id, dtype=torch.long, device=prompt.device)
         self.tokens[:, : self.p] = prompt
         self.active = torch.arange(b, device=prompt.device)
-        self.cache = KVCache(model, b, end) if use_cache else None
+        self.cache = self.new_cache(None) if use_cache else None
         self.committed = 0
         self.forwards = 0
         self.row_forwards = torch.zeros(b, dtype=torch.long)
         self.trajectory = [[] for _ in range(b)] if record else None
+
+    def new_cache(self, rows: Tensor | None) -> KVCache:
+        """An empty cache for ``rows`` (original row indices; None: all), or a copy of the
+        prefix's rows with room for ``end`` more tokens."""
+        b = self.tokens.shape[0] if rows is None else len(rows)
+        if self.prefix is None:
+            return KVCache(self.model, b, self.end)
+        n = self.prefix.length
+        cache = KVCache(self.model, b, n + self.end)
+        for layer, (k, v) in enumerate(zip(self.prefix.k, self.prefix.v, strict=True)):
+            pick = slice(None) if rows is None else rows
+            cache.k[layer][:, :, :n] = k[pick, :, :n]
+            cache.v[layer][:, :, :n] = v[pick, :, :n]
+        cache.commit(n)
+        return cache
 
     def forward(self, start, end, rows, block_size, commit, last, causal_prefix=False) -> Tensor:
         """Runs positions ``start..end-1`` of ``rows`` (indices into the active rows; None: all)
@@ -206,15 +231,23 @@ class _Decoder:
                 return_hidden=True,
             )
             self.cache.commit(commit)
-        elif not causal_prefix:  # unshifted: one block-causal forward over everything
+        elif not causal_prefix and self.prefix is None:  # unshifted: one block-causal forward
             h = m(
                 self.tokens[ids_rows, :end],
                 layout="block_causal",
                 block_size=block_size,
                 return_hidden=True,
             )[:, start:]
+        elif not causal_prefix:  # unshifted after a prefix: its cache, then everything
+            h = m(
+                self.tokens[ids_rows, :end],
+                layout="block_causal",
+                block_size=block_size,
+                cache=self.new_cache(ids_rows),
+                return_hidden=True,
+            )[:, start:]
         else:  # shifted: a fresh causal prefill of the prefix, then the new tokens
-            cache = KVCache(m, len(ids_rows), end)
+            cache = self.new_cache(ids_rows)
             if start:
                 m(self.tokens[ids_rows, :start], layout="causal", cache=cache)
                 cache.commit(start)
@@ -280,7 +313,7 @@ class _Decoder:
         )
 
 
-def _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p) -> None:
+def _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p, prefix=None) -> None:
     if not isinstance(model, BlockDiffusionLM):
         raise ValueError(f"model must be a BlockDiffusionLM, got {type(model).__name__}")
     if prompt.dim() != 2 or prompt.shape[1] < 1 or prompt.dtype != torch.long:
@@ -289,6 +322,17 @@ def _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p) -> N
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefix is not None:
+        cfg = model.config
+        want = (prompt.shape[0], cfg.n_kv_heads, cfg.head_dim)
+        if not isinstance(prefix, KVCache) or len(prefix.k) != cfg.n_layers:
+            raise ValueError(f"prefix must be a KVCache of the model, got {type(prefix).__name__}")
+        got = prefix.k[0].shape
+        if (got[0], got[1], got[3]) != want:
+            raise ValueError(
+                f"prefix must hold [batch={want[0]}, n_kv_heads={want[1]}, head_dim={want[2]}] "
+                f"K/V per layer (one row per prompt row), got {tuple(got)}"
+            )
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(
             f"need temperature >= 0, top_k >= 0, top_p in (0, 1]; got {temperature}, {top_k}, "
@@ -317,11 +361,12 @@ def block_decode(
     use_cache: bool = True,
     record: bool = False,
     generator: torch.Generator | None = None,
+    prefix: KVCache | None = None,
 ) -> DecodeOutput:
     """Block-diffusion decoding of ``prompt [batch, P]`` (see the module docstring); the rows of
     a batch share the prompt length (block boundaries and cache length are common to all rows).
     ``steps`` (default: the sub-block size) sets the static schedule k_s."""
-    _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p)
+    _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p, prefix)
     if rule not in RULES:
         raise ValueError(f"block_decode: rule must be one of {RULES}, got {rule!r}")
     sub = sub_block_size or block_size
@@ -348,7 +393,7 @@ def block_decode(
             -(-(p + max_new_tokens) // block_size) * block_size,
         )
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    d = _Decoder(model, prompt, max_new_tokens, end, eos_id, use_cache, record, sampling)
+    d = _Decoder(model, prompt, max_new_tokens, end, eos_id, use_cache, record, sampling, prefix)
     b = prompt.shape[0]
     sub_index = torch.full((b,), -1, dtype=torch.long)  # per original row: active sub-block
     sub_n0 = torch.zeros(b, dtype=torch.long)  # masks in it when it became active
@@ -425,14 +470,23 @@ def ar_decode(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    prefix: KVCache | None = None,
 ) -> DecodeOutput:
     """Autoregressive decoding with a KV cache (``use_cache=False``: recompute the whole prefix
     every token): one forward per token, the prefill's last logit giving the first."""
-    _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p)
+    _check_common(model, prompt, max_new_tokens, temperature, top_k, top_p, prefix)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     p = prompt.shape[1]
     d = _Decoder(
-        model, prompt, max_new_tokens, p + max_new_tokens, eos_id, use_cache, False, sampling
+        model,
+        prompt,
+        max_new_tokens,
+        p + max_new_tokens,
+        eos_id,
+        use_cache,
+        False,
+        sampling,
+        prefix,
     )
     logits = d.forward(0, p, None, 1, p, 1, causal_prefix=True)[:, -1]
     for pos in range(p, p + max_new_tokens):

@@ -20,6 +20,7 @@ STUDIES: dict[str, str] = {
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
     "prune": "adaptdiff.studies.prune",
+    "vl": "adaptdiff.studies.vl",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
