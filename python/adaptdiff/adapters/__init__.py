@@ -5,6 +5,7 @@ trainable parameters; :func:`save_adapter` / :func:`load_adapter` store just the
 (safetensors) and :func:`merge_adapters` folds it into the base weights. See
 :mod:`adaptdiff.adapters.base`."""
 
+from .afa import AFAEnsemble, PredictionAverage, average_weights
 from .base import (
     adapter_layers,
     adapters_disabled,
@@ -14,6 +15,14 @@ from .base import (
     trainable_parameters,
 )
 from .difffit import ScaledBranch, apply_difffit
+from .diffscaler import (
+    AffinerLinear,
+    TaskSwitch,
+    add_task,
+    apply_diffscaler,
+    diffscaler_parameters,
+    set_task,
+)
 from .fera import FeRALinear, apply_fera, band_energies, fecl_loss, fera_loss
 from .lora import (
     LoraLinear,
@@ -39,6 +48,15 @@ from .sara import (
 )
 
 __all__ = [
+    "AFAEnsemble",
+    "AffinerLinear",
+    "PredictionAverage",
+    "TaskSwitch",
+    "add_task",
+    "apply_diffscaler",
+    "average_weights",
+    "diffscaler_parameters",
+    "set_task",
     "FeRALinear",
     "LoraLinear",
     "OrthogonalLoraLinear",
