@@ -14,6 +14,8 @@ from .runner import Column, Progress, Stat, Study, run_study
 # name -> module defining STUDY
 STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
+    "afa": "adaptdiff.studies.afa",
+    "diffscaler": "adaptdiff.studies.diffscaler",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
 }
