@@ -51,14 +51,14 @@ TASKS = {
 class DiffscalerConfig:
     hidden_size: int = 64
     depth: int = 3
-    base_steps: int = 400
-    task_steps: int = 100
-    batch_size: int = 64
+    base_steps: int = 300
+    task_steps: int = 80
+    batch_size: int = 32
     lr: float = 1e-3
     task_lr: float = 2e-3
     diffscaler_rank: int = 2
     lora_rank: int = 3  # about Diffscaler's parameters at rank 2 on the same layers
-    num_samples: int = 100  # per task
+    num_samples: int = 60  # per task
     sampler: str = "dpmpp_2m"
     sampler_steps: int = 8
     guidance_scale: float = 1.5
@@ -84,11 +84,14 @@ class _PerTask(torch.nn.Module):
         self.models = torch.nn.ModuleList(models)
 
     def forward(self, x, t, y=None, task=None):
-        out = torch.empty_like(x)
+        out = None
         for k, model in enumerate(self.models):
             rows = (task == k).nonzero().squeeze(1)
             if len(rows):
-                out[rows] = model(x[rows], t[rows], y[rows])
+                pred = model(x[rows], t[rows], y[rows])
+                if out is None:
+                    out = pred.new_empty((x.shape[0],) + pred.shape[1:])
+                out[rows] = pred
         return out
 
 
