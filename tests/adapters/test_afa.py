@@ -80,3 +80,25 @@ def test_bad_models_are_refused():
         ensemble(*inputs())
     with pytest.raises(ValueError, match="average_weights: weights must be 2 numbers"):
         average_weights(_models((1, 2)), [0.7, 0.7])
+
+
+def test_the_mixed_feature_continues_in_every_model():
+    """Block 0 takes model 0's feature, every later point model 1's: the result is model 0's
+    first block followed by model 1's later blocks and final layer."""
+    models = _models((1, 2))
+    ensemble = AFAEnsemble(models)
+    points = [*ensemble.aggregators, ensemble.output_aggregator]
+    with torch.no_grad():
+        for j, agg in enumerate(points):
+            agg.out.bias.copy_(torch.tensor([50.0, -50.0] if j == 0 else [-50.0, 50.0]))
+    x, t, y = inputs()
+    m0, m1 = models
+    tt = t * m0.config.time_scale
+    h = m0.x_embedder(x) + m0.pos_embed
+    h = m0.blocks[0](h, m0.embed_condition(tt, y))
+    c1 = m1.embed_condition(tt, y)
+    for block in m1.blocks[1:]:
+        h = block(h, c1)
+    grid = m0.grid_size
+    want = m1.unpatchify(m1.final_layer(h, c1), grid, grid)
+    torch.testing.assert_close(ensemble(x, t, y), want)
