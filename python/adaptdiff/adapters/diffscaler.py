@@ -169,8 +169,9 @@ class AffinerLinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
-        """The current task folded in: ``nn.Linear((1+a) W, (1+a)*0 + b_hat + b)`` (exact), plus
-        the ReLU branch as an :class:`AffineMerged` when ``rank > 0``."""
+        """The current task folded in: an ``nn.Linear`` with weight ``(1 + a) W`` and bias
+        ``b_hat + b`` (exact), inside an :class:`AffineMerged` with the ReLU branch when
+        ``rank > 0``."""
         k, w = self.task, self.base.weight
         out_f, in_f = w.shape
         linear = nn.Linear(in_f, out_f, bias=True, device=w.device, dtype=w.dtype)
