@@ -52,6 +52,10 @@ STUDY_PRUNE = "study-prune-cpu-2core-2026-12-03.json"
 STUDY_DIMSUM = "study-dimsum-cpu-2core-2026-12-03.json"
 # `adaptdiff study vl`: a vision-language model, AR decoding vs block decoding after SDAR
 STUDY_VL = "study-vl-cpu-2core-2026-12-03.json"
+# `adaptdiff study afa`: AFA ensembling against each fine-tune and the averages
+STUDY_AFA = "study-afa-cpu-2core-2026-12-03.json"
+# `adaptdiff study diffscaler`: per-task Affiners against one LoRA / DiffFit per task
+STUDY_DIFFSCALER = "study-diffscaler-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -536,6 +540,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-prune": lambda: study("prune", STUDY_PRUNE),
     "study-dimsum": lambda: study("dimsum", STUDY_DIMSUM),
     "study-vl": lambda: study("vl", STUDY_VL),
+    "study-afa": lambda: study("afa", STUDY_AFA),
+    "study-diffscaler": lambda: study("diffscaler", STUDY_DIFFSCALER),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

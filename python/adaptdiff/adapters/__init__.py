@@ -1,10 +1,13 @@
 """Parameter-efficient adaptation of diffusion models: SaRA, LoRA (PEFT/diffusers files),
-orthogonal adaptation, DiffFit and FeRA. Each ``apply_*`` replaces target modules in place with
+orthogonal adaptation, DiffFit, FeRA and Diffscaler; control and composition: ControlNet for DiT,
+DivControl (an SVD-factored, instruction-gated ControlNet) and AFA (block-wise aggregation of
+frozen DiTs). Each ``apply_*`` replaces target modules in place with
 adapter layers (the original kept at ``<name>.base``), freezes everything else and returns the
 trainable parameters; :func:`save_adapter` / :func:`load_adapter` store just the adapter
 (safetensors) and :func:`merge_adapters` folds it into the base weights. See
 :mod:`adaptdiff.adapters.base`."""
 
+from .afa import AFAEnsemble, PredictionAverage, average_weights
 from .base import (
     adapter_layers,
     adapters_disabled,
@@ -22,6 +25,14 @@ from .controlnet import (
     save_controlnet_diffusers,
 )
 from .difffit import ScaledBranch, apply_difffit
+from .diffscaler import (
+    AffinerLinear,
+    TaskSwitch,
+    add_task,
+    apply_diffscaler,
+    diffscaler_parameters,
+    set_task,
+)
 from .divcontrol import (
     DivControlNet,
     SVDLinear,
@@ -65,6 +76,15 @@ __all__ = [
     "controlnet_state_dict_diffusers",
     "load_controlnet_diffusers",
     "save_controlnet_diffusers",
+    "AFAEnsemble",
+    "AffinerLinear",
+    "PredictionAverage",
+    "TaskSwitch",
+    "add_task",
+    "apply_diffscaler",
+    "average_weights",
+    "diffscaler_parameters",
+    "set_task",
     "FeRALinear",
     "LoraLinear",
     "OrthogonalLoraLinear",

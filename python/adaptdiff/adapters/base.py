@@ -2,7 +2,7 @@
 
 An adapter *layer* replaces a target module in place and keeps the original at ``<name>.base``.
 It is duck-typed: a class attribute ``adapter_kind`` ("lora", "orthogonal_lora", "difffit",
-"fera", "sara") and three methods:
+"fera", "sara", "diffscaler", "controlnet", "divcontrol") and three methods:
 
 - ``adapter_state_dict() -> dict[str, Tensor]``: the adapter's tensors only, local keys;
 - ``load_adapter_state_dict(sd)``: strict (missing, unexpected or mis-shaped keys raise a

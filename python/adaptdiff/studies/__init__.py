@@ -17,6 +17,8 @@ STUDIES: dict[str, str] = {
     "control": "adaptdiff.studies.control",
     "divcontrol": "adaptdiff.studies.divcontrol",
     "dimsum": "adaptdiff.studies.dimsum",
+    "afa": "adaptdiff.studies.afa",
+    "diffscaler": "adaptdiff.studies.diffscaler",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
     "prune": "adaptdiff.studies.prune",
