@@ -16,6 +16,7 @@ STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
+    "tracerl": "adaptdiff.studies.tracerl",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
