@@ -41,14 +41,14 @@ class TraceRLStudyConfig:
     digits: int = 2
     answer_len: int = 8  # answers padded with newlines: prompt (8) + answer = 16 = 2 x 8
     batch_size: int = 64
-    ar_steps: int = 400
-    sft_steps: int = 400
+    ar_steps: int = 300
+    sft_steps: int = 300
     sft_lr: float = 3e-3
     block_size: int = 4
     large_block: int = 8
     threshold: float = 0.9
     low_threshold: float = 0.5
-    rl_steps: int = 40
+    rl_steps: int = 30
     rl_prompts: int = 16
     group_size: int = 8
     rl_lr: float = 1e-4
