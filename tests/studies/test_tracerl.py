@@ -10,7 +10,7 @@ from adaptdiff.cli import main
 from adaptdiff.data.rl_tasks import TASKS, task_batch
 from adaptdiff.data.text import CharTokenizer
 from adaptdiff.studies import get_study
-from adaptdiff.studies.tracerl import TraceRLStudyConfig, evaluate, settings
+from adaptdiff.studies.tracerl import ROWS, TraceRLStudyConfig, evaluate, settings
 from tests.support.models import tiny_block_lm
 
 
@@ -47,10 +47,11 @@ def test_tracerl_quick_runs(tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())
     cfg = get_study("tracerl").quick(TraceRLStudyConfig())
     rows = result["summary"]
-    assert list(rows) == [f"{m}, {s}" for s in settings(cfg) for m in ("SFT", "RL")]
+    assert list(rows) == [f"{m}, {s}" for s in settings(cfg) for m in ROWS]
     for name, row in rows.items():
         assert 0.0 <= row["acc"]["mean"] <= row["char_acc"]["mean"] <= 1.0
         block = settings(cfg)[name.split(", ")[1]][0]
         assert 1.0 <= row["tpf"]["mean"] <= block  # at most a block per forward
     assert (tmp_path / "tracerl.png").exists()
-    assert "RL, B=8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "RL, B=8" in out and "ctrl, B=8" in out

@@ -11,7 +11,9 @@ Per seed:
   rollouts per prompt (threshold rule, temperature 1), exact-match reward, the diffusion value
   model for advantages, k3 KL to the SFT model, and the block-size enlargement schedule
   (``block_size`` for the first half of the steps, ``large_block`` after).
-- Both models decode ``eval_tasks`` held-out tasks greedily with the threshold rule at the
+- *ctrl*: the SFT model plus as many supervised SDAR steps at ``large_block`` as RL takes
+  there (no rewards): does RL beat plain adaptation to the larger block?
+- The three models decode ``eval_tasks`` held-out tasks greedily with the threshold rule at the
   training block and threshold, at the larger block and at the lower threshold.
 
 Reported per (model, decoding): exact-match accuracy (whole padded answer), per-character
@@ -20,6 +22,7 @@ accuracy, tokens per forward (TPF) and the accuracy per task kind.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,8 @@ from ..samplers.block_decode import block_decode
 from ..train import ar_loss, sdar_loss
 from ..train.tracerl import TraceRL, TraceRLConfig
 from .runner import Column, Metrics, Progress, Study, Summary
+
+ROWS = ("SFT", "ctrl", "RL")  # the SFT model, + supervised steps at the large block, + TraceRL
 
 
 @dataclass
@@ -81,29 +86,35 @@ def _batch(tok, cfg, n, g):
     return task_batch(tok, n, digits=cfg.digits, answer_len=cfg.answer_len, generator=g)
 
 
+def train_stage(model, recipe: str, steps: int, block_size: int, cfg, tok, g) -> None:
+    """``steps`` AdamW steps (cosine to a tenth) of the AR or SDAR recipe on fresh tasks; prompt
+    tokens are never targets."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps), cfg.sft_lr / 10)
+    model.train()
+    for _ in range(steps):
+        b = _batch(tok, cfg, cfg.batch_size, g)
+        ids = torch.cat([b.prompts, b.answers], 1)
+        prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
+        prompt_mask[:, : b.prompts.shape[1]] = True
+        if recipe == "ar":
+            loss = ar_loss(model, (ids, prompt_mask))
+        else:
+            loss = sdar_loss(model, (ids, prompt_mask), block_size=block_size, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+
+
 def pretrain(cfg: TraceRLStudyConfig, tok: CharTokenizer, g: torch.Generator):
-    """AR training then SDAR conversion on fresh tasks (prompt tokens are never targets)."""
+    """AR training then SDAR conversion at ``block_size`` on fresh tasks."""
     model = create_block_lm(cfg.model, tok.vocab_size)
-    stages = (("ar", cfg.ar_steps), ("sdar", cfg.sft_steps))
-    for recipe, steps in stages:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps), cfg.sft_lr / 10)
-        model.train()
-        for _ in range(steps):
-            b = _batch(tok, cfg, cfg.batch_size, g)
-            ids = torch.cat([b.prompts, b.answers], 1)
-            prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
-            prompt_mask[:, : b.prompts.shape[1]] = True
-            if recipe == "ar":
-                loss = ar_loss(model, (ids, prompt_mask))
-            else:
-                loss = sdar_loss(model, (ids, prompt_mask), block_size=cfg.block_size, generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-    return model.eval()
+    train_stage(model, "ar", cfg.ar_steps, 1, cfg, tok, g)
+    train_stage(model, "sdar", cfg.sft_steps, cfg.block_size, cfg, tok, g)
+    return model
 
 
 @torch.no_grad()
@@ -138,6 +149,14 @@ def _run_seed(cfg: TraceRLStudyConfig, seed: int, out: Path, progress: Progress)
     metrics: Metrics = {}
     for name, (bs, thr) in settings(cfg).items():
         metrics[f"SFT, {name}"] = evaluate(model, held_out, bs, thr)
+    # the control: as many supervised SDAR steps at the large block as RL draws rollouts there
+    control = copy.deepcopy(model)
+    g_control = torch.Generator().manual_seed(20_000 + seed)
+    control_steps = cfg.rl_steps - cfg.rl_steps // 2
+    train_stage(control, "sdar", control_steps, cfg.large_block, cfg, tok, g_control)
+    for name, (bs, thr) in settings(cfg).items():
+        metrics[f"ctrl, {name}"] = evaluate(control, held_out, bs, thr)
+    progress.advance(f"control: SDAR {control_steps} steps at B={cfg.large_block}")
     rl_cfg = TraceRLConfig(
         group_size=cfg.group_size, block_size=cfg.block_size,
         block_schedule=((0, cfg.block_size), (cfg.rl_steps // 2, cfg.large_block)),
@@ -153,7 +172,7 @@ def _run_seed(cfg: TraceRLStudyConfig, seed: int, out: Path, progress: Progress)
     for name, (bs, thr) in settings(cfg).items():
         metrics[f"RL, {name}"] = evaluate(model, held_out, bs, thr)
     progress.advance("evaluation")
-    order = [f"{m}, {s}" for s in settings(cfg) for m in ("SFT", "RL")]
+    order = [f"{m}, {s}" for s in settings(cfg) for m in ROWS]
     return {k: metrics[k] for k in order}
 
 
@@ -167,16 +186,16 @@ def _plot(summary: Summary, path: Path) -> None:
     names = [n[len("SFT, ") :] for n in summary if n.startswith("SFT, ")]
     x = torch.arange(len(names)).float()
     for ax, metric, label in ((axes[0], "acc", "exact-match accuracy"), (axes[1], "tpf", "TPF")):
-        for shift, model in ((-0.12, "SFT"), (0.12, "RL")):
+        for shift, model in zip((-0.15, 0.0, 0.15), ROWS, strict=True):
             for i, name in enumerate(names):
                 vals = [v for v in summary[f"{model}, {name}"][metric].values if v is not None]
                 ax.scatter([float(x[i]) + shift] * len(vals), vals, alpha=0.7,
-                           color="C0" if model == "SFT" else "C1",
+                           color=f"C{ROWS.index(model)}",
                            label=model if i == 0 else None)  # fmt: skip
         ax.set_xticks(x.tolist(), names, fontsize=7)
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("tracerl: SFT vs TraceRL per decoding setting (one dot per seed)")
+    fig.suptitle("tracerl: SFT, the supervised control and TraceRL (one dot per seed)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -189,8 +208,10 @@ def _note(cfg: TraceRLStudyConfig) -> str:
         f"{cfg.sft_steps} steps of {cfg.batch_size}; RL: {cfg.rl_steps} TraceRL steps of "
         f"{cfg.rl_prompts} prompts x {cfg.group_size} rollouts ({cfg.advantage} advantages, "
         f"KL {cfg.kl_coef:g}, block {cfg.block_size} then {cfg.large_block} from step "
-        f"{cfg.rl_steps // 2}). Greedy threshold-rule decoding of {cfg.eval_tasks} held-out "
-        "tasks: acc = exact match of the whole answer, chars = per-character accuracy, TPF = "
+        f"{cfg.rl_steps // 2}); ctrl: SFT + {cfg.rl_steps - cfg.rl_steps // 2} supervised SDAR "
+        f"steps at B={cfg.large_block} (as many as RL's steps there), no rewards. Greedy "
+        f"threshold-rule decoding of {cfg.eval_tasks} held-out tasks: acc = exact match of "
+        "the whole answer, chars = per-character accuracy, TPF = "
         "tokens per forward, then accuracy per task."
     )
 
@@ -208,6 +229,6 @@ STUDY = Study(
         *(Column(f"acc_{k}", k, "{:.0%}") for k in TASKS),
     ),
     plot=_plot,
-    units=lambda cfg: 3,
+    units=lambda cfg: 4,
     note=_note,
 )
