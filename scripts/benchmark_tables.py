@@ -56,6 +56,8 @@ STUDY_VL = "study-vl-cpu-2core-2026-12-03.json"
 STUDY_AFA = "study-afa-cpu-2core-2026-12-03.json"
 # `adaptdiff study diffscaler`: per-task Affiners against one LoRA / DiffFit per task
 STUDY_DIFFSCALER = "study-diffscaler-cpu-2core-2026-12-03.json"
+# `adaptdiff study tracerl`: TraceRL on a small block-diffusion LM, accuracy and TPF before/after
+STUDY_TRACERL = "study-tracerl-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -542,6 +544,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-vl": lambda: study("vl", STUDY_VL),
     "study-afa": lambda: study("afa", STUDY_AFA),
     "study-diffscaler": lambda: study("diffscaler", STUDY_DIFFSCALER),
+    "study-tracerl": lambda: study("tracerl", STUDY_TRACERL),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

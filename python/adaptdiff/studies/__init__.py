@@ -23,6 +23,7 @@ STUDIES: dict[str, str] = {
     "nag": "adaptdiff.studies.nag",
     "prune": "adaptdiff.studies.prune",
     "vl": "adaptdiff.studies.vl",
+    "tracerl": "adaptdiff.studies.tracerl",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
