@@ -16,6 +16,7 @@ STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
+    "policy": "adaptdiff.studies.policy",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
