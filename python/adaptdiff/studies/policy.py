@@ -8,7 +8,8 @@ Per seed:
 - 200 scripted-expert demonstrations of the task (:mod:`adaptdiff.data.reach_push`; ``reach``:
   around an obstacle, left or right at random) are cut into (2 observations, 16 actions) pairs.
 - Two :class:`~adaptdiff.models.DiffusionPolicyTransformer` s are trained with the same
-  recipe (eps prediction, cosine VP schedule of 100 steps, AdamW): ``dense`` (SwiGLU of width
+  recipe (x0 prediction, clipped to [-1, 1] when sampling; cosine VP schedule of 100 steps;
+  AdamW): ``dense`` (SwiGLU of width
   ``4 dim``) and ``MoDE`` (4 experts of width ``dim``, top-2 routed on the noise level: half
   the dense feed-forward's active compute, the same total feed-forward parameters), the latter
   with MoDE's load-balancing loss (weight 0.01).
@@ -100,7 +101,7 @@ def train_policy(
     cfg: PolicyStudyConfig,
     g: torch.Generator,
 ) -> list[float]:
-    """Eps-prediction MSE (+ the MoE balance loss) with AdamW and a cosine learning rate;
+    """x0-prediction MSE (+ the MoE balance loss) with AdamW and a cosine learning rate;
     returns the loss every step."""
     sched = schedule()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=1e-4)
@@ -116,7 +117,7 @@ def train_policy(
         eps = torch.randn(a0.shape, generator=g)
         alpha, sigma = sched.alpha_sigma(t)
         xt = alpha[:, None, None] * a0 + sigma[:, None, None] * eps
-        loss = (model(xt, t, obs=o) - eps).pow(2).mean()
+        loss = (model(xt, t, obs=o) - a0).pow(2).mean()
         total = loss + moe_aux_loss(model)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -131,15 +132,19 @@ def train_policy(
 
 @torch.no_grad()
 def sample_actions(model, obs: torch.Tensor, steps: int, g: torch.Generator, accelerators=()):
-    """One action chunk per row of ``obs [B, n_obs_steps, obs_dim]``: DDIM, clipped to
-    ``[-1, 1]``."""
+    """One action chunk per row of ``obs [B, n_obs_steps, obs_dim]``: DDIM on the model's
+    x0 prediction clipped to ``[-1, 1]`` at every step (Diffusion Policy's ``clip_sample``;
+    without it the first step, where alpha is 5e-4 on the cosine schedule, blows errors up)."""
     cfg = model.config
-    x = sample(
-        model, (obs.shape[0], cfg.horizon, cfg.action_dim), method="ddim", steps=steps,
-        schedule=schedule(), cond={"obs": obs}, accelerators=accelerators, generator=g,
-        progress=False,
+
+    def clipped(x, t, obs):
+        return model(x, t, obs=obs).clamp(-1, 1)
+
+    return sample(
+        clipped, (obs.shape[0], cfg.horizon, cfg.action_dim), method="ddim", steps=steps,
+        schedule=schedule(), cond={"obs": obs}, prediction="x0", accelerators=accelerators,
+        generator=g, progress=False,
     )  # fmt: skip
-    return x.clamp(-1, 1)
 
 
 def _latencies(fns: dict, repeats: int) -> dict:
