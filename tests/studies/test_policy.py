@@ -54,7 +54,7 @@ def test_macs_follow_the_schedule():
     assert _macs_per_chunk(pcfg, 10, True, skip_all) == pytest.approx(f["total"])  # step 0
 
 
-@pytest.mark.slow  # about 20 s idle, 60 s on 2 busy cores
+@pytest.mark.slow  # about 6 s on a quiet machine, a minute on 2 busy cores
 def test_policy_quick_runs_every_method(tmp_path, capsys):
     assert main(["study", "policy", "--quick", "--seeds", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
