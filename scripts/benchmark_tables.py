@@ -58,6 +58,8 @@ STUDY_AFA = "study-afa-cpu-2core-2026-12-03.json"
 STUDY_DIFFSCALER = "study-diffscaler-cpu-2core-2026-12-03.json"
 # `adaptdiff study tracerl`: TraceRL on a small block-diffusion LM, accuracy and TPF before/after
 STUDY_TRACERL = "study-tracerl-cpu-2core-2026-12-03.json"
+# `adaptdiff study policy`: dense vs MoDE diffusion policies, expert caching and BAC
+STUDY_POLICY = "study-policy-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -545,6 +547,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-afa": lambda: study("afa", STUDY_AFA),
     "study-diffscaler": lambda: study("diffscaler", STUDY_DIFFSCALER),
     "study-tracerl": lambda: study("tracerl", STUDY_TRACERL),
+    "study-policy": lambda: study("policy", STUDY_POLICY),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

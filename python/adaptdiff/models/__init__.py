@@ -33,6 +33,7 @@ from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
 from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
+from .policy import DiffusionPolicyTransformer, PolicyConfig
 
 __all__ = [
     "BLOCK_LM_CONFIGS",
@@ -47,12 +48,14 @@ __all__ = [
     "DiTBlock",
     "DiTCheckpointError",
     "DiTConfig",
+    "DiffusionPolicyTransformer",
     "DiffusersTimestepEmbedder",
     "FinalLayer",
     "FusedExperts",
     "KVCache",
     "Mlp",
     "NoiseRoutedMoE",
+    "PolicyConfig",
     "TimestepEmbedder",
     "block_lm_from_hf",
     "block_lm_to_hf",

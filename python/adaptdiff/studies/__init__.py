@@ -24,6 +24,7 @@ STUDIES: dict[str, str] = {
     "prune": "adaptdiff.studies.prune",
     "vl": "adaptdiff.studies.vl",
     "tracerl": "adaptdiff.studies.tracerl",
+    "policy": "adaptdiff.studies.policy",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
