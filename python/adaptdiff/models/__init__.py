@@ -33,11 +33,13 @@ from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
 from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
+from .video_dit import VIDEO_DIT_CONFIGS, VideoDiT, VideoDiTConfig, create_video_dit
 
 __all__ = [
     "BLOCK_LM_CONFIGS",
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
+    "VIDEO_DIT_CONFIGS",
     "Attention",
     "BlockDiffusionLM",
     "BlockLMConfig",
@@ -54,11 +56,14 @@ __all__ = [
     "Mlp",
     "NoiseRoutedMoE",
     "TimestepEmbedder",
+    "VideoDiT",
+    "VideoDiTConfig",
     "block_lm_from_hf",
     "block_lm_to_hf",
     "create_block_lm",
     "create_dimsum",
     "create_dit",
+    "create_video_dit",
     "dtr_masks",
     "expert_load",
     "get_2d_sincos_pos_embed",
