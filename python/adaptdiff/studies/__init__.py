@@ -15,6 +15,7 @@ from .runner import Column, Progress, Stat, Study, run_study
 STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
     "hf-convert": "adaptdiff.studies.hf_convert",
+    "motion": "adaptdiff.studies.motion",
     "nag": "adaptdiff.studies.nag",
 }
 
