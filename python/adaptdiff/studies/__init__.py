@@ -16,6 +16,7 @@ STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "motion": "adaptdiff.studies.motion",
+    "multiconcept": "adaptdiff.studies.multiconcept",
     "nag": "adaptdiff.studies.nag",
 }
 
