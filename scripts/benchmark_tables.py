@@ -44,6 +44,8 @@ STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 # `adaptdiff study motion`: MotionDirector's debiased temporal loss against the plain MSE
 STUDY_MOTION = "study-motion-cpu-2core-2026-12-03.json"
+# `adaptdiff study multiconcept`: orthogonal against plain LoRA concepts merged by a sum
+STUDY_MULTICONCEPT = "study-multiconcept-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -524,6 +526,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
     "study-motion": lambda: study("motion", STUDY_MOTION),
+    "study-multiconcept": lambda: study("multiconcept", STUDY_MULTICONCEPT),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 
