@@ -38,7 +38,7 @@ def test_score_reads_rendered_clips_of_a_known_motion():
     assert digit_frames(clips).shape == (320, 1, 16, 16)
 
 
-@pytest.mark.slow  # about 20 s idle
+@pytest.mark.slow  # about 8 s on a quiet 2-core machine
 def test_motion_quick_runs_every_row(tmp_path, capsys):
     assert main(["study", "motion", "--quick", "--seeds", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())

@@ -31,7 +31,7 @@ def test_merge_adds_every_concepts_update_to_the_base():
     torch.testing.assert_close(merged.blocks[1].mlp.fc1.weight, base.blocks[1].mlp.fc1.weight)
 
 
-@pytest.mark.slow  # about 10 s idle
+@pytest.mark.slow  # about 3 s on a quiet 2-core machine
 def test_multiconcept_quick_runs_every_row(tmp_path, capsys):
     assert main(["study", "multiconcept", "--quick", "--seeds", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["summary"]
