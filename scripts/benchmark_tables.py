@@ -60,6 +60,10 @@ STUDY_DIFFSCALER = "study-diffscaler-cpu-2core-2026-12-03.json"
 STUDY_TRACERL = "study-tracerl-cpu-2core-2026-12-03.json"
 # `adaptdiff study policy`: dense vs MoDE diffusion policies, expert caching and BAC
 STUDY_POLICY = "study-policy-cpu-2core-2026-12-03.json"
+# `adaptdiff study motion`: MotionDirector's debiased temporal loss against the plain MSE
+STUDY_MOTION = "study-motion-cpu-2core-2026-12-03.json"
+# `adaptdiff study multiconcept`: orthogonal against plain LoRA concepts merged by a sum
+STUDY_MULTICONCEPT = "study-multiconcept-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -548,6 +552,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-diffscaler": lambda: study("diffscaler", STUDY_DIFFSCALER),
     "study-tracerl": lambda: study("tracerl", STUDY_TRACERL),
     "study-policy": lambda: study("policy", STUDY_POLICY),
+    "study-motion": lambda: study("motion", STUDY_MOTION),
+    "study-multiconcept": lambda: study("multiconcept", STUDY_MULTICONCEPT),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

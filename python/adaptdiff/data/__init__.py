@@ -1,17 +1,25 @@
-"""Embedded data sets that need no download: scikit-learn's digits (images) and the Python
-standard library's pydoc topics (text)."""
+"""Data that need no download, embedded or generated in code: scikit-learn's digits (images)
+and the Python standard library's pydoc topics (text), and what is built from them: conditions
+of digit images (edges, blur, ...), moving digits, questions about digits, verifiable text
+tasks with exact-match rewards, and a 2-D reach-and-push task with a scripted expert."""
 
-from . import reach_push
+from . import conditions, digit_qa, reach_push, rl_tasks
 from .digits import batches, digits
+from .moving_digits import MOTIONS, moving_digits
 from .reach_push import ReachPush
 from .text import CharTokenizer, pydoc_corpus, text_windows
 
 __all__ = [
+    "MOTIONS",
     "CharTokenizer",
     "ReachPush",
     "batches",
+    "conditions",
+    "digit_qa",
     "digits",
+    "moving_digits",
     "pydoc_corpus",
     "reach_push",
+    "rl_tasks",
     "text_windows",
 ]

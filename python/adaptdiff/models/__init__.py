@@ -6,7 +6,9 @@ Llama / Qwen2 / Qwen3 causal LM by :func:`block_lm_from_hf` (and back by
 :func:`block_lm_to_hf`); :func:`load_dit` / :func:`save_dit`
 for the original DiT and diffusers checkpoint layouts; :class:`DiMSUM`
 (:data:`DIMSUM_CONFIGS`, :func:`create_dimsum`), a Mamba backbone with wavelet scans, called
-like DiT."""
+like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlockLM` (an image
+encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
+dense or MoDE)."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -34,11 +36,14 @@ from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
+from .video_dit import VIDEO_DIT_CONFIGS, VideoDiT, VideoDiTConfig, create_video_dit
+from .vl import VisionBlockLM
 
 __all__ = [
     "BLOCK_LM_CONFIGS",
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
+    "VIDEO_DIT_CONFIGS",
     "Attention",
     "BlockDiffusionLM",
     "BlockLMConfig",
@@ -57,11 +62,15 @@ __all__ = [
     "NoiseRoutedMoE",
     "PolicyConfig",
     "TimestepEmbedder",
+    "VideoDiT",
+    "VideoDiTConfig",
+    "VisionBlockLM",
     "block_lm_from_hf",
     "block_lm_to_hf",
     "create_block_lm",
     "create_dimsum",
     "create_dit",
+    "create_video_dit",
     "dtr_masks",
     "expert_load",
     "get_2d_sincos_pos_embed",

@@ -20,6 +20,8 @@ STUDIES: dict[str, str] = {
     "afa": "adaptdiff.studies.afa",
     "diffscaler": "adaptdiff.studies.diffscaler",
     "hf-convert": "adaptdiff.studies.hf_convert",
+    "motion": "adaptdiff.studies.motion",
+    "multiconcept": "adaptdiff.studies.multiconcept",
     "nag": "adaptdiff.studies.nag",
     "prune": "adaptdiff.studies.prune",
     "vl": "adaptdiff.studies.vl",
