@@ -306,7 +306,6 @@ def accel_headline() -> str:
         ("FirstBlockCache", "threshold 0.08"),
         ("TeaCache", "threshold 0.1, raw indicator"),
         ("TaylorSeer", "interval 3, order 1"),
-        ("SADA", "default (max 1 skip in a row)"),
         ("AG", "cos >= 0.99"),
     }
     rows = [r for r in records(ACCEL_SWEEP) if (r.get("method"), r.get("setting")) in picks]
