@@ -14,6 +14,7 @@ from .runner import Column, Progress, Stat, Study, run_study
 # name -> module defining STUDY
 STUDIES: dict[str, str] = {
     "adapt": "adaptdiff.studies.adapt",
+    "diffusia": "adaptdiff.studies.diffusia",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "nag": "adaptdiff.studies.nag",
 }
