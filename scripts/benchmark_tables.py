@@ -42,6 +42,8 @@ STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 # `adaptdiff study nag`: predictor-guided architecture diffusion against random search
 STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
+# `adaptdiff study diffusia`: spiral vs plain encoder-decoder text diffusion vs AR
+STUDY_DIFFUSIA = "study-diffusia-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -521,6 +523,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
+    "study-diffusia": lambda: study("diffusia", STUDY_DIFFUSIA),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 
