@@ -1,5 +1,6 @@
 """The diffusia study: its training loop and the quick run end to end."""
 
+import dataclasses
 import json
 
 import pytest
@@ -33,6 +34,8 @@ def test_training_is_reproducible_and_calls_back_at_half(kind):
     fresh = type(a)(a.config) if kind == "spiral" else None
     if fresh is not None:  # training moved the weights
         assert not torch.equal(fresh.embed.weight, a.embed.weight)
+    c, _ = train_model(kind, dataclasses.replace(cfg, cosine=False), vocab, train, seed=0)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))  # another schedule
     pred = decode(kind, a, train[0][:3], cfg, seed=0)
     assert pred.shape == (3, 4) and pred.max() < vocab.vocab_size
 

@@ -56,6 +56,7 @@ class DiffusiaConfig:
     train_steps: int = 1000
     batch: int = 64
     lr: float = 2e-3
+    cosine: bool = True  # cosine decay of the learning rate to 0 (False: constant)
     sample_steps: int = 10
     clamp: bool = True
     eval_pairs: int = 256
@@ -77,8 +78,9 @@ def _data(cfg: DiffusiaConfig):
 
 def train_model(kind: str, cfg: DiffusiaConfig, vocab: WordVocab, train, seed: int, at_half=None):
     """The model of ``kind`` ("spiral", "final" or "ar") trained ``cfg.train_steps`` AdamW
-    steps (cosine decay) on random batches of ``train``; returns it (eval mode) and the
-    seconds taken. ``at_half(model)`` is called after half the steps (not timed)."""
+    steps (cosine decay, or a constant rate without ``cfg.cosine``) on random batches of
+    ``train``; returns it (eval mode) and the seconds taken. ``at_half(model)`` is called after
+    half the steps (not timed)."""
     src, tgt = train
     torch.manual_seed(seed)
     if kind == "ar":
@@ -87,7 +89,11 @@ def train_model(kind: str, cfg: DiffusiaConfig, vocab: WordVocab, train, seed: i
         model = create_diffusia(cfg.model, vocab.vocab_size, interaction=kind)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.train_steps)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.train_steps)
+        if cfg.cosine
+        else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    )
     model.train()
     train_s = 0.0
     for step in range(cfg.train_steps):
@@ -176,7 +182,8 @@ def _plot(summary: Summary, path: Path) -> None:
 def _note(cfg: DiffusiaConfig) -> str:
     return (
         f"Task {cfg.task!r}: {cfg.length} words, {cfg.vocab} words + <unk>; {cfg.model}, "
-        f"{cfg.train_steps} steps of batch {cfg.batch} each; {cfg.eval_pairs} held-out pairs. "
+        f"{cfg.train_steps} steps of batch {cfg.batch} each, lr {cfg.lr:g}"
+        f"{' with cosine decay' if cfg.cosine else ' constant'}; {cfg.eval_pairs} held-out pairs. "
         f"Diffusion: {cfg.sample_steps} DDIM steps{' with clamping' if cfg.clamp else ''}; AR: "
         "greedy. exact: whole target right; exact @1/2: the same after half the training "
         "steps; tok acc: words right; words/s: decoded target "
