@@ -44,6 +44,7 @@ STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 # `adaptdiff study diffusia`: spiral vs plain encoder-decoder text diffusion vs AR
 STUDY_DIFFUSIA = "study-diffusia-cpu-2core-2026-12-03.json"
+STUDY_DIFFUSIA_CONSTANT = "study-diffusia-constant-lr-cpu-2core-2026-12-03.json"  # cosine=false
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -524,6 +525,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
     "study-diffusia": lambda: study("diffusia", STUDY_DIFFUSIA),
+    "study-diffusia-constant-lr": lambda: study("diffusia", STUDY_DIFFUSIA_CONSTANT),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 
