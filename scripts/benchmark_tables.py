@@ -64,6 +64,9 @@ STUDY_POLICY = "study-policy-cpu-2core-2026-12-03.json"
 STUDY_MOTION = "study-motion-cpu-2core-2026-12-03.json"
 # `adaptdiff study multiconcept`: orthogonal against plain LoRA concepts merged by a sum
 STUDY_MULTICONCEPT = "study-multiconcept-cpu-2core-2026-12-03.json"
+# `adaptdiff study diffusia`: spiral vs plain encoder-decoder text diffusion vs AR
+STUDY_DIFFUSIA = "study-diffusia-cpu-2core-2026-12-03.json"
+STUDY_DIFFUSIA_CONSTANT = "study-diffusia-constant-lr-cpu-2core-2026-12-03.json"  # cosine=false
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -553,6 +556,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-policy": lambda: study("policy", STUDY_POLICY),
     "study-motion": lambda: study("motion", STUDY_MOTION),
     "study-multiconcept": lambda: study("multiconcept", STUDY_MULTICONCEPT),
+    "study-diffusia": lambda: study("diffusia", STUDY_DIFFUSIA),
+    "study-diffusia-constant-lr": lambda: study("diffusia", STUDY_DIFFUSIA_CONSTANT),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

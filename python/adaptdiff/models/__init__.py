@@ -8,7 +8,7 @@ for the original DiT and diffusers checkpoint layouts; :class:`DiMSUM`
 (:data:`DIMSUM_CONFIGS`, :func:`create_dimsum`), a Mamba backbone with wavelet scans, called
 like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlockLM` (an image
 encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
-dense or MoDE)."""
+dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -19,6 +19,7 @@ from .block_lm import (
 )
 from .block_lm_io import load_block_lm, save_block_lm
 from .checkpoints import DiffusersTimestepEmbedder, DiTCheckpointError, load_dit, save_dit
+from .diffusia import DiffuSIA, DiffuSIAConfig, create_diffusia
 from .dimsum import DIMSUM_CONFIGS, DiMSUM, DiMSUMConfig, create_dimsum
 from .dit import (
     DIT_CONFIGS,
@@ -49,6 +50,8 @@ __all__ = [
     "BlockLMConfig",
     "DiT",
     "DiMSUM",
+    "DiffuSIA",
+    "DiffuSIAConfig",
     "DiMSUMConfig",
     "DiTBlock",
     "DiTCheckpointError",
@@ -68,6 +71,7 @@ __all__ = [
     "block_lm_from_hf",
     "block_lm_to_hf",
     "create_block_lm",
+    "create_diffusia",
     "create_dimsum",
     "create_dit",
     "create_video_dit",

@@ -19,6 +19,7 @@ STUDIES: dict[str, str] = {
     "dimsum": "adaptdiff.studies.dimsum",
     "afa": "adaptdiff.studies.afa",
     "diffscaler": "adaptdiff.studies.diffscaler",
+    "diffusia": "adaptdiff.studies.diffusia",
     "hf-convert": "adaptdiff.studies.hf_convert",
     "motion": "adaptdiff.studies.motion",
     "multiconcept": "adaptdiff.studies.multiconcept",
