@@ -1,7 +1,8 @@
 """Data that need no download, embedded or generated in code: scikit-learn's digits (images)
 and the Python standard library's pydoc topics (text), and what is built from them: conditions
 of digit images (edges, blur, ...), moving digits, questions about digits, verifiable text
-tasks with exact-match rewards, word-level sequence-to-sequence tasks, and a 2-D reach-and-push task with a scripted expert."""
+tasks with exact-match rewards, word-level sequence-to-sequence tasks, and a 2-D reach-and-push
+task with a scripted expert."""
 
 from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq
 from .digits import batches, digits
