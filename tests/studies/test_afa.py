@@ -12,13 +12,7 @@ from adaptdiff.studies import get_study
 from adaptdiff.studies.afa import AFAConfig, class_subset, fit, small_dit
 from adaptdiff.train import DiffusionObjective
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny networks: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_fit_trains_only_the_given_parameters_and_lowers_the_loss():

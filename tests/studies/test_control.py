@@ -10,13 +10,7 @@ from adaptdiff.data.conditions import CONDITIONS, condition
 from adaptdiff.studies import get_study
 from adaptdiff.studies.control import ControlConfig, agreement, base_model, sources
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", list(CONDITIONS))

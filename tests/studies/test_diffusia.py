@@ -11,13 +11,7 @@ from adaptdiff.data.seq2seq import WordVocab, seq2seq_pairs
 from adaptdiff.studies import get_study
 from adaptdiff.studies.diffusia import ROWS, DiffusiaConfig, decode, train_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny networks: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("kind", ["spiral", "ar"])

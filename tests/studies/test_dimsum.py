@@ -12,13 +12,7 @@ from adaptdiff.models.dimsum import DiMSUM
 from adaptdiff.studies import get_study
 from adaptdiff.studies.dimsum import DimsumConfig, build, run_seed
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _params(model):

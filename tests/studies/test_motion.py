@@ -3,20 +3,13 @@
 import json
 
 import pytest
-import torch
 
 from adaptdiff.cli import main
 from adaptdiff.data.moving_digits import MOTIONS, moving_digits
 from adaptdiff.metrics.digits import DigitsEvaluator
 from adaptdiff.studies.motion import digit_frames, reference_for, score
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_references_differ_per_seed():

@@ -19,13 +19,7 @@ from adaptdiff.studies.nag import (
     train_predictor,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny networks: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_codes_round_trip_and_bad_architectures_are_refused():

@@ -22,13 +22,7 @@ from adaptdiff.studies.policy import (
     train_policy,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny networks: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_training_lowers_the_loss_and_sampling_gives_chunks_in_range():

@@ -3,19 +3,12 @@
 import json
 
 import pytest
-import torch
 
 from adaptdiff.cli import main
 from adaptdiff.studies import get_study
 from adaptdiff.studies.prune import PruneConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_prune_quick_runs_every_variant(tmp_path, capsys):

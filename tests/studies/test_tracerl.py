@@ -13,13 +13,7 @@ from adaptdiff.studies import get_study
 from adaptdiff.studies.tracerl import ROWS, TraceRLStudyConfig, evaluate, settings
 from tests.support.models import tiny_block_lm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_settings_compare_the_training_decoding_with_larger_blocks_and_lower_thresholds():

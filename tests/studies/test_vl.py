@@ -11,13 +11,7 @@ from adaptdiff.studies import get_study
 from adaptdiff.studies.vl import DECODERS, VLStudyConfig, answer, build_model, train_vlm
 from adaptdiff.train import ar_loss, sdar_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny networks: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_a_tiny_trained_model_answers_with_ar_and_block_decoding():

@@ -32,12 +32,7 @@ V = 19
 M = V - 1  # the tiny models' [MASK] id
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny networks: a second thread only adds contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------- trajectories to rows
