@@ -259,19 +259,22 @@ def _note(cfg: ControlConfig) -> str:
     )
 
 
+# condition fidelity, FD and cost: the columns of the control and divcontrol studies
+COLUMNS = (
+    Column("acc", "acc", "{:.1%}"),
+    Column("agree", "agree", "{:.3f}"),
+    Column("fd", "FD", "{:.2f}"),
+    Column("trainable", "trainable", "{:,.0f}"),
+    Column("seconds", "train s", "{:.1f}"),
+)
+
 STUDY = Study(
     name="control",
     summary="ControlNet on a frozen DiT: condition fidelity vs the uncontrolled model",
     config=ControlConfig,
     quick=_quick,
     run=_run_seed,
-    columns=(
-        Column("acc", "acc", "{:.1%}"),
-        Column("agree", "agree", "{:.3f}"),
-        Column("fd", "FD", "{:.2f}"),
-        Column("trainable", "trainable", "{:,.0f}"),
-        Column("seconds", "train s", "{:.1f}"),
-    ),
+    columns=COLUMNS,
     plot=_plot,
     units=lambda cfg: 1 + len(cfg.conditions),
     note=_note,

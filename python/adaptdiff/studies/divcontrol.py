@@ -36,8 +36,8 @@ from ..adapters import trainable_parameters as trainable
 from ..data import digits
 from ..data.conditions import CONDITIONS, INSTRUCTIONS, condition
 from ..metrics.digits import DigitsEvaluator
-from .control import SIZE, base_model, control_loss, draw, fit, scores, sources
-from .runner import Column, Metrics, Progress, Study, Summary
+from .control import COLUMNS, SIZE, base_model, control_loss, draw, fit, scores, sources
+from .runner import Metrics, Progress, Study, Summary
 
 
 @dataclass
@@ -227,13 +227,7 @@ STUDY = Study(
     config=DivControlConfig,
     quick=_quick,
     run=_run_seed,
-    columns=(
-        Column("acc", "acc", "{:.1%}"),
-        Column("agree", "agree", "{:.3f}"),
-        Column("fd", "FD", "{:.2f}"),
-        Column("trainable", "trainable", "{:,.0f}"),
-        Column("seconds", "train s", "{:.1f}"),
-    ),
+    columns=COLUMNS,
     plot=_plot,
     units=lambda cfg: 4,
     note=_note,
