@@ -542,6 +542,62 @@ def test_ras_with_entropy_scaling_is_refused(family):
     assert "forward" not in pipe.transformer.__dict__
 
 
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_ras_and_adaptive_guidance_compose_inside_the_pipeline(family):
+    """Each method neutral leaves the other's output exactly; both active: AG's dropped rows and
+    RAS's reduced tokens both reach the transformer, and every call starts clean."""
+    pipe, kw = build_pipeline(family, batch=2)
+    kw["num_inference_steps"] = 8
+    ras, ag = accel.RASConfig(0.5, start_step=2), accel.AdaptiveGuidanceConfig(threshold=-1.0)
+    alone = {}
+    for name, config in (("ras", ras), ("ag", ag)):
+        accel.apply(pipe, config)
+        try:
+            alone[name] = _images(pipe, kw)
+        finally:
+            accel.remove(pipe)
+    neutral_ras = accel.RASConfig(sample_ratio=1.0, start_step=0)
+    neutral_ag = accel.AdaptiveGuidanceConfig(threshold=1.5)
+    for configs, want in (((ras, neutral_ag), "ras"), ((neutral_ras, ag), "ag")):
+        accel.apply(pipe, *configs)
+        try:
+            assert torch.equal(_images(pipe, kw), alone[want]), want
+        finally:
+            accel.remove(pipe)
+    batches = _Calls(pipe.transformer)
+    accel.apply(pipe, ras, ag)
+    try:
+        out, again = _images(pipe, kw), _images(pipe, kw)
+        call = accel.summary(pipe)["calls"][-1]
+    finally:
+        batches.close()
+        accel.remove(pipe)
+    assert torch.equal(out, again)
+    assert batches.sizes[:8] == [4] + [2] * 7  # AG: the uncond rows dropped after step 0
+    assert call["uncond_rows_dropped"] == 2 * 7
+    skips = next(iter(call["contexts"].values()))["ras"]["skips"]
+    assert skips[:2] == [0, 0] and all(k == 8 for k in skips[2:])  # half of 16 tokens cached
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, alone["ras"]) and not torch.equal(out, alone["ag"])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_ras_with_adaptive_guidance_is_refused_on_joint_attention(family):
+    """RAS's joint-attention path caches per row of the model batch, which AG changes: refused
+    before the transformer runs, and the pipeline stays usable."""
+    pipe, kw = build_pipeline(family)
+    batches = _Calls(pipe.transformer)
+    accel.apply(pipe, accel.RASConfig(0.5), accel.AdaptiveGuidanceConfig(threshold=0.99))
+    try:
+        with pytest.raises(ValueError, match="cannot be combined with AdaptiveGuidance"):
+            _run(pipe, kw)
+        assert batches.sizes == []
+    finally:
+        batches.close()
+        accel.remove(pipe)
+    assert torch.isfinite(_run(pipe, kw)).all()
+
+
 def test_sd3_skip_layer_guidance_is_refused():
     pipe, kw = build_pipeline("sd3")
     accel.apply(pipe, accel.FirstBlockCacheConfig(threshold=0.0))
