@@ -67,6 +67,9 @@ STUDY_MULTICONCEPT = "study-multiconcept-cpu-2core-2026-12-03.json"
 # `adaptdiff study diffusia`: spiral vs plain encoder-decoder text diffusion vs AR
 STUDY_DIFFUSIA = "study-diffusia-cpu-2core-2026-12-03.json"
 STUDY_DIFFUSIA_CONSTANT = "study-diffusia-constant-lr-cpu-2core-2026-12-03.json"  # cosine=false
+# `adaptdiff study timeseries`: one UniTS model for three tasks against simple baselines
+STUDY_TIMESERIES = "study-timeseries-cpu-2core-2026-12-03.json"
+STUDY_TIMESERIES_LONG = "study-timeseries-2000-steps-cpu-2core-2026-12-03.json"  # 2000 steps
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -558,6 +561,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-multiconcept": lambda: study("multiconcept", STUDY_MULTICONCEPT),
     "study-diffusia": lambda: study("diffusia", STUDY_DIFFUSIA),
     "study-diffusia-constant-lr": lambda: study("diffusia", STUDY_DIFFUSIA_CONSTANT),
+    "study-timeseries": lambda: study("timeseries", STUDY_TIMESERIES),
+    "study-timeseries-2000-steps": lambda: study("timeseries", STUDY_TIMESERIES_LONG),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

@@ -1,10 +1,10 @@
 """Data that need no download, embedded or generated in code: scikit-learn's digits (images)
 and the Python standard library's pydoc topics (text), and what is built from them: conditions
 of digit images (edges, blur, ...), moving digits, questions about digits, verifiable text
-tasks with exact-match rewards, word-level sequence-to-sequence tasks, and a 2-D reach-and-push
-task with a scripted expert."""
+tasks with exact-match rewards, word-level sequence-to-sequence tasks, a 2-D reach-and-push
+task with a scripted expert, and synthetic multivariate time series."""
 
-from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq
+from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
 from .digits import batches, digits
 from .moving_digits import MOTIONS, moving_digits
 from .reach_push import ReachPush
@@ -24,4 +24,5 @@ __all__ = [
     "rl_tasks",
     "seq2seq",
     "text_windows",
+    "timeseries",
 ]

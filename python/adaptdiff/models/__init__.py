@@ -8,7 +8,9 @@ for the original DiT and diffusers checkpoint layouts; :class:`DiMSUM`
 (:data:`DIMSUM_CONFIGS`, :func:`create_dimsum`), a Mamba backbone with wavelet scans, called
 like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlockLM` (an image
 encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
-dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space."""
+dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space;
+:class:`SpatioTemporalDiT` (:data:`SPATIOTEMPORAL_CONFIGS`, :func:`create_spatiotemporal_dit`),
+a flow-matching DiT for multivariate time series (UniTS)."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -37,6 +39,12 @@ from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
+from .units import (
+    SPATIOTEMPORAL_CONFIGS,
+    SpatioTemporalConfig,
+    SpatioTemporalDiT,
+    create_spatiotemporal_dit,
+)
 from .video_dit import VIDEO_DIT_CONFIGS, VideoDiT, VideoDiTConfig, create_video_dit
 from .vl import VisionBlockLM
 
@@ -44,6 +52,7 @@ __all__ = [
     "BLOCK_LM_CONFIGS",
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
+    "SPATIOTEMPORAL_CONFIGS",
     "VIDEO_DIT_CONFIGS",
     "Attention",
     "BlockDiffusionLM",
@@ -64,6 +73,8 @@ __all__ = [
     "Mlp",
     "NoiseRoutedMoE",
     "PolicyConfig",
+    "SpatioTemporalConfig",
+    "SpatioTemporalDiT",
     "TimestepEmbedder",
     "VideoDiT",
     "VideoDiTConfig",
@@ -74,6 +85,7 @@ __all__ = [
     "create_diffusia",
     "create_dimsum",
     "create_dit",
+    "create_spatiotemporal_dit",
     "create_video_dit",
     "dtr_masks",
     "expert_load",

@@ -28,6 +28,7 @@ STUDIES: dict[str, str] = {
     "vl": "adaptdiff.studies.vl",
     "tracerl": "adaptdiff.studies.tracerl",
     "policy": "adaptdiff.studies.policy",
+    "timeseries": "adaptdiff.studies.timeseries",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
