@@ -231,19 +231,12 @@ class _Decoder:
                 return_hidden=True,
             )
             self.cache.commit(commit)
-        elif not causal_prefix and self.prefix is None:  # unshifted: one block-causal forward
+        elif not causal_prefix:  # unshifted: one block-causal forward (after a prefix's cache)
             h = m(
                 self.tokens[ids_rows, :end],
                 layout="block_causal",
                 block_size=block_size,
-                return_hidden=True,
-            )[:, start:]
-        elif not causal_prefix:  # unshifted after a prefix: its cache, then everything
-            h = m(
-                self.tokens[ids_rows, :end],
-                layout="block_causal",
-                block_size=block_size,
-                cache=self.new_cache(ids_rows),
+                cache=None if self.prefix is None else self.new_cache(ids_rows),
                 return_hidden=True,
             )[:, start:]
         else:  # shifted: a fresh causal prefill of the prefix, then the new tokens
