@@ -2,11 +2,13 @@
 and the Python standard library's pydoc topics (text), and what is built from them: conditions
 of digit images (edges, blur, ...), moving digits, questions about digits, verifiable text
 tasks with exact-match rewards, word-level sequence-to-sequence tasks, a 2-D reach-and-push
-task with a scripted expert, and synthetic multivariate time series."""
+task with a scripted expert, synthetic multivariate time series, and patches of the two
+photographs scikit-learn ships (real high frequencies, which the upsampled digits lack)."""
 
 from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
 from .digits import batches, digits
 from .moving_digits import MOTIONS, moving_digits
+from .photos import photo_patches
 from .reach_push import ReachPush
 from .text import CharTokenizer, pydoc_corpus, text_windows
 
@@ -19,6 +21,7 @@ __all__ = [
     "digit_qa",
     "digits",
     "moving_digits",
+    "photo_patches",
     "pydoc_corpus",
     "reach_push",
     "rl_tasks",
