@@ -10,7 +10,8 @@ like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlo
 encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
 dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space;
 :class:`SpatioTemporalDiT` (:data:`SPATIOTEMPORAL_CONFIGS`, :func:`create_spatiotemporal_dit`),
-a flow-matching DiT for multivariate time series (UniTS)."""
+a flow-matching DiT for multivariate time series (UniTS); :func:`create_vae`, a small diffusers
+``AutoencoderKL`` for latent diffusion (:mod:`.vae`)."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -45,6 +46,7 @@ from .units import (
     SpatioTemporalDiT,
     create_spatiotemporal_dit,
 )
+from .vae import VAE_CONFIGS, VAEConfig, create_vae
 from .video_dit import VIDEO_DIT_CONFIGS, VideoDiT, VideoDiTConfig, create_video_dit
 from .vl import VisionBlockLM
 
@@ -53,10 +55,12 @@ __all__ = [
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
     "SPATIOTEMPORAL_CONFIGS",
+    "VAE_CONFIGS",
     "VIDEO_DIT_CONFIGS",
     "Attention",
     "BlockDiffusionLM",
     "BlockLMConfig",
+    "VAEConfig",
     "DiT",
     "DiMSUM",
     "DiffuSIA",
@@ -86,6 +90,7 @@ __all__ = [
     "create_dimsum",
     "create_dit",
     "create_spatiotemporal_dit",
+    "create_vae",
     "create_video_dit",
     "dtr_masks",
     "expert_load",

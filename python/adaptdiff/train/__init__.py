@@ -2,9 +2,10 @@
 bf16, DDP/FSDP2 under torchrun) with atomic checkpoints and exact resume; the AR and
 AR -> block-diffusion recipes (SDAR, NBDiff) for :class:`~adaptdiff.models.BlockDiffusionLM`;
 TraceRL over block-decoding trajectories (:mod:`.tracerl`), block pruning with distillation
-(:mod:`.prune`) and MotionDirector's dual-path LoRA training (:mod:`.motion_director`)."""
+(:mod:`.prune`), MotionDirector's dual-path LoRA training (:mod:`.motion_director`) and the
+KL autoencoder of latent diffusion (:mod:`.vae`)."""
 
-from . import motion_director, prune, tracerl
+from . import motion_director, prune, tracerl, vae
 from .block_diffusion import (
     BlockLMLoss,
     ar_loss,
@@ -44,5 +45,6 @@ __all__ = [
     "text_dataset",
     "tracerl",
     "update_ema",
+    "vae",
     "warmup_cosine",
 ]
