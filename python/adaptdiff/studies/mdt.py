@@ -49,22 +49,22 @@ class MDTStudyConfig:
     decode_layers: int = 1
     num_heads: int = 4
     patch_size: int = 4  # 16 tokens of 4x4 pixels
-    checkpoints: tuple[int, ...] = (60, 120, 240, 360, 480)
-    batch_size: int = 64
+    checkpoints: tuple[int, ...] = (50, 100, 200, 300, 400)
+    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 30
     ema_decay: float = 0.98
-    num_samples: int = 200
+    num_samples: int = 150
     sampler: str = "dpmpp_2m"
-    sampler_steps: int = 8
+    sampler_steps: int = 6
     guidance_scale: float = 1.5
     threads: int = 1
 
 
 def _quick(cfg: MDTStudyConfig) -> MDTStudyConfig:
     return dataclasses.replace(
-        cfg, hidden_size=32, depth=2, num_heads=2, checkpoints=(2, 4, 6, 8, 10), batch_size=16,
-        warmup_steps=2, num_samples=20, sampler_steps=2,
+        cfg, hidden_size=32, depth=2, num_heads=2, checkpoints=(1, 2, 3, 4, 5), batch_size=8,
+        warmup_steps=1, num_samples=20, sampler_steps=2,
     )  # fmt: skip
 
 

@@ -51,9 +51,12 @@ class MDTObjective:
             raise ValueError(
                 f"MDTObjective: mask_ratio must be None or in [0, 1), got {mask_ratio}"
             )
-        if mask_ratio_span is not None and mask_ratio_span < 0:
+        if mask_ratio_span is not None and (
+            mask_ratio_span < 0 or (mask_ratio or 0.0) + mask_ratio_span >= 1.0
+        ):
             raise ValueError(
-                f"MDTObjective: mask_ratio_span must be None or >= 0, got {mask_ratio_span}"
+                "MDTObjective: mask_ratio_span must be None or >= 0 with mask_ratio + "
+                f"mask_ratio_span < 1, got {mask_ratio_span} (mask_ratio {mask_ratio})"
             )
         if masked_weight < 0:
             raise ValueError(f"MDTObjective: masked_weight must be >= 0, got {masked_weight}")
