@@ -37,7 +37,9 @@ from .dit import (
 )
 from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
 from .hf_lm import block_lm_from_hf, block_lm_to_hf
+from .ita import ImageTimestepAdaptiveAggregator, salient_region
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
+from .mdt import MDT, MDT_CONFIGS, MDTConfig, create_mdt
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
 from .units import (
@@ -54,6 +56,7 @@ __all__ = [
     "BLOCK_LM_CONFIGS",
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
+    "MDT_CONFIGS",
     "SPATIOTEMPORAL_CONFIGS",
     "VAE_CONFIGS",
     "VIDEO_DIT_CONFIGS",
@@ -73,7 +76,10 @@ __all__ = [
     "DiffusersTimestepEmbedder",
     "FinalLayer",
     "FusedExperts",
+    "ImageTimestepAdaptiveAggregator",
     "KVCache",
+    "MDT",
+    "MDTConfig",
     "Mlp",
     "NoiseRoutedMoE",
     "PolicyConfig",
@@ -89,6 +95,7 @@ __all__ = [
     "create_diffusia",
     "create_dimsum",
     "create_dit",
+    "create_mdt",
     "create_spatiotemporal_dit",
     "create_vae",
     "create_video_dit",
@@ -103,6 +110,7 @@ __all__ = [
     "perturb_condition",
     "precompute_experts",
     "save_block_lm",
+    "salient_region",
     "save_dit",
     "timestep_embedding",
     "upcycle_to_moe",

@@ -19,6 +19,7 @@ from .block_diffusion import (
 )
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .ema import EMA, update_ema
+from .mdt import MDTObjective
 from .objectives import DiffusionObjective
 from .trainer import BatchStream, TrainConfig, Trainer, warmup_cosine
 
@@ -28,6 +29,7 @@ __all__ = [
     "BlockLMLoss",
     "CheckpointError",
     "DiffusionObjective",
+    "MDTObjective",
     "TrainConfig",
     "Trainer",
     "ar_loss",
