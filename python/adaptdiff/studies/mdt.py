@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data import digits
 from ..metrics.digits import DigitsEvaluator
 from ..models import create_dit
@@ -181,10 +182,7 @@ def run_seed(cfg: MDTStudyConfig, seed: int, out: Path, progress: Progress) -> M
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for name in MODELS:
