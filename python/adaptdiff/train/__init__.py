@@ -17,6 +17,7 @@ from .block_diffusion import (
     text_dataset,
 )
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .dfm import DFMObjective, fit_stage_scale
 from .ema import EMA, update_ema
 from .objectives import DiffusionObjective
 from .trainer import BatchStream, TrainConfig, Trainer, warmup_cosine
@@ -26,6 +27,7 @@ __all__ = [
     "BatchStream",
     "BlockLMLoss",
     "CheckpointError",
+    "DFMObjective",
     "DiffusionObjective",
     "TrainConfig",
     "Trainer",
@@ -33,6 +35,7 @@ __all__ = [
     "chunked_cross_entropy",
     "corrupt",
     "curriculum_block_size",
+    "fit_stage_scale",
     "load_checkpoint",
     "load_weights",
     "motion_director",
