@@ -102,3 +102,15 @@ def test_objective_errors():
         DFMObjective(2, logit_std=0)
     with pytest.raises(ValueError, match="DFMObjective: built for 3 stages, the model has 2"):
         DFMObjective(3).loss(create_dfm("DFM-tiny"), torch.randn(2, 1, 8, 8))
+
+
+def test_loss_fn_trains_through_the_trainer():
+    from adaptdiff.train import TrainConfig, Trainer
+
+    model = create_dfm("DFM-tiny")
+    before = [p.detach().clone() for p in model.parameters()]
+    data = (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-2, log_every=0, progress=False)
+    Trainer(model, DFMObjective(2).loss_fn, data, cfg, device="cpu").fit()
+    changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2

@@ -16,8 +16,8 @@ unit standard deviation by :func:`fit_stage_scale`):
    (rectified flow, as :class:`~adaptdiff.samplers.FlowSchedule`); the loss is the sum over the
    active stages (``j <= k``) of each stage's mean squared error, averaged over the batch.
 
-Excluding the pure-noise stages from the loss is our reading of the paper (its text says they are
-"treated as pure noise"; their velocity at t = 1 carries no information on the image). The logit
+The paper treats the later stages as pure noise; leaving them out of the loss is our reading
+(their velocity target at t = 1 carries nothing the model can know). The logit
 means and ``stage_bias`` are our choices where the paper gives the idea but not the numbers we
 could check.
 """
