@@ -72,6 +72,9 @@ STUDY_TIMESERIES = "study-timeseries-cpu-2core-2026-12-03.json"
 STUDY_TIMESERIES_LONG = "study-timeseries-2000-steps-cpu-2core-2026-12-03.json"  # 2000 steps
 # `adaptdiff study mdt`: MDT against a same-size DiT, digits-FD per checkpoint and steps-to-FD
 STUDY_MDT = "study-mdt-cpu-2core-2026-12-03.json"
+# `adaptdiff study dfm`: decomposable flow matching against plain flow matching at equal NFE
+STUDY_DFM = "study-dfm-cpu-2core-2026-12-03.json"
+STUDY_DFM_LONG = "study-dfm-1200-steps-cpu-2core-2026-12-03.json"  # 1200 steps, one seed
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -566,6 +569,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-timeseries": lambda: study("timeseries", STUDY_TIMESERIES),
     "study-timeseries-2000-steps": lambda: study("timeseries", STUDY_TIMESERIES_LONG),
     "study-mdt": lambda: study("mdt", STUDY_MDT),
+    "study-dfm": lambda: study("dfm", STUDY_DFM),
+    "study-dfm-1200-steps": lambda: study("dfm", STUDY_DFM_LONG),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

@@ -22,6 +22,7 @@ from .block_lm import (
 )
 from .block_lm_io import load_block_lm, save_block_lm
 from .checkpoints import DiffusersTimestepEmbedder, DiTCheckpointError, load_dit, save_dit
+from .dfm import DFM_CONFIGS, DFMConfig, DFMDiT, create_dfm
 from .diffusia import DiffuSIA, DiffuSIAConfig, create_diffusia
 from .dimsum import DIMSUM_CONFIGS, DiMSUM, DiMSUMConfig, create_dimsum
 from .dit import (
@@ -54,6 +55,7 @@ from .vl import VisionBlockLM
 
 __all__ = [
     "BLOCK_LM_CONFIGS",
+    "DFM_CONFIGS",
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
     "MDT_CONFIGS",
@@ -64,6 +66,8 @@ __all__ = [
     "BlockDiffusionLM",
     "BlockLMConfig",
     "VAEConfig",
+    "DFMConfig",
+    "DFMDiT",
     "DiT",
     "DiMSUM",
     "DiffuSIA",
@@ -92,6 +96,7 @@ __all__ = [
     "block_lm_from_hf",
     "block_lm_to_hf",
     "create_block_lm",
+    "create_dfm",
     "create_diffusia",
     "create_dimsum",
     "create_dit",

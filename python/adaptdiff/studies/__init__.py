@@ -17,6 +17,7 @@ STUDIES: dict[str, str] = {
     "control": "adaptdiff.studies.control",
     "divcontrol": "adaptdiff.studies.divcontrol",
     "dimsum": "adaptdiff.studies.dimsum",
+    "dfm": "adaptdiff.studies.dfm",
     "afa": "adaptdiff.studies.afa",
     "diffscaler": "adaptdiff.studies.diffscaler",
     "diffusia": "adaptdiff.studies.diffusia",

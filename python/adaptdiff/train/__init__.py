@@ -18,6 +18,7 @@ from .block_diffusion import (
     text_dataset,
 )
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .dfm import DFMObjective, fit_stage_scale
 from .ema import EMA, update_ema
 from .mdt import MDTObjective
 from .objectives import DiffusionObjective
@@ -28,6 +29,7 @@ __all__ = [
     "BatchStream",
     "BlockLMLoss",
     "CheckpointError",
+    "DFMObjective",
     "DiffusionObjective",
     "MDTObjective",
     "TrainConfig",
@@ -36,6 +38,7 @@ __all__ = [
     "chunked_cross_entropy",
     "corrupt",
     "curriculum_block_size",
+    "fit_stage_scale",
     "load_checkpoint",
     "load_weights",
     "motion_director",
