@@ -10,7 +10,8 @@ like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlo
 encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
 dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space;
 :class:`SpatioTemporalDiT` (:data:`SPATIOTEMPORAL_CONFIGS`, :func:`create_spatiotemporal_dit`),
-a flow-matching DiT for multivariate time series (UniTS)."""
+a flow-matching DiT for multivariate time series (UniTS); :class:`SRDiT`, a DiT for
+super-resolution whose attention heads are each local or global (OASIS)."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -39,6 +40,7 @@ from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
+from .sr_dit import SRDiT, SRDiTConfig, calibrate_heads, random_heads, route_heads
 from .units import (
     SPATIOTEMPORAL_CONFIGS,
     SpatioTemporalConfig,
@@ -73,6 +75,8 @@ __all__ = [
     "Mlp",
     "NoiseRoutedMoE",
     "PolicyConfig",
+    "SRDiT",
+    "SRDiTConfig",
     "SpatioTemporalConfig",
     "SpatioTemporalDiT",
     "TimestepEmbedder",
@@ -81,6 +85,7 @@ __all__ = [
     "VisionBlockLM",
     "block_lm_from_hf",
     "block_lm_to_hf",
+    "calibrate_heads",
     "create_block_lm",
     "create_diffusia",
     "create_dimsum",
@@ -97,6 +102,8 @@ __all__ = [
     "moe_layers",
     "perturb_condition",
     "precompute_experts",
+    "random_heads",
+    "route_heads",
     "save_block_lm",
     "save_dit",
     "timestep_embedding",
