@@ -61,9 +61,9 @@ class SRStudyConfig:
     num_train: int = 1024
     num_test: int = 128
     num_calib: int = 64
-    teacher_steps: int = 600
-    distill_steps: int = 250
-    finetune_steps: int = 120
+    teacher_steps: int = 450
+    distill_steps: int = 150
+    finetune_steps: int = 60
     batch: int = 32
     teacher_lr: float = 2e-3
     distill_lr: float = 5e-4
@@ -207,6 +207,8 @@ def _plot(summary: Summary, path: Path) -> None:
         ):
             ax.text(j, i, "L" if local else "G", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax)
+        ax.set_xticks(range(scores.shape[1]))
+        ax.set_yticks(range(scores.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("block")
         ax.set_title("seed 0: -log m per head (L local, G global)", fontsize=9)
