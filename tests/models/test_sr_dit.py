@@ -11,6 +11,7 @@ from adaptdiff.models.sr_dit import (
     SRDiT,
     SRDiTConfig,
     calibrate_heads,
+    calibration_report,
     random_heads,
     route_heads,
     window_mask,
@@ -155,3 +156,15 @@ def test_upsample_is_bicubic():
     torch.testing.assert_close(
         model.upsample(lr), F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False)
     )
+
+
+def test_calibration_report_lists_every_head():
+    scores = torch.tensor([[0.5, 2.0], [0.1, 3.0]])
+    text = calibration_report(scores, route_heads(scores, num_local=2))
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("block 0:")
+    assert f"L m={math.exp(-0.5):.3f} (0.50)" in lines[0] and "G m=" in lines[0]
+    assert "(3.00)" in lines[1]
+    assert "L" not in calibration_report(scores).replace("block", "")
+    with pytest.raises(ValueError, match="local must have"):
+        calibration_report(scores, torch.zeros(3, 2, dtype=torch.bool))

@@ -40,7 +40,14 @@ from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
-from .sr_dit import SRDiT, SRDiTConfig, calibrate_heads, random_heads, route_heads
+from .sr_dit import (
+    SRDiT,
+    SRDiTConfig,
+    calibrate_heads,
+    calibration_report,
+    random_heads,
+    route_heads,
+)
 from .units import (
     SPATIOTEMPORAL_CONFIGS,
     SpatioTemporalConfig,
@@ -86,6 +93,7 @@ __all__ = [
     "block_lm_from_hf",
     "block_lm_to_hf",
     "calibrate_heads",
+    "calibration_report",
     "create_block_lm",
     "create_diffusia",
     "create_dimsum",

@@ -229,6 +229,28 @@ def calibrate_heads(model: SRDiT, batches) -> torch.Tensor:
     return totals / count
 
 
+def calibration_report(scores: torch.Tensor, local: torch.Tensor | None = None) -> str:
+    """A text table of calibration ``scores [depth, heads]`` (mean ``-log m``): one line per
+    block, each head as ``m=<mass> (-log m=<score>)``, marked ``L`` where ``local`` is True."""
+    if scores.ndim != 2:
+        raise ValueError(
+            f"calibration_report: scores must be [depth, heads], got {list(scores.shape)}"
+        )
+    if local is not None and local.shape != scores.shape:
+        raise ValueError(
+            f"calibration_report: local must have the shape of scores {list(scores.shape)}, "
+            f"got {list(local.shape)}"
+        )
+    lines = []
+    for i, row in enumerate(scores.tolist()):
+        cells = []
+        for j, score in enumerate(row):
+            mark = ("L" if bool(local[i, j]) else "G") if local is not None else " "
+            cells.append(f"{mark} m={math.exp(-score):.3f} ({score:.2f})")
+        lines.append(f"block {i}: " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def route_heads(
     scores: torch.Tensor, *, num_local: int | None = None, threshold: float | None = None
 ) -> torch.Tensor:

@@ -45,7 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics.image import psnr, ssim
-from ..models.sr_dit import SRDiT, SRDiTConfig, calibrate_heads, random_heads, route_heads
+from ..models.sr_dit import (
+    SRDiT,
+    SRDiTConfig,
+    calibrate_heads,
+    calibration_report,
+    random_heads,
+    route_heads,
+)
 from ..train.sr import distill, one_step, sample_sr, sr_pairs, train_teacher
 from .runner import Column, Metrics, Progress, Study, Summary
 
@@ -161,6 +168,8 @@ def _run_seed(cfg: SRStudyConfig, seed: int, out: Path, progress: Progress) -> M
         "routed_local": routed.tolist(), "random_local": rand.tolist(),
         "window": cfg.window, "grid": 32 // cfg.patch_size,
     }, indent=1))  # fmt: skip
+    progress.log(f"seed {seed} head calibration (m: mass in the window; L local, G global):\n"
+                 + calibration_report(scores, routed))  # fmt: skip
     progress.advance(f"heads calibrated: -log m from {scores.min():.2f} to {scores.max():.2f}")
 
     for name, local in (("student, global", torch.zeros_like(routed)),
