@@ -10,8 +10,7 @@ like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlo
 encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
 dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space;
 :class:`SpatioTemporalDiT` (:data:`SPATIOTEMPORAL_CONFIGS`, :func:`create_spatiotemporal_dit`),
-a flow-matching DiT for multivariate time series (UniTS); :class:`SRDiT`, a DiT for
-super-resolution whose attention heads are each local or global (OASIS)."""
+a flow-matching DiT for multivariate time series (UniTS)."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,

@@ -4,7 +4,7 @@ AR -> block-diffusion recipes (SDAR, NBDiff) for :class:`~adaptdiff.models.Block
 TraceRL over block-decoding trajectories (:mod:`.tracerl`), block pruning with distillation
 (:mod:`.prune`) and MotionDirector's dual-path LoRA training (:mod:`.motion_director`)."""
 
-from . import motion_director, prune, sr, tracerl
+from . import motion_director, prune, tracerl
 from .block_diffusion import (
     BlockLMLoss,
     ar_loss,
@@ -41,7 +41,6 @@ __all__ = [
     "sample_mask_times",
     "save_checkpoint",
     "sdar_loss",
-    "sr",
     "text_dataset",
     "tracerl",
     "update_ema",
