@@ -75,6 +75,8 @@ STUDY_MDT = "study-mdt-cpu-2core-2026-12-03.json"
 # `adaptdiff study dfm`: decomposable flow matching against plain flow matching at equal NFE
 STUDY_DFM = "study-dfm-cpu-2core-2026-12-03.json"
 STUDY_DFM_LONG = "study-dfm-1200-steps-cpu-2core-2026-12-03.json"  # 1200 steps, one seed
+# `adaptdiff study sr`: one-step SR distilled from a multi-step model, routed local/global heads
+STUDY_SR = "study-sr-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -571,6 +573,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-mdt": lambda: study("mdt", STUDY_MDT),
     "study-dfm": lambda: study("dfm", STUDY_DFM),
     "study-dfm-1200-steps": lambda: study("dfm", STUDY_DFM_LONG),
+    "study-sr": lambda: study("sr", STUDY_SR),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

@@ -43,6 +43,14 @@ from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embeddi
 from .mdt import MDT, MDT_CONFIGS, MDTConfig, create_mdt
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
+from .sr_dit import (
+    SRDiT,
+    SRDiTConfig,
+    calibrate_heads,
+    calibration_report,
+    random_heads,
+    route_heads,
+)
 from .units import (
     SPATIOTEMPORAL_CONFIGS,
     SpatioTemporalConfig,
@@ -87,6 +95,8 @@ __all__ = [
     "Mlp",
     "NoiseRoutedMoE",
     "PolicyConfig",
+    "SRDiT",
+    "SRDiTConfig",
     "SpatioTemporalConfig",
     "SpatioTemporalDiT",
     "TimestepEmbedder",
@@ -95,6 +105,8 @@ __all__ = [
     "VisionBlockLM",
     "block_lm_from_hf",
     "block_lm_to_hf",
+    "calibrate_heads",
+    "calibration_report",
     "create_block_lm",
     "create_dfm",
     "create_diffusia",
@@ -114,6 +126,8 @@ __all__ = [
     "moe_layers",
     "perturb_condition",
     "precompute_experts",
+    "random_heads",
+    "route_heads",
     "save_block_lm",
     "salient_region",
     "save_dit",

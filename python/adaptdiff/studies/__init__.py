@@ -31,6 +31,7 @@ STUDIES: dict[str, str] = {
     "policy": "adaptdiff.studies.policy",
     "timeseries": "adaptdiff.studies.timeseries",
     "mdt": "adaptdiff.studies.mdt",
+    "sr": "adaptdiff.studies.sr",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
