@@ -76,13 +76,14 @@ def test_sampling_decodes_to_images_with_and_without_an_accelerator(trained):
     assert x.shape == (4, 1, 32, 32) and torch.isfinite(x).all()
     assert info["nfe_per_sample"] == 8  # CFG: two evaluations a step
     # adaptive guidance through accel.apply on the latent DiT: the guided steps stop early
-    ag = SamplingSetting("euler", 4, guidance_scale=2.0, label="ag",
-                         accelerators=(lambda m: accel.apply(m, accel.AdaptiveGuidanceConfig(
-                             threshold=-1.0)),))  # fmt: skip
+    handle = accel.apply(dit, accel.AdaptiveGuidanceConfig(threshold=-1.0))
+    ag = SamplingSetting("euler", 4, guidance_scale=2.0, label="ag", accelerators=(handle,))
     try:
         y, info_ag = generate_images(vae, dit, ag, labels, seed=1)
     finally:
         accel.remove(dit)
+    with pytest.raises(ValueError, match="no adaptdiff.accel hooks"):
+        accel.get_handle(dit)  # the DiT computes as before
     assert y.shape == x.shape and info_ag["nfe_per_sample"] < 8
 
 
