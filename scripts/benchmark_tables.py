@@ -77,6 +77,8 @@ STUDY_DFM = "study-dfm-cpu-2core-2026-12-03.json"
 STUDY_DFM_LONG = "study-dfm-1200-steps-cpu-2core-2026-12-03.json"  # 1200 steps, one seed
 # `adaptdiff study sr`: one-step SR distilled from a multi-step model, routed local/global heads
 STUDY_SR = "study-sr-cpu-2core-2026-12-03.json"
+# `adaptdiff study ldm`: a latent DiT on a KL autoencoder against a pixel DiT at 32x32
+STUDY_LDM = "study-ldm-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -574,6 +576,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-dfm": lambda: study("dfm", STUDY_DFM),
     "study-dfm-1200-steps": lambda: study("dfm", STUDY_DFM_LONG),
     "study-sr": lambda: study("sr", STUDY_SR),
+    "study-ldm": lambda: study("ldm", STUDY_LDM),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

@@ -32,6 +32,7 @@ STUDIES: dict[str, str] = {
     "timeseries": "adaptdiff.studies.timeseries",
     "mdt": "adaptdiff.studies.mdt",
     "sr": "adaptdiff.studies.sr",
+    "ldm": "adaptdiff.studies.ldm",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]

@@ -82,6 +82,6 @@ def train_vae(vae, images: torch.Tensor, config: VAETrainConfig = VAETrainConfig
         recon = torch.cat(
             [vae.decode(vae.encode(x).latent_dist.mean).sample for x in images[:512].split(256)]
         )
-    out = {k: float(v) for k, v in losses.items()}
+    out = {k: float(v.detach()) for k, v in losses.items()}
     out.update(scaling_factor=scale, recon_l1=float((recon - images[:512]).abs().mean()))
     return out
