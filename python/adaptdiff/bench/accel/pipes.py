@@ -6,7 +6,7 @@ Flux, Sana; random weights, ``"small"`` sizes, ``"tiny"`` with ``--quick``, anot
 ``pipe(...)`` and ``pipe(...)`` after ``accel.apply(pipe, config)`` for each method, from the
 same seed. Rows: the speedup, the transformer calls (NFE), the compute done (block evaluations
 for caches and schedules, transformer rows for guidance and step skipping, the token-block
-evaluations of RAS, not run on Sana's linear attention), PSNR/SSIM of the
+evaluations of RAS), PSNR/SSIM of the
 output latents (DiT: the decoded images) against the plain pipeline's.
 """
 
@@ -35,8 +35,7 @@ def _methods(steps: int, quick: bool, layout, family: str) -> list[tuple[str, st
         ("AG", "cos >= 0.99", lambda: accel.AdaptiveGuidanceConfig(0.99)),
         ("SADA", "default", lambda: accel.SADAConfig()),
     ]
-    if family != "sana":  # RAS reproduces softmax attention; Sana's is linear
-        out.append(("RAS", "ratio 0.5", lambda: accel.RASConfig(sample_ratio=0.5)))
+    out.append(("RAS", "ratio 0.5", lambda: accel.RASConfig(sample_ratio=0.5)))
     if quick:
         return out
     return out + [
