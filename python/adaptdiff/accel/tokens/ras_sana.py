@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...ops import gather_tokens, indexed_linear_
+from ...ops import indexed_linear_
 
 __all__ = ["install", "is_sana"]
 
@@ -63,8 +63,10 @@ def check(model) -> None:
             )
 
 
-def _linear_attention_math(attn, query, key, value, dtype):
-    """``SanaLinearAttnProcessor2_0`` after the projections (queries: any subset)."""
+def _linear_attention_math(attn, query, key, value, dtype, pad: bool = True):
+    """``SanaLinearAttnProcessor2_0`` after the projections (queries: any subset). ``pad``:
+    the ones row of the sums as the processor forms it (padding V); else the sum of the keys
+    appended (the same sums, without copying every V)."""
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -74,8 +76,11 @@ def _linear_attention_math(attn, query, key, value, dtype):
     value = value.transpose(1, 2).unflatten(1, (attn.heads, -1))
     query, key = F.relu(query), F.relu(key)
     query, key, value = query.float(), key.float(), value.float()
-    value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
-    scores = torch.matmul(value, key)  # the sums over every token: [B, H, d + 1, d]
+    if pad:
+        value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
+        scores = torch.matmul(value, key)  # the sums over every token: [B, H, d + 1, d]
+    else:
+        scores = torch.cat([torch.matmul(value, key), key.sum(dim=2, keepdim=True)], dim=2)
     out = torch.matmul(scores, query)
     out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
     out = out.flatten(1, 2).transpose(1, 2).to(dtype)
@@ -101,7 +106,7 @@ def _linear_attention(attn, state, store, cache):
             index = state.index_for(x.shape[0])
             for buffer, linear in zip((key, value), (attn.to_k, attn.to_v), strict=True):
                 indexed_linear_(buffer, index, x, linear.weight, linear.bias)
-        return _linear_attention_math(attn, query, key, value, x.dtype)
+        return _linear_attention_math(attn, query, key, value, x.dtype, state.mode == "dense")
 
     return forward
 
@@ -124,7 +129,7 @@ def _mix_ffn(ff, state, store):
         if state.mode != "dense":
             return inner(x)
         h = ff.nonlinearity(ff.conv_inverted(x))  # [B, 2 hidden, H, W]
-        store(state, ff, h.flatten(2).transpose(1, 2))  # [B, N, 2 hidden]
+        store(state, ff, h.flatten(2).transpose(1, 2))  # [B, N, 2 hidden]: a row per token
         d = ff.conv_depth(h)
         out = _ff_tail(ff, d.movedim(1, -1)).movedim(-1, 1)
         if ff.residual_connection:
@@ -142,10 +147,14 @@ def _ff_subset(ff, state, cache, x: torch.Tensor, height: int, width: int) -> to
     w = ff.conv_inverted.weight.flatten(1)
     h = ff.nonlinearity(F.linear(x, w, ff.conv_inverted.bias))  # [B, N_a, 2 hidden]
     grid = cache(state, ff, x)  # [B, N, 2 hidden], this layer's
-    grid.scatter_(1, index.unsqueeze(-1).expand(-1, -1, grid.shape[-1]), h.to(grid.dtype))
-    full = grid.transpose(1, 2).unflatten(2, (height, width))
-    d = ff.conv_depth(full).flatten(2).transpose(1, 2).contiguous()  # [B, N, 2 hidden]
-    out = _ff_tail(ff, gather_tokens(d, index))
+    h = h.to(grid.dtype)
+    for b in range(B):  # the active tokens' activations into the cached grid, in place
+        grid[b].index_copy_(0, index[b], h[b])
+    # the grid as [B, C, H, W] in channels-last strides (no copy), as the convolution's output
+    full = grid.view(B, height, width, -1).permute(0, 3, 1, 2)
+    d = ff.conv_depth(full).permute(0, 2, 3, 1).reshape(B, height * width, -1)  # [B, N, C]
+    d = torch.stack([d[b].index_select(0, index[b]) for b in range(B)])
+    out = _ff_tail(ff, d)
     if ff.residual_connection:
         out = out + x
     return out
