@@ -10,10 +10,12 @@ the tokens that are not computed:
   ``sum_j relu(k_j) [v_j; 1]^T`` over *all* tokens. K and V are kept full length per layer (the
   dense step before the RAS steps fills them); a RAS step rewrites the active tokens' rows
   (``indexed_linear_``), the other rows hold the K/V of the last step that computed them, and
-  the sums are formed over the whole refilled cache. Queries are the active tokens only.
+  the sums are formed over the whole refilled cache (their ones row as the sum of the keys, not
+  by padding every V). Queries are the active tokens only.
 - **Mix-FFN**: a depthwise convolution cannot run on a subset of tokens without the grid. The
   activations after the first 1x1 convolution (and its SiLU) are kept on the full grid per
-  layer; a RAS step scatters the active tokens' fresh activations into that cached grid, runs
+  layer (a row per token, which the convolution reads in channels-last strides without a copy);
+  a RAS step writes the active tokens' fresh activations into that cached grid, runs
   the depthwise convolution on the whole grid (its cost is a few percent of the block's: 9
   multiply-adds per channel and token, against the width per channel and token of each 1x1
   convolution), gathers the active tokens back, and the gate and the last 1x1 convolution run
