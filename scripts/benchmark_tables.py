@@ -36,6 +36,8 @@ ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 # `adaptdiff bench accel --models pipelines`: the methods inside the diffusers pipelines' loops
 ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
+# the same at 1024 image tokens (`--pipeline-size medium --pipeline-methods RAS`): RAS's CPU target
+ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl"
 DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
 STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 # `adaptdiff study hf-convert`: one AR char model SDAR-converted natively and through transformers
@@ -554,6 +556,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "accel-h100": accel_h100,
     "accel-pipelines": lambda: accel_pipelines(ACCEL_PIPELINES),
     "accel-pipelines-targets": lambda: accel_pipelines_targets(ACCEL_PIPELINES),
+    "accel-pipelines-medium": lambda: accel_pipelines(ACCEL_PIPELINES_MEDIUM),
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
