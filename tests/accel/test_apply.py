@@ -107,3 +107,14 @@ def test_importing_adaptdiff_accel_registers_every_calibrator():
     env = {**os.environ, "COLUMNS": "1000"}  # one line per option
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and f"one of {expected}" in out.stdout
+
+
+def test_removing_through_the_handle_frees_the_model_for_the_next_apply():
+    model = tiny_dit()
+    handle = accel.apply(model, accel.FirstBlockCacheConfig(threshold=0.5))
+    handle.remove()  # as recipes.digits.generate does with accelerators it made per run
+    with pytest.raises(ValueError, match="has no adaptdiff.accel hooks"):
+        accel.get_handle(model)
+    again = accel.apply(model, accel.FirstBlockCacheConfig(threshold=0.5))
+    assert accel.get_handle(model) is again
+    accel.remove(model)

@@ -362,6 +362,10 @@ class AccelHandle(Accelerator):
         return [m for m, _ in self._wrapped]
 
     def remove(self) -> None:
+        # handle.remove() and accel.remove(model) are the same: either leaves the model free for
+        # the next apply (the model's reference to this handle goes too)
+        if self.model.__dict__.get(ATTR) is self:
+            del self.model.__dict__[ATTR]
         restore_forwards(self._wrapped)
         for hook in self.hooks:
             hook.uninstall()
