@@ -120,3 +120,23 @@ def test_refused_where_the_blocks_would_run_without_the_text(tmp_path):
     save_dit(
         create_dit("DiT-tiny/2", frequency_embedding_size=256, learn_sigma=True), tmp_path / "ok"
     )
+
+
+@torch.no_grad()
+def test_first_block_cache_on_a_text_dit():
+    from adaptdiff import accel
+
+    model = _text_dit()
+    plain = _run(model)
+    handle = accel.apply(model.dit, accel.FirstBlockCacheConfig(threshold=0.0))
+    try:
+        assert torch.equal(_run(model, [handle]), plain)  # never skips: bit-identical
+    finally:
+        accel.remove(model.dit)
+    handle = accel.apply(model.dit, accel.FirstBlockCacheConfig(threshold=10.0))
+    try:
+        out = _run(model, [handle])
+        assert handle.summary()["default"]["hits"] > 0
+    finally:
+        accel.remove(model.dit)
+    assert 0 < _rel(out, plain) < 1.0
