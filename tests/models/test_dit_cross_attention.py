@@ -210,3 +210,14 @@ def test_text_dit_trains_both_parts():
         TextDiT(dataclasses.replace(cfg, cross_attention_dim=4), TextEncoderConfig(width=CTX))
     with pytest.raises(ValueError, match="2 prompts but 3 negative_prompts"):
         model.prompt_kwargs(["a two", "a one"], ["a", "a", "a"])
+
+
+def test_mdt_blocks_refuse_to_run_without_the_text():
+    """MDT runs its DiT blocks itself (encoder, side-interpolator, decoder) without text: a
+    cross-attention MDT fails with the block's error instead of silently dropping the text."""
+    from adaptdiff.models import create_mdt
+
+    model = create_mdt("MDT-tiny/2", cross_attention_dim=CTX)
+    x, t, ctx = _inputs()
+    with pytest.raises(ValueError, match="this block has cross-attention"):
+        model(x, t, torch.tensor([1, 2, 3]))
