@@ -83,6 +83,8 @@ STUDY_SR = "study-sr-cpu-2core-2026-12-03.json"
 STUDY_LDM = "study-ldm-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
+# `python benchmarks/text_dit.py --seeds 3`: a text-conditioned DiT's prompt accuracy
+TEXT_DIT = "text-dit-cpu-2core-2026-12-03.json"
 
 OPS = ["gather_tokens", "scatter_tokens", "indexed_linear_", "patch_scores", "rel_l1", "cosine"]
 OPS += ["lincomb"]
@@ -501,6 +503,22 @@ def study(name: str, record: str) -> str:
     return "```\n" + format_table(get_study(name).columns, summary) + "\n```\n"
 
 
+def text_dit(record: str) -> str:
+    """Prompt accuracy of a text-conditioned DiT without and with guidance: mean ± std."""
+    doc = json.loads((RESULTS / record).read_text())
+    names = {
+        "cond": "prompt alone (no guidance)",
+        "cfg": f"CFG {doc['config']['guidance']:g} against the empty prompt",
+        "cfg_negative": f'CFG {doc["config"]["guidance"]:g} against "a <digit + 1>"',
+    }
+    rows = []
+    for key, name in names.items():
+        s = doc["summary"][key]
+        rows.append([name, f"{s['mean']:.3f} ± {s['std']:.3f}"])
+    seeds = len(doc["seeds"])
+    return table(["sampling", f"prompt accuracy ({seeds} seeds)"], rows)
+
+
 def guidance_policy(record: str) -> str:
     """AG's cosine rule, the truncation rule and the searched policy at AG's evaluations:
     mean ± standard deviation over the recorded seeds."""
@@ -581,6 +599,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-sr": lambda: study("sr", STUDY_SR),
     "study-ldm": lambda: study("ldm", STUDY_LDM),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
+    "text-dit": lambda: text_dit(TEXT_DIT),
 }
 
 

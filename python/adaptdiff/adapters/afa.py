@@ -95,6 +95,10 @@ class AFAEnsemble(_EnsembleBase):
         cfg = models[0].config
         if cfg.dtr or cfg.num_experts:
             raise ValueError("AFAEnsemble: DiTs with DTR or MoE blocks are not supported")
+        if any(m.config.cross_attention_dim is not None for m in models):
+            raise ValueError(
+                "AFAEnsemble: DiTs with cross-attention (cross_attention_dim) are not supported"
+            )
         self.models = nn.ModuleList(models)
         self.models.requires_grad_(False)
         self.models.eval()

@@ -68,6 +68,11 @@ class DiTControlNet(nn.Module):
         cfg = base.config
         if cfg.dtr or cfg.num_experts:
             raise ValueError("DiTControlNet: DTR and MoE DiTs are not supported")
+        if cfg.cross_attention_dim is not None:
+            raise ValueError(
+                "DiTControlNet: DiTs with cross-attention (cross_attention_dim) are not "
+                "supported: the control copy's blocks would run without the text context"
+            )
         if not 1 <= num_blocks <= cfg.depth:
             raise ValueError(
                 f"DiTControlNet: num_blocks must be in [1, {cfg.depth}], got {num_blocks}"

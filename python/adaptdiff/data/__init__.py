@@ -6,6 +6,7 @@ task with a scripted expert, synthetic multivariate time series, and patches of 
 photographs scikit-learn ships (real high frequencies, which the upsampled digits lack)."""
 
 from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
+from .captions import digit_captions
 from .digits import batches, digits
 from .moving_digits import MOTIONS, moving_digits
 from .photos import photo_patches
@@ -19,6 +20,7 @@ __all__ = [
     "ReachPush",
     "batches",
     "conditions",
+    "digit_captions",
     "digit_qa",
     "digits",
     "laplacian_pyramid",

@@ -51,6 +51,7 @@ from .sr_dit import (
     random_heads,
     route_heads,
 )
+from .text_encoder import TextDiT, TextEncoder, TextEncoderConfig, WordTokenizer
 from .units import (
     SPATIOTEMPORAL_CONFIGS,
     SpatioTemporalConfig,
@@ -71,6 +72,10 @@ __all__ = [
     "VAE_CONFIGS",
     "VIDEO_DIT_CONFIGS",
     "Attention",
+    "TextDiT",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "WordTokenizer",
     "BlockDiffusionLM",
     "BlockLMConfig",
     "VAEConfig",

@@ -365,13 +365,15 @@ def save_dit(model: DiT, folder) -> Path:
         "num_experts": cfg.num_experts == 0, "num_classes": cfg.num_classes > 0,
         "frequency_embedding_size": cfg.frequency_embedding_size == 256, "dtr": not cfg.dtr,
         "time_scale": cfg.time_scale == 1.0, "mlp_ratio": cfg.mlp_ratio == 4.0,
+        "cross_attention_dim": cfg.cross_attention_dim is None,
     }  # fmt: skip
     bad = [field for field, ok in problems.items() if not ok]
     if bad:
         raise ValueError(
             f"save_dit: DiTConfig.{bad[0]}={getattr(cfg, bad[0])!r} has no diffusers "
             "DiTTransformer2DModel counterpart (it needs a dense, class-conditional DiT, "
-            "frequency_embedding_size 256, time_scale 1, mlp_ratio 4, no DTR)"
+            "frequency_embedding_size 256, time_scale 1, mlp_ratio 4, no DTR, no "
+            "cross-attention)"
         )
     if not isinstance(model.t_embedder, DiffusersTimestepEmbedder):
         warnings.warn(

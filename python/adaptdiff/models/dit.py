@@ -17,6 +17,14 @@ Options, each off by default:
   timestep embedding, so all tokens of a sample share their experts. The router losses of the
   last forward are summed by :func:`adaptdiff.models.moe_aux_loss` (weights
   ``moe_balance_weight``, ``moe_z_loss_weight``); ``DiffusionObjective`` adds them.
+- Cross-attention to text (``cross_attention_dim``, diffusers' name: the width of the
+  ``encoder_hidden_states`` tokens): every block gets a ``cross_attn`` sub-layer after its
+  self-attention, PixArt-alpha style without an adaLN gate, but pre-normed
+  (``norm_cross``, a LayerNorm with affine parameters) and with its output projection
+  initialised to zero, so a new model starts as the DiT without it. The model is then called
+  with ``encoder_hidden_states [B, L, cross_attention_dim]`` and optionally
+  ``encoder_attention_mask [B, L]`` (nonzero/True: keep the token); labels still work beside
+  it (``num_classes=0`` for text only).
 
 Structure that hooks rely on (keep it): ``model.blocks`` is an ``nn.ModuleList`` of
 ``DiTBlock``. Each block has the submodules ``attn`` (``Attention``: ``qkv``, ``proj``,
@@ -28,9 +36,12 @@ and its two residual branches ``attn_branch`` and ``mlp_branch``. A branch is ca
     x = x + block.attn_branch(x, c)
     x = x + block.mlp_branch(x, c)
 
-so a forward hook on a branch (or a module put in its place) can read, cache or replace the
-update. The branches own no parameters; each calls the block's ``adaLN_modulation`` and uses
-its half of the six chunks.
+(with cross-attention, ``x = x + block.cross_attn_branch(x, encoder_hidden_states,
+encoder_attention_mask)`` between the two), so a forward hook on a branch (or a module put in
+its place) can read, cache or replace the update. The branches own no parameters; each calls
+the block's ``adaLN_modulation`` and uses its half of the six chunks (the cross-attention
+branch uses none: it is not gated). Accelerators that hook the ``attn``/``mlp`` components
+leave ``cross_attn`` alone: it is computed on every call.
 
 The model is called as ``model(x [B,C,H,W], t [B], y [B] | None) -> [B, C_out, H, W]``
 (``C_out = 2C`` with ``learn_sigma``). ``t`` is in the sampler's units and is multiplied by
@@ -44,6 +55,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn import MoEFeedForward
@@ -89,6 +101,8 @@ class DiTConfig:
     moe_expert_bias: bool = False  # biases in "gelu_tanh" experts (copies of fc1/fc2's)
     moe_balance_weight: float = 0.01  # DiT-MoE's weight of E * sum_i f_i P_i
     moe_z_loss_weight: float = 0.0  # router z-loss weight (ST-MoE, MoDE: 1e-3)
+    # Cross-attention to encoder_hidden_states of this width (None: no cross-attention).
+    cross_attention_dim: int | None = None
 
     def __post_init__(self):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth"):
@@ -135,6 +149,13 @@ class DiTConfig:
             )
         if self.cep_gamma > 0 and self.num_classes == 0:
             raise ValueError("DiTConfig: cep_gamma > 0 needs a class-conditional model")
+        if self.cross_attention_dim is not None and (
+            not isinstance(self.cross_attention_dim, int) or self.cross_attention_dim < 1
+        ):
+            raise ValueError(
+                f"DiTConfig: cross_attention_dim must be None or a positive int, "
+                f"got {self.cross_attention_dim!r}"
+            )
         self._check_moe()
 
     def _check_moe(self):
@@ -274,15 +295,67 @@ class MLPBranch(_Branch):
         return gate.unsqueeze(1) * self.block.mlp(modulate(self.block.norm2(x), shift, scale))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of image tokens (queries) to context tokens (keys and values).
+
+    ``forward(x [B, N, D], context [B, L, context_dim], keep [B, L] bool | None)``: a sample
+    whose ``keep`` row is all False attends to nothing and gets a zero update.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = None  # as Attention.scale: SDPA's default 1/sqrt(head_dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, keep=None):
+        B, N, D = x.shape
+        L = context.shape[1]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(context).reshape(B, L, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, L, head_dim)
+        attn_mask, empty = None, None
+        if keep is not None:
+            empty = ~keep.any(1)  # (B,): rows that attend to nothing
+            attn_mask = (keep | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        if empty is not None and bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None], 0.0)
+        return out
+
+
+class CrossAttentionBranch(_Branch):
+    """The cross-attention update ``cross_attn(norm_cross(x), context, keep)`` (no gate)."""
+
+    def forward(self, x, encoder_hidden_states, encoder_attention_mask=None) -> torch.Tensor:
+        block = self.block
+        return block.cross_attn(block.norm_cross(x), encoder_hidden_states, encoder_attention_mask)
+
+
 class DiTBlock(nn.Module):
     """A transformer block with adaLN-Zero conditioning (optionally DTR-routed)."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp: nn.Module | None = None
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        mlp: nn.Module | None = None,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True)
+        # Cross-attention to text tokens (only when configured: otherwise no new submodules).
+        self.cross_attn = None
+        if cross_attention_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, cross_attention_dim, num_heads)
+            self.cross_attn_branch = CrossAttentionBranch(self)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         # mlp: any [B, N, D] -> [B, N, D] module (an MoE layer); default DiT's dense Mlp.
         self.mlp = mlp if mlp is not None else Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -290,18 +363,38 @@ class DiTBlock(nn.Module):
         self.attn_branch = AttentionBranch(self)
         self.mlp_branch = MLPBranch(self)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None):
-        """x: (B, N, D) tokens; c: (B, D) conditioning; mask: (B, D) DTR window or None."""
-        if mask is None:
-            x = x + self.attn_branch(x, c)  # (B, N, D)
-            return x + self.mlp_branch(x, c)  # (B, N, D)
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ):
+        """x: (B, N, D) tokens; c: (B, D) conditioning; mask: (B, D) DTR window or None;
+        encoder_hidden_states: (B, L, cross_attention_dim) context of a cross-attention block
+        (required there, refused elsewhere); encoder_attention_mask: (B, L) bool keep or None."""
+        if self.cross_attn is None:
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError(
+                    "DiTBlock: encoder_hidden_states given to a block without cross-attention "
+                    "(DiTConfig.cross_attention_dim is None)"
+                )
+        elif encoder_hidden_states is None:
+            raise ValueError(
+                "DiTBlock: this block has cross-attention; encoder_hidden_states is required "
+                "(a caller that runs DiT blocks itself must pass the text context)"
+            )
+        h = x if mask is None else x * mask.unsqueeze(1)
         # DTR routes the block input only: the sublayers see the task's channel window, and
         # the channels outside it pass through unchanged, i.e. x + updates(x * mask).
-        mask = mask.unsqueeze(1)  # (B, 1, D)
-        h = x * mask
-        h = h + self.attn_branch(h, c)
-        h = h + self.mlp_branch(h, c)
-        return h + x * (1 - mask)  # (B, N, D)
+        h = h + self.attn_branch(h, c)  # (B, N, D)
+        if self.cross_attn is not None:
+            h = h + self.cross_attn_branch(h, encoder_hidden_states, encoder_attention_mask)
+        h = h + self.mlp_branch(h, c)  # (B, N, D)
+        if mask is None:
+            return h
+        return h + x * (1 - mask.unsqueeze(1))  # (B, N, D)
 
 
 class FinalLayer(nn.Module):
@@ -340,7 +433,9 @@ class DiT(nn.Module):
         # Fixed sin-cos position embedding for the training grid (a buffer, not trained).
         self.register_buffer("pos_embed", torch.zeros(1, self.grid_size**2, D))
         self.blocks = nn.ModuleList(
-            DiTBlock(D, config.num_heads, config.mlp_ratio, self._moe_mlp(i))
+            DiTBlock(
+                D, config.num_heads, config.mlp_ratio, self._moe_mlp(i), config.cross_attention_dim
+            )
             for i in range(config.depth)
         )
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
@@ -396,6 +491,11 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # Cross-attention starts closed too (its output projection is zero).
+        for block in self.blocks:
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         # ... and the output starts at exactly 0.
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
@@ -436,7 +536,17 @@ class DiT(nn.Module):
             t, cfg.hidden_size, cfg.dtr_num_tasks, cfg.dtr_sharing_ratio, cfg.dtr_alpha
         )
 
-    def forward(self, x, t, y=None, force_drop_ids=None, *, block_residuals=None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        t,
+        y=None,
+        force_drop_ids=None,
+        *,
+        block_residuals=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+    ) -> torch.Tensor:
         """
         x: (B, C, H, W) images or latents, H and W multiples of patch_size
         t: (B,) or () float timesteps in the sampler's units
@@ -445,9 +555,13 @@ class DiT(nn.Module):
         force_drop_ids: (B,) 1 where the label is replaced by the null label (as in DiT)
         block_residuals: None, or a sequence of at most ``depth`` (B, N, D) tensors; entry i is
            added to the tokens after block i (a ControlNet's injection)
+        encoder_hidden_states: (B, L, cross_attention_dim) text tokens; required by a model
+           with cross-attention, refused by one without
+        encoder_attention_mask: (B, L) 1/True where a token is kept, 0/False where dropped
         returns: (B, C_out, H, W)
         """
         B, H, W = self._check_inputs(x, t, y, force_drop_ids)
+        text = self._check_context(B, encoder_hidden_states, encoder_attention_mask)
         if block_residuals is not None and len(block_residuals) > len(self.blocks):
             raise ValueError(
                 f"DiT: block_residuals has {len(block_residuals)} entries, the model "
@@ -465,13 +579,44 @@ class DiT(nn.Module):
             for layer in noise_routed:
                 layer.noise_level = (t, t_emb)
         for i, block in enumerate(self.blocks):
-            h = block(h, c, mask)  # (B, N, D)
+            h = block(h, c, mask, **text) if text else block(h, c, mask)  # (B, N, D)
             if block_residuals is not None and i < len(block_residuals):
                 h = h + block_residuals[i]
         for layer in noise_routed:
             layer.noise_level = None
         h = self.final_layer(h, c)  # (B, N, p*p*C_out)
         return self.unpatchify(h, grid_h, grid_w)  # (B, C_out, H, W)
+
+    def _check_context(self, B, encoder_hidden_states, encoder_attention_mask) -> dict:
+        """The blocks' text keyword arguments ({} without cross-attention), checked."""
+        dim = self.config.cross_attention_dim
+        if dim is None:
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError(
+                    "DiT: encoder_hidden_states and encoder_attention_mask need a model with "
+                    "cross-attention (DiTConfig.cross_attention_dim is None)"
+                )
+            return {}
+        ehs = encoder_hidden_states
+        if ehs is None:
+            raise ValueError(
+                "DiT: this model has cross-attention; encoder_hidden_states [B, L, "
+                f"{dim}] is required (encode the empty prompt for the unconditional branch)"
+            )
+        if ehs.ndim != 3 or ehs.shape[0] != B or ehs.shape[2] != dim or ehs.shape[1] < 1:
+            raise ValueError(
+                f"DiT: encoder_hidden_states must be [{B}, L, {dim}] with L >= 1, "
+                f"got {list(ehs.shape)}"
+            )
+        keep = encoder_attention_mask
+        if keep is not None:
+            if keep.shape != ehs.shape[:2]:
+                raise ValueError(
+                    f"DiT: encoder_attention_mask must be [{B}, {ehs.shape[1]}], "
+                    f"got {list(keep.shape)}"
+                )
+            keep = keep != 0  # (B, L) bool
+        return {"encoder_hidden_states": ehs, "encoder_attention_mask": keep}
 
     def _check_inputs(self, x, t, y, force_drop_ids):
         p, C = self.patch_size, self.in_channels

@@ -228,6 +228,9 @@ def sample(
         guidance_scale, cond, uncond: classifier-free guidance pred_u + w (pred_c - pred_u), the two
             branches batched in one model call (tensors in cond/uncond concatenated along the
             batch). With ``guidance_scale == 1`` or ``uncond=None`` only the cond branch runs.
+            Text prompts are keyword arguments like labels: a cross-attention DiT's
+            ``encoder_hidden_states``/``encoder_attention_mask`` or a ``TextDiT``'s
+            ``input_ids``/``attention_mask``, a negative (or the empty) prompt in ``uncond``.
         prediction: what the model predicts: "eps", "v", "x0" or "flow".
         schedule: defaults to ``VPSchedule("linear")`` for eps/v/x0 and ``FlowSchedule()`` for flow.
         accelerators: :class:`Accelerator` instances, consulted in order around each model call,

@@ -424,15 +424,15 @@ class SADA(Accelerator):
         # The stack runs on the active tokens only; each block scatters its fresh rows into its
         # cache, and the last block hands the whole (cached + fresh) sequence to the final layer.
         def block_forward(i):
-            def forward(inner, x, c, mask=None):
+            def forward(inner, x, c, mask=None, **text):  # text: a cross-attention DiT's context
                 slots = self._slots(x)
                 index = self._index_for(x, slots)
                 if index is None:
-                    out = inner(x, c, mask)
+                    out = inner(x, c, mask, **text)
                     self._store(i, slots, out)
                     return out
                 sub = x if x.shape[1] == index.shape[1] else gather_tokens(x, index)
-                out = inner(sub, c, mask)
+                out = inner(sub, c, mask, **text)
                 pos = slots.to(out.device)
                 full = scatter_tokens(self._outputs[i].index_select(0, pos), index, out)
                 self._outputs[i][pos] = full
