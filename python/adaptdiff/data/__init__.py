@@ -7,6 +7,7 @@ photographs scikit-learn ships (real high frequencies, which the upsampled digit
 
 from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
 from .digits import batches, digits
+from .edge_scenes import edge_scenes
 from .moving_digits import MOTIONS, moving_digits
 from .photos import photo_patches
 from .reach_push import ReachPush
@@ -20,6 +21,7 @@ __all__ = [
     "conditions",
     "digit_qa",
     "digits",
+    "edge_scenes",
     "moving_digits",
     "photo_patches",
     "pydoc_corpus",

@@ -29,6 +29,7 @@ STUDIES: dict[str, str] = {
     "tracerl": "adaptdiff.studies.tracerl",
     "policy": "adaptdiff.studies.policy",
     "timeseries": "adaptdiff.studies.timeseries",
+    "edge": "adaptdiff.studies.edge",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
