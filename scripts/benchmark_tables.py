@@ -70,6 +70,8 @@ STUDY_DIFFUSIA_CONSTANT = "study-diffusia-constant-lr-cpu-2core-2026-12-03.json"
 # `adaptdiff study timeseries`: one UniTS model for three tasks against simple baselines
 STUDY_TIMESERIES = "study-timeseries-cpu-2core-2026-12-03.json"
 STUDY_TIMESERIES_LONG = "study-timeseries-2000-steps-cpu-2core-2026-12-03.json"  # 2000 steps
+# `adaptdiff study edge`: DiffusionEdge against Sobel and a discriminative network
+STUDY_EDGE = "study-edge-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -563,6 +565,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-diffusia-constant-lr": lambda: study("diffusia", STUDY_DIFFUSIA_CONSTANT),
     "study-timeseries": lambda: study("timeseries", STUDY_TIMESERIES),
     "study-timeseries-2000-steps": lambda: study("timeseries", STUDY_TIMESERIES_LONG),
+    "study-edge": lambda: study("edge", STUDY_EDGE),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 
