@@ -81,6 +81,8 @@ STUDY_DFM_LONG = "study-dfm-1200-steps-cpu-2core-2026-12-03.json"  # 1200 steps,
 STUDY_SR = "study-sr-cpu-2core-2026-12-03.json"
 # `adaptdiff study ldm`: a latent DiT on a KL autoencoder against a pixel DiT at 32x32
 STUDY_LDM = "study-ldm-cpu-2core-2026-12-03.json"
+# `adaptdiff study edge`: DiffusionEdge against Sobel and a discriminative network
+STUDY_EDGE = "study-edge-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 # `python benchmarks/text_dit.py --seeds 3`: a text-conditioned DiT's prompt accuracy
@@ -598,6 +600,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-dfm-1200-steps": lambda: study("dfm", STUDY_DFM_LONG),
     "study-sr": lambda: study("sr", STUDY_SR),
     "study-ldm": lambda: study("ldm", STUDY_LDM),
+    "study-edge": lambda: study("edge", STUDY_EDGE),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
     "text-dit": lambda: text_dit(TEXT_DIT),
 }

@@ -8,6 +8,7 @@ photographs scikit-learn ships (real high frequencies, which the upsampled digit
 from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
 from .captions import digit_captions
 from .digits import batches, digits
+from .edge_scenes import edge_scenes
 from .moving_digits import MOTIONS, moving_digits
 from .photos import photo_patches
 from .pyramid import laplacian_pyramid, reconstruct
@@ -24,6 +25,7 @@ __all__ = [
     "digit_qa",
     "digits",
     "laplacian_pyramid",
+    "edge_scenes",
     "moving_digits",
     "photo_patches",
     "pydoc_corpus",

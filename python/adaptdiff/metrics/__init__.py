@@ -2,12 +2,14 @@
 digits classifier's class-conditional accuracy and Fréchet distance (digits-FD)."""
 
 from .digits import ClassifierConfig, DigitsClassifier, DigitsEvaluator, frechet_distance
+from .edges import edge_scores
 from .image import psnr, ssim
 
 __all__ = [
     "ClassifierConfig",
     "DigitsClassifier",
     "DigitsEvaluator",
+    "edge_scores",
     "frechet_distance",
     "psnr",
     "ssim",

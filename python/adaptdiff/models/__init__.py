@@ -37,6 +37,7 @@ from .dit import (
     perturb_condition,
 )
 from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
+from .edge_diffusion import EdgeDiffusion, EdgeDiffusionConfig, EdgeDiscriminative
 from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .ita import ImageTimestepAdaptiveAggregator, salient_region
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
@@ -63,6 +64,9 @@ from .video_dit import VIDEO_DIT_CONFIGS, VideoDiT, VideoDiTConfig, create_video
 from .vl import VisionBlockLM
 
 __all__ = [
+    "EdgeDiffusion",
+    "EdgeDiffusionConfig",
+    "EdgeDiscriminative",
     "BLOCK_LM_CONFIGS",
     "DFM_CONFIGS",
     "DIMSUM_CONFIGS",

@@ -33,6 +33,7 @@ STUDIES: dict[str, str] = {
     "mdt": "adaptdiff.studies.mdt",
     "sr": "adaptdiff.studies.sr",
     "ldm": "adaptdiff.studies.ldm",
+    "edge": "adaptdiff.studies.edge",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]

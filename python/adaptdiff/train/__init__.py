@@ -5,7 +5,7 @@ TraceRL over block-decoding trajectories (:mod:`.tracerl`), block pruning with d
 (:mod:`.prune`), MotionDirector's dual-path LoRA training (:mod:`.motion_director`) and the
 KL autoencoder of latent diffusion (:mod:`.vae`)."""
 
-from . import motion_director, prune, tracerl, vae
+from . import edge, motion_director, prune, tracerl, vae
 from .block_diffusion import (
     BlockLMLoss,
     ar_loss,
@@ -25,6 +25,7 @@ from .objectives import DiffusionObjective
 from .trainer import BatchStream, TrainConfig, Trainer, warmup_cosine
 
 __all__ = [
+    "edge",
     "EMA",
     "BatchStream",
     "BlockLMLoss",
