@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=int, default=1, help="training seeds: train this many models (seed, ...)"
     )
     s.add_argument(
-        "--noise-seeds", type=int, default=3, help="noises per model (mean ± std over the runs)"
+        "--noise-seeds", type=int, default=None, help="noises per model (default 3; quick: 2)"
     )
     s.add_argument("--moe", action="store_true", help="also train DiT-MoE-demo/4 and add its rows")
     s.add_argument(

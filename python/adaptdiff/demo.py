@@ -224,12 +224,15 @@ def run_demo(
     moe: bool = False,
     accel: bool = False,
     seeds: int = 1,
-    noise_seeds: int = 3,
+    noise_seeds: int | None = None,
 ) -> list[Row]:
     """Train ``seeds`` models (training seeds ``seed``, ``seed + 1``...; the first in
     ``out_dir``, the others in ``out_dir/seed-<s>``), sample each setting of each model from
-    ``noise_seeds`` noises (seeds ``seed``, ``seed + 1``...) and report every column as
-    mean ± std over those runs. Returns the rows with their means (``extra["std"]``)."""
+    ``noise_seeds`` noises (seeds ``seed``, ``seed + 1``...; default 3, with ``quick`` 2 of 50
+    samples each) and report every column as mean ± std over those runs. Returns the rows with
+    their means (``extra["std"]``)."""
+    if noise_seeds is None:
+        noise_seeds = 2 if quick else 3
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"run_demo: seeds must be a positive int, got {seeds!r}")
     if isinstance(noise_seeds, bool) or not isinstance(noise_seeds, int) or noise_seeds < 1:
@@ -243,7 +246,7 @@ def run_demo(
         base = dataclasses.replace(
             base, steps=300, batch_size=64, ema_decay=0.98, preview_every=100
         )
-        settings, num_samples = QUICK_SETTINGS, 100
+        settings, num_samples = QUICK_SETTINGS, 50  # two noise seeds: as many samples as one run
     training = [seed + k for k in range(seeds)]
     noise = [seed + j for j in range(noise_seeds)]
     evaluator = DigitsEvaluator(base.image_size)
