@@ -36,7 +36,12 @@ ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 # `adaptdiff bench accel --models pipelines`: the methods inside the diffusers pipelines' loops
 ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
-DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
+DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed, with MoE rows
+# `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
+DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
+# `adaptdiff bench accel --models digits --seeds 3`: the trained digits DiT's quality rows,
+# mean ± std over 3 noise seeds
+ACCEL_DIGITS_SEEDS = "accel-digits-seeds-cpu-2core-xeon-2026-12-03.jsonl"
 STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 # `adaptdiff study hf-convert`: one AR char model SDAR-converted natively and through transformers
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
@@ -301,6 +306,36 @@ def accel(name: str, models: Callable[[str], bool] = lambda m: True) -> str:
     return table(ACCEL_HEADER, [accel_row(r) for r in rows])
 
 
+def pm(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """A recorded row's ``key`` as mean ± std over its noise seeds (``r["std"]``), or just the
+    value where it has no spread."""
+    value = r.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    std = (r.get("std") or {}).get(key)
+    text = format(scale * value, fmt)
+    return text if not std else f"{text} ± {format(scale * std, fmt)}"
+
+
+ACCEL_SEEDS_HEADER = ["method", "setting", "CPU s", "speedup", "NFE", "compute", "PSNR dB"]
+ACCEL_SEEDS_HEADER += ["SSIM", "digits-FD", "acc"]
+
+
+def accel_seeds(name: str) -> str:
+    """The trained digits DiT's rows, every seeded column as mean ± std over the noise seeds."""
+    rows = [r for r in records(name) if r.get("benchmark") == "accel" and "method" in r]
+    out = []
+    for r in rows:
+        exact = r["method"] == "exact"
+        out.append([
+            r["method"] + (" *" if r["pareto"] and not exact else ""), r["setting"],
+            pm(r, "seconds", ".2f"), pm(r, "speedup", ".2f") + "×", pm(r, "nfe", ".3g"),
+            pm(r, "compute", ".0f", 100) + " %", "exact" if exact else pm(r, "psnr", ".1f"),
+            pm(r, "ssim", ".3f"), pm(r, "fd", ".2f"), pm(r, "accuracy", ".1f", 100) + " %",
+        ])  # fmt: skip
+    return table(ACCEL_SEEDS_HEADER, out)
+
+
 def _former_default(setting: str) -> str:
     """Settings recorded as "default" before SADA's defaults became the reference's."""
     return setting.replace("default (", "former default, whole batch (")
@@ -441,8 +476,17 @@ def accel_h100() -> str:
     return table(header, out)
 
 
-def demo(rows_wanted: Callable[[str], bool] = lambda name: True) -> str:
-    doc = json.loads((RESULTS / DEMO).read_text())
+def demo(rows_wanted: Callable[[str], bool] = lambda name: True, record: str = DEMO) -> str:
+    """The demo's rows: mean ± std over its runs where the record has them (``summary``)."""
+    doc = json.loads((RESULTS / record).read_text())
+    summary = doc.get("summary", {})
+
+    def cell(name: str, r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+        stat = summary.get(name, {}).get(key)
+        std = stat and stat["std"]
+        text = format(scale * r[key], fmt)
+        return text if not std else f"{text} ± {format(scale * std, fmt)}"
+
     header = ["sampler", "steps", "NFE", "wall s", "digits-FD", "class accuracy"]
     out = []
     for r in doc["rows"]:
@@ -455,21 +499,14 @@ def demo(rows_wanted: Callable[[str], bool] = lambda name: True) -> str:
                 str(r["steps"]),
                 str(r["nfe"]),
                 f"{r['seconds']:.2f}",
-                f"{r['fd']:.2f}",
-                f"{100 * r['accuracy']:.1f} %",
+                cell(r["name"], r, "fd", ".2f"),
+                cell(r["name"], r, "accuracy", ".1f", 100) + " %",
             ]
         )
     floor = f"{100 * doc['classifier_test_accuracy']:.1f} % (classifier, held-out)"
-    out.append(
-        [
-            f"{doc['num_samples']} real training digits",
-            "",
-            "",
-            "",
-            f"{doc['reference_fd']:.2f}",
-            floor,
-        ]
-    )
+    real_std = doc.get("reference_fd_std")
+    real = f"{doc['reference_fd']:.2f}" + (f" ± {real_std:.2f}" if real_std else "")
+    out.append([f"{doc['num_samples']} real training digits", "", "", "", real, floor])
     return table(header, out)
 
 
@@ -519,6 +556,8 @@ def guidance_policy(record: str) -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO),
+    "demo-moe-one-seed": lambda: demo(record=DEMO_MOE_ONE_SEED),
+    "accel-digits-seeds": lambda: accel_seeds(ACCEL_DIGITS_SEEDS),
     "kernels-cpu": lambda: kernels(KERNELS_CPU),
     "kernels-h100": lambda: kernels(KERNELS_H100),
     "kernels-headline": kernels_headline,
