@@ -36,6 +36,8 @@ ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 # `adaptdiff bench accel --models pipelines`: the methods inside the diffusers pipelines' loops
 ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
+# the same at 1024 image tokens (`--pipeline-size medium --pipeline-methods RAS`): RAS's CPU target
+ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl"
 DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed, with MoE rows
 # `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
 DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
@@ -75,6 +77,15 @@ STUDY_DIFFUSIA_CONSTANT = "study-diffusia-constant-lr-cpu-2core-2026-12-03.json"
 # `adaptdiff study timeseries`: one UniTS model for three tasks against simple baselines
 STUDY_TIMESERIES = "study-timeseries-cpu-2core-2026-12-03.json"
 STUDY_TIMESERIES_LONG = "study-timeseries-2000-steps-cpu-2core-2026-12-03.json"  # 2000 steps
+# `adaptdiff study mdt`: MDT against a same-size DiT, digits-FD per checkpoint and steps-to-FD
+STUDY_MDT = "study-mdt-cpu-2core-2026-12-03.json"
+# `adaptdiff study dfm`: decomposable flow matching against plain flow matching at equal NFE
+STUDY_DFM = "study-dfm-cpu-2core-2026-12-03.json"
+STUDY_DFM_LONG = "study-dfm-1200-steps-cpu-2core-2026-12-03.json"  # 1200 steps, one seed
+# `adaptdiff study sr`: one-step SR distilled from a multi-step model, routed local/global heads
+STUDY_SR = "study-sr-cpu-2core-2026-12-03.json"
+# `adaptdiff study ldm`: a latent DiT on a KL autoencoder against a pixel DiT at 32x32
+STUDY_LDM = "study-ldm-cpu-2core-2026-12-03.json"
 # python -m adaptdiff.accel.guidance.compare: searched guidance policies against AG's cosine rule
 GUIDANCE_POLICY = "guidance-policy-cpu-2core-2026-12-03.json"
 
@@ -584,6 +595,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "accel-h100": accel_h100,
     "accel-pipelines": lambda: accel_pipelines(ACCEL_PIPELINES),
     "accel-pipelines-targets": lambda: accel_pipelines_targets(ACCEL_PIPELINES),
+    "accel-pipelines-medium": lambda: accel_pipelines(ACCEL_PIPELINES_MEDIUM),
     "study-adapt": lambda: study("adapt", STUDY_ADAPT),
     "study-hf-convert": lambda: study("hf-convert", STUDY_HF_CONVERT),
     "study-nag": lambda: study("nag", STUDY_NAG),
@@ -602,6 +614,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-diffusia-constant-lr": lambda: study("diffusia", STUDY_DIFFUSIA_CONSTANT),
     "study-timeseries": lambda: study("timeseries", STUDY_TIMESERIES),
     "study-timeseries-2000-steps": lambda: study("timeseries", STUDY_TIMESERIES_LONG),
+    "study-mdt": lambda: study("mdt", STUDY_MDT),
+    "study-dfm": lambda: study("dfm", STUDY_DFM),
+    "study-dfm-1200-steps": lambda: study("dfm", STUDY_DFM_LONG),
+    "study-sr": lambda: study("sr", STUDY_SR),
+    "study-ldm": lambda: study("ldm", STUDY_LDM),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
 }
 

@@ -183,8 +183,8 @@ fi
 # Every accelerator inside the diffusers pipelines' own loops (DiT, PixArt, SD3, Flux, Sana),
 # random weights at build_pipeline's "large" size (width 768, 8 layers, 1024 image tokens, 4096
 # on Sana), --quick's 8 steps and four methods (FirstBlockCache, AG, SADA, RAS); capped at 60 s
-# (building the models takes part of it; the JSON is written at the end, so a run cut off by the
-# cap records nothing). This stage has not run on a GPU yet.
+# (building the models takes part of it; each finished row is written to the JSON at once, so a
+# run cut off by the cap keeps the rows it finished). This stage has not run on a GPU yet.
 if wanted pipelines; then
   stage "accel pipelines large (cuda)" 60 bench_accel_pipelines_cuda.txt "$PY" -m adaptdiff.bench \
     accel --device cuda --models pipelines --pipeline-size large --quick \

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "adaptdiff"
 
 LAYERS = [
-    {"_loader", "_schema", "_build_info", "_C"},
+    {"_loader", "_schema", "_build_info", "_C", "_pyplot"},
     {"ops"},
     {"nn", "metrics", "data", "info"},
     {"models"},

@@ -396,32 +396,27 @@ def test_per_sample_refuses_ras():
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_pipelines_refuse_per_sample_for_a_batch_and_run_the_whole_batch_rule(family):
+def test_pipelines_run_per_sample_and_the_whole_batch_rule(family):
+    """Both rules inside a pipeline with two prompts (per sample: the transformer's batch carries
+    the rows that compute; tests/accel/test_pipelines_sada.py compares each prompt alone)."""
     pytest.importorskip("diffusers")
     from adaptdiff import accel
     from adaptdiff.bench.pipelines import build_pipeline
 
     pipe, kw = build_pipeline(family, batch=2)
-    calls, inner = [], pipe.transformer.forward
-
-    def forward(*args, **kwargs):  # inside the pipeline driver: the calls really made
-        calls.append(1)
-        return inner(*args, **kwargs)
-
-    pipe.transformer.forward = forward
-    g = torch.Generator().manual_seed(0)
     try:
-        accel.apply(pipe, accel.SADAConfig(start=0.0, end=1.0))  # per sample: refused
-        with pytest.raises(ValueError, match=r"per_sample=False \(the whole-batch rule\)"):
-            pipe(**kw, generator=g)
-        assert not calls  # before the transformer ran
+        accel.apply(pipe, accel.SADAConfig(start=0.0, end=1.0))  # per sample
+        out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        call = accel.summary(pipe)["calls"][-1]
+        assert torch.isfinite(out).all() and call["rows"] < call["rows_plain"]
+        per_sample = next(iter(call["contexts"].values()))["sada"]["skipped_per_sample"]
+        assert len(per_sample) == 2 and all(per_sample)
         accel.remove(pipe)
         accel.apply(pipe, accel.SADAConfig(start=0.0, end=1.0, per_sample=False))
         out = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
         assert torch.isfinite(out).all()
         assert accel.summary(pipe)["calls"][-1]["skipped_steps"]
         accel.remove(pipe)
-        del pipe.transformer.forward
         # one sample per call: the per-sample rule is the whole-batch rule, and it runs
         pipe, kw = build_pipeline(family)
         accel.apply(pipe, accel.SADAConfig(start=0.0, end=1.0))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._pyplot import pyplot
 from ..metrics.image import psnr, ssim
 from ..samplers import sample
 
@@ -185,10 +186,7 @@ def plot(results: list[Result], path, xlabel: str = "speedup vs exact") -> None:
     """PSNR against speedup, one panel per model, one line per method; Pareto points ringed.
     Rows identical to the exact run (PSNR capped at 99 dB: the method never skipped) are left
     out, so that they do not squash the axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(r.model for r in results))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), dpi=120)

@@ -6,9 +6,11 @@ Each pipeline is the real diffusers class (``DiTPipeline``, ``PixArtSigmaPipelin
 small VAE and the family's scheduler. The text encoders are left out: the call keyword arguments
 carry random ``prompt_embeds`` (and their negatives and masks), so ``pipe(**call_kwargs)`` runs
 the pipeline's own ``__call__``, denoising loop, guidance and scheduler. Sizes: ``"tiny"`` (tests
-and docs: a few thousand parameters, 8x8 latents) and ``"small"`` (the CPU benchmark: wider and
-deeper transformers, 16x16 latents, more steps) and ``"large"`` (the GPU check: width 768, 8
-layers, 64x64 latents, i.e. 1024 image tokens on the patch-2 families and Flux, 4096 on Sana).
+and docs: a few thousand parameters, 8x8 latents), ``"small"`` (the CPU benchmark: wider and
+deeper transformers, 16x16 latents, more steps), ``"medium"`` (the CPU benchmark of RAS at 1024
+image tokens: the small width, 6 layers, 64x64 latents, 32x32 on Sana whose patch is 1) and
+``"large"`` (the GPU check: width 768, 8 layers, 64x64 latents, i.e. 1024 image tokens on the
+patch-2 families and Flux, 4096 on Sana).
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ FAMILIES = ("dit", "pixart", "sd3", "flux", "sana")
 SIZES = {
     "tiny": {"heads": 2, "head_dim": 8, "layers": 3, "latent": 8, "steps": 6},
     "small": {"heads": 4, "head_dim": 32, "layers": 8, "latent": 16, "steps": 20},
+    # RAS's CPU target: 1024 image tokens at width 128 (Sana, patch 1: 32x32 latents)
+    "medium": {
+        "heads": 4,
+        "head_dim": 32,
+        "layers": 6,
+        "latent": 64,
+        "steps": 20,
+        "sana_latent": 32,
+    },
     # the GPU check: width 768, 1024 image tokens (DiT, PixArt, SD3, Flux), 4096 on Sana
     "large": {"heads": 12, "head_dim": 64, "layers": 8, "latent": 64, "steps": 28},
 }
@@ -199,7 +210,8 @@ def build_pipeline(family: str, size: str = "tiny", seed: int = 0, batch: int = 
         raise ValueError(f"build_pipeline: size must be one of {tuple(SIZES)}, got {size!r}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"build_pipeline: batch must be an int >= 1, got {batch!r}")
-    s = SIZES[size]
+    s = dict(SIZES[size])
+    s["latent"] = s.get(f"{family}_latent", s["latent"])
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
     pipe, kwargs = _BUILDERS[family](s, batch, g)

@@ -9,6 +9,7 @@ from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
 from .digits import batches, digits
 from .moving_digits import MOTIONS, moving_digits
 from .photos import photo_patches
+from .pyramid import laplacian_pyramid, reconstruct
 from .reach_push import ReachPush
 from .text import CharTokenizer, pydoc_corpus, text_windows
 
@@ -20,10 +21,12 @@ __all__ = [
     "conditions",
     "digit_qa",
     "digits",
+    "laplacian_pyramid",
     "moving_digits",
     "photo_patches",
     "pydoc_corpus",
     "reach_push",
+    "reconstruct",
     "rl_tasks",
     "seq2seq",
     "text_windows",

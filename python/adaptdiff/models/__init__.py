@@ -10,7 +10,8 @@ like DiT; :class:`VideoDiT` (factorised space/time attention), :class:`VisionBlo
 encoder prefixing a block-diffusion LM) and :class:`DiffusionPolicyTransformer` (action chunks,
 dense or MoDE); :class:`DiffuSIA`, encoder–decoder text diffusion in embedding space;
 :class:`SpatioTemporalDiT` (:data:`SPATIOTEMPORAL_CONFIGS`, :func:`create_spatiotemporal_dit`),
-a flow-matching DiT for multivariate time series (UniTS)."""
+a flow-matching DiT for multivariate time series (UniTS); :func:`create_vae`, a small diffusers
+``AutoencoderKL`` for latent diffusion (:mod:`.vae`)."""
 
 from .block_lm import (
     BLOCK_LM_CONFIGS,
@@ -21,6 +22,7 @@ from .block_lm import (
 )
 from .block_lm_io import load_block_lm, save_block_lm
 from .checkpoints import DiffusersTimestepEmbedder, DiTCheckpointError, load_dit, save_dit
+from .dfm import DFM_CONFIGS, DFMConfig, DFMDiT, create_dfm
 from .diffusia import DiffuSIA, DiffuSIAConfig, create_diffusia
 from .dimsum import DIMSUM_CONFIGS, DiMSUM, DiMSUMConfig, create_dimsum
 from .dit import (
@@ -36,27 +38,44 @@ from .dit import (
 )
 from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
 from .hf_lm import block_lm_from_hf, block_lm_to_hf
+from .ita import ImageTimestepAdaptiveAggregator, salient_region
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
+from .mdt import MDT, MDT_CONFIGS, MDTConfig, create_mdt
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
 from .policy import DiffusionPolicyTransformer, PolicyConfig
+from .sr_dit import (
+    SRDiT,
+    SRDiTConfig,
+    calibrate_heads,
+    calibration_report,
+    random_heads,
+    route_heads,
+)
 from .units import (
     SPATIOTEMPORAL_CONFIGS,
     SpatioTemporalConfig,
     SpatioTemporalDiT,
     create_spatiotemporal_dit,
 )
+from .vae import VAE_CONFIGS, VAEConfig, create_vae
 from .video_dit import VIDEO_DIT_CONFIGS, VideoDiT, VideoDiTConfig, create_video_dit
 from .vl import VisionBlockLM
 
 __all__ = [
     "BLOCK_LM_CONFIGS",
+    "DFM_CONFIGS",
     "DIMSUM_CONFIGS",
     "DIT_CONFIGS",
+    "MDT_CONFIGS",
     "SPATIOTEMPORAL_CONFIGS",
+    "VAE_CONFIGS",
     "VIDEO_DIT_CONFIGS",
     "Attention",
     "BlockDiffusionLM",
     "BlockLMConfig",
+    "VAEConfig",
+    "DFMConfig",
+    "DFMDiT",
     "DiT",
     "DiMSUM",
     "DiffuSIA",
@@ -69,10 +88,15 @@ __all__ = [
     "DiffusersTimestepEmbedder",
     "FinalLayer",
     "FusedExperts",
+    "ImageTimestepAdaptiveAggregator",
     "KVCache",
+    "MDT",
+    "MDTConfig",
     "Mlp",
     "NoiseRoutedMoE",
     "PolicyConfig",
+    "SRDiT",
+    "SRDiTConfig",
     "SpatioTemporalConfig",
     "SpatioTemporalDiT",
     "TimestepEmbedder",
@@ -81,11 +105,16 @@ __all__ = [
     "VisionBlockLM",
     "block_lm_from_hf",
     "block_lm_to_hf",
+    "calibrate_heads",
+    "calibration_report",
     "create_block_lm",
+    "create_dfm",
     "create_diffusia",
     "create_dimsum",
     "create_dit",
+    "create_mdt",
     "create_spatiotemporal_dit",
+    "create_vae",
     "create_video_dit",
     "dtr_masks",
     "expert_load",
@@ -97,7 +126,10 @@ __all__ = [
     "moe_layers",
     "perturb_condition",
     "precompute_experts",
+    "random_heads",
+    "route_heads",
     "save_block_lm",
+    "salient_region",
     "save_dit",
     "timestep_embedding",
     "upcycle_to_moe",

@@ -36,6 +36,7 @@ __all__ = [
     "build_model",
     "evaluate_sampling",
     "expert_load_table",
+    "flow_trainer",
     "format_table",
     "generate",
     "load_digits_model",
@@ -99,11 +100,10 @@ def build_model(cfg: DigitsTrainConfig) -> DiT:
     )
 
 
-def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
-    """Train (or resume) the demo model; returns the EMA model in eval mode and the trainer."""
-    torch.manual_seed(cfg.seed)
-    images, labels = digits(cfg.image_size, "train", seed=cfg.data_seed)
-    model = build_model(cfg)
+def flow_trainer(model: DiT, data, cfg: DigitsTrainConfig, on_preview=None) -> Trainer:
+    """The recipe's :class:`Trainer` of ``model`` on ``data`` (``(x0, labels)`` tensors: pixels
+    or latents): flow matching with class labels, AdamW with warm-up and a cosine to a tenth of
+    ``cfg.lr``, EMA over the second half, checkpoints in ``cfg.out_dir/checkpoints``."""
     objective = DiffusionObjective(FlowSchedule(), prediction="flow")
 
     def loss_fn(m, batch):
@@ -128,6 +128,14 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
         seed=cfg.seed,
         progress=cfg.progress,
     )
+    return Trainer(model, loss_fn, data, train_cfg, on_preview=on_preview, device="cpu")
+
+
+def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
+    """Train (or resume) the demo model; returns the EMA model in eval mode and the trainer."""
+    torch.manual_seed(cfg.seed)
+    images, labels = digits(cfg.image_size, "train", seed=cfg.data_seed)
+    model = build_model(cfg)
 
     def preview(step: int, trainer: Trainer) -> None:
         current = trainer.ema.module if trainer.ema is not None else trainer.model
@@ -136,7 +144,7 @@ def train_digits(cfg: DigitsTrainConfig) -> tuple[DiT, Trainer]:
         current.train(was_training)
         save_grid(x, Path(cfg.out_dir) / f"preview_{step:06d}.png")
 
-    trainer = Trainer(model, loss_fn, (images, labels), train_cfg, on_preview=preview, device="cpu")
+    trainer = flow_trainer(model, (images, labels), cfg, on_preview=preview)
     trainer.resume()  # continue a previous run in the same folder, if any
     if trainer.step < cfg.steps:
         trainer.fit()  # checkpoints into out_dir/checkpoints when it returns
@@ -226,14 +234,23 @@ def evaluate_sampling(
     num_samples: int = 300,
     seed: int = 0,
     evaluator: DigitsEvaluator | None = None,
+    decode=None,
 ) -> tuple[list[Row], dict[str, torch.Tensor]]:
+    """Rows of digits-FD, accuracy and wall time of ``num_samples`` class-balanced samples per
+    setting. ``decode`` (optional) maps the model's samples to images before scoring and inside
+    the timing: a latent model's decoder (:mod:`adaptdiff.recipes.latent`); then pass the
+    ``evaluator`` of the image size."""
     evaluator = evaluator or DigitsEvaluator(model.config.input_size)
     labels = balanced_labels(num_samples)
-    generate(model, settings[0], labels[:20], seed)  # warm-up: first-call costs out of the timings
+    finish = decode if decode is not None else (lambda z: z)
+    with torch.no_grad():  # warm-up: first-call costs out of the timings
+        finish(generate(model, settings[0], labels[:20], seed)[0])
     rows, images = [], {}
     for s in settings:
         t0 = time.perf_counter()
         x, info = generate(model, s, labels, seed)
+        with torch.no_grad():
+            x = finish(x)
         seconds = time.perf_counter() - t0
         rows.append(
             Row(

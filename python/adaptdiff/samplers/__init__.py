@@ -13,6 +13,7 @@ from .accelerator import Accelerator, ModelStep, Part, Prediction, SampleContext
 from .block_decode import DecodeOutput, TraceStep, ar_decode, block_decode
 from .grad_guidance import GradGuidance, classifier_guidance, predictor_guidance
 from .parameterization import PREDICTIONS, convert, eps_to_x0, target, to_x0_eps, x0_to_eps
+from .progressive import dfm_plan, sample_dfm, steps_for_nfe
 from .sample import denoiser, sample
 from .schedules import FlowSchedule, VPSchedule
 from .solvers import (
@@ -42,14 +43,17 @@ __all__ = [
     "classifier_guidance",
     "convert",
     "denoiser",
+    "dfm_plan",
     "eps_to_x0",
     "predictor_guidance",
     "sample",
+    "sample_dfm",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
     "sample_euler",
     "sample_heun",
+    "steps_for_nfe",
     "target",
     "to_x0_eps",
     "x0_to_eps",

@@ -17,6 +17,7 @@ STUDIES: dict[str, str] = {
     "control": "adaptdiff.studies.control",
     "divcontrol": "adaptdiff.studies.divcontrol",
     "dimsum": "adaptdiff.studies.dimsum",
+    "dfm": "adaptdiff.studies.dfm",
     "afa": "adaptdiff.studies.afa",
     "diffscaler": "adaptdiff.studies.diffscaler",
     "diffusia": "adaptdiff.studies.diffusia",
@@ -29,6 +30,9 @@ STUDIES: dict[str, str] = {
     "tracerl": "adaptdiff.studies.tracerl",
     "policy": "adaptdiff.studies.policy",
     "timeseries": "adaptdiff.studies.timeseries",
+    "mdt": "adaptdiff.studies.mdt",
+    "sr": "adaptdiff.studies.sr",
+    "ldm": "adaptdiff.studies.ldm",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._pyplot import pyplot
 from ..data import digits
 from ..metrics.digits import DigitsEvaluator, frechet_distance, gaussian_stats
 from ..recipes.digits import DigitsTrainConfig, SamplingSetting, build_model, generate
@@ -450,10 +451,7 @@ def _run_seed(cfg: AdaptConfig, seed: int, out: Path, progress: Progress) -> Met
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     methods = [r for r in summary if r != "real digits"]

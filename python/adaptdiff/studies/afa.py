@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._pyplot import pyplot
 from ..adapters.afa import AFAEnsemble, PredictionAverage, average_weights
 from ..data import digits
 from ..metrics.digits import DigitsEvaluator, frechet_distance, gaussian_stats
@@ -210,10 +211,7 @@ def _run_seed(cfg: AFAConfig, seed: int, out: Path, progress: Progress) -> Metri
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     rows = [r for r in summary if r != "real digits"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._pyplot import pyplot
 from ..adapters import ControlledDiT, controlnet, trainable_parameters
 from ..data import digits
 from ..data.conditions import CONDITIONS, condition, inpaint_mask
@@ -224,10 +225,7 @@ def _run_seed(cfg: ControlConfig, seed: int, out: Path, progress: Progress) -> M
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r[: -len(": base")] for r in summary if r.endswith(": base")]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..adapters import apply_difffit, apply_diffscaler, apply_lora, diffscaler_parameters
 from ..adapters.diffscaler import DIFFSCALER_TARGETS, TaskSwitch, set_task
 from ..data import digits
@@ -189,10 +190,7 @@ def _run_seed(cfg: DiffscalerConfig, seed: int, out: Path, progress: Progress) -
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in summary if r != "real digits"]
     tasks = list(TASKS)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data.seq2seq import WordVocab, exact_match, seq2seq_pairs, token_accuracy
 from ..models.diffusia import (
     create_diffusia,
@@ -155,10 +156,7 @@ def _run_seed(cfg: DiffusiaConfig, seed: int, out: Path, progress: Progress) -> 
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=120)
     names = list(summary)

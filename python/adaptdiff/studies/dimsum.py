@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data import digits
 from ..metrics.digits import DigitsEvaluator
 from ..models import create_dit
@@ -144,10 +145,7 @@ def run_seed(cfg: DimsumConfig, seed: int, out: Path, progress: Progress) -> Met
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for row, metrics in summary.items():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..adapters import controlnet, divcontrol, divcontrol_loss, tailor_parameters
 from ..adapters import trainable_parameters as trainable
 from ..data import digits
@@ -180,10 +181,7 @@ def _run_seed(cfg: DivControlConfig, seed: int, out: Path, progress: Progress) -
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in summary if not r.startswith("base")]
     tasks = list(dict.fromkeys(r.split(": ", 1)[1] for r in rows))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data.text import CharTokenizer, pydoc_corpus
 from ..lm_demo import _row, _train, validation_loss
 from ..models import BlockDiffusionLM, block_lm_from_hf, block_lm_to_hf, create_block_lm
@@ -175,10 +176,7 @@ def _run_seed(cfg: HFConvertConfig, seed: int, out: Path, progress: Progress) ->
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
     names = list(summary)

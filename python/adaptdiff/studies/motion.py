@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._pyplot import pyplot
 from ..data.moving_digits import (
     MOTIONS,
     centroid_velocity,
@@ -183,10 +184,7 @@ def _run_seed(cfg: MotionStudyConfig, seed: int, out: Path, progress: Progress) 
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2), dpi=120)
     rows = list(summary)

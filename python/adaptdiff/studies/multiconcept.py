@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._pyplot import pyplot
 from ..adapters import apply_lora, apply_orthogonal_lora, merge_adapters
 from ..data import digits
 from ..metrics.digits import DigitsEvaluator
@@ -171,10 +172,7 @@ def _run_seed(cfg: MultiConceptConfig, seed: int, out: Path, progress: Progress)
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
     rows = list(summary)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._pyplot import pyplot
 from ..data import digits
 from ..samplers import GradGuidance, VPSchedule, predictor_guidance, sample
 from .runner import Column, Metrics, Progress, Study, Summary
@@ -288,10 +289,7 @@ def _run_seed(cfg: NAGConfig, seed: int, out: Path, progress: Progress) -> Metri
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     names = list(summary)

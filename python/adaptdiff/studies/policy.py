@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import accel
+from .._pyplot import pyplot
 from ..accel.caching.producers import bac_schedule, collect_features, interval_schedule
 from ..data import reach_push
 from ..models import NoiseRoutedMoE, moe_aux_loss, precompute_experts
@@ -250,10 +251,7 @@ def _seed(cfg: PolicyStudyConfig, seed: int, out: Path, progress: Progress) -> M
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     for name, row in summary.items():

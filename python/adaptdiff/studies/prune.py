@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data import digits
 from ..metrics.digits import DigitsEvaluator
 from ..models import create_dit
@@ -173,10 +174,7 @@ def run_seed(cfg: PruneConfig, seed: int, out: Path, progress: Progress) -> Metr
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     rows = [r for r in summary if r != "real digits"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._pyplot import pyplot
 from ..data import timeseries as ts
 from ..models.units import SpatioTemporalDiT, create_spatiotemporal_dit
 from ..samplers import FlowSchedule, sample
@@ -193,10 +194,7 @@ def _seed(cfg: TimeSeriesStudyConfig, seed: int, progress: Progress) -> Metrics:
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4), dpi=120)
     for ax, task in zip(axes, ts.TASKS, strict=True):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data.rl_tasks import TASKS, char_accuracy, exact_match_reward, task_batch
 from ..data.text import CharTokenizer
 from ..models import create_block_lm
@@ -177,10 +178,7 @@ def _run_seed(cfg: TraceRLStudyConfig, seed: int, out: Path, progress: Progress)
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     names = [n[len("SFT, ") :] for n in summary if n.startswith("SFT, ")]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .._pyplot import pyplot
 from ..data.digit_qa import KINDS, DigitQATokenizer, digit_qa, mixed_digit_qa, text_length
 from ..models import create_block_lm
 from ..models.vl import VisionBlockLM, VisionConfig
@@ -205,10 +206,7 @@ def _run_seed(cfg: VLStudyConfig, seed: int, out: Path, progress: Progress) -> M
 
 
 def _plot(summary: Summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     names = list(summary)

@@ -2,9 +2,10 @@
 bf16, DDP/FSDP2 under torchrun) with atomic checkpoints and exact resume; the AR and
 AR -> block-diffusion recipes (SDAR, NBDiff) for :class:`~adaptdiff.models.BlockDiffusionLM`;
 TraceRL over block-decoding trajectories (:mod:`.tracerl`), block pruning with distillation
-(:mod:`.prune`) and MotionDirector's dual-path LoRA training (:mod:`.motion_director`)."""
+(:mod:`.prune`), MotionDirector's dual-path LoRA training (:mod:`.motion_director`) and the
+KL autoencoder of latent diffusion (:mod:`.vae`)."""
 
-from . import motion_director, prune, tracerl
+from . import motion_director, prune, tracerl, vae
 from .block_diffusion import (
     BlockLMLoss,
     ar_loss,
@@ -17,7 +18,9 @@ from .block_diffusion import (
     text_dataset,
 )
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from .dfm import DFMObjective, fit_stage_scale
 from .ema import EMA, update_ema
+from .mdt import MDTObjective
 from .objectives import DiffusionObjective
 from .trainer import BatchStream, TrainConfig, Trainer, warmup_cosine
 
@@ -26,13 +29,16 @@ __all__ = [
     "BatchStream",
     "BlockLMLoss",
     "CheckpointError",
+    "DFMObjective",
     "DiffusionObjective",
+    "MDTObjective",
     "TrainConfig",
     "Trainer",
     "ar_loss",
     "chunked_cross_entropy",
     "corrupt",
     "curriculum_block_size",
+    "fit_stage_scale",
     "load_checkpoint",
     "load_weights",
     "motion_director",
@@ -44,5 +50,6 @@ __all__ = [
     "text_dataset",
     "tracerl",
     "update_ema",
+    "vae",
     "warmup_cosine",
 ]

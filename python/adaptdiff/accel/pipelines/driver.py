@@ -19,6 +19,10 @@ transformer call then becomes one :class:`~adaptdiff.samplers.ModelStep`:
 - a method that drops the unconditional branch (AG, LinearAG) or some of its rows: the
   transformer runs on the rows left only (sliced along ``PipelineFamily.row_args``, in the
   pipeline's own batch order);
+- a method that answers some prompts of the batch itself (``ModelStep.rows`` and
+  ``row_preds``: per-sample SADA): both branches run on the other prompts' rows only, as in
+  ``sample``; the answered prompts get ``row_preds`` as both branch predictions (and, for the
+  extra output channels such as DiT's learned sigma, those of their last computed step);
 - the branch predictions and the guided one go through ``after_model``; when the guided
   prediction differs from what the pipeline would form from the computed rows (a dropped branch,
   an estimated one, an edit such as RAS's merge), both branches of the output hold it, which is
@@ -103,7 +107,7 @@ class _Run:
         self.started: list[Accelerator] = []  # the accelerators whose on_sample_start ran
         self.stats = {
             "transformer_calls": 0, "rows": 0, "rows_plain": 0, "uncond_rows_dropped": 0,
-            "skipped_steps": [], "estimated_uncond_steps": [],
+            "skipped_steps": [], "skipped_rows": 0, "estimated_uncond_steps": [],
         }  # fmt: skip
 
     # -- the step of a call
@@ -161,6 +165,39 @@ class _Run:
                 raise TypeError(f"{type(acc).__name__}.after_model must return a tensor")
         self.history.append(Prediction(step.index, step.t, step.x, pred))
         return pred
+
+    def _keep(self, step: ModelStep, todo: list[str]) -> torch.Tensor | None:
+        """The rows computed at all (``step.rows``, per-sample step skipping), checked; the
+        uncond branch narrowed to them (as ``sample`` does). None: every row."""
+        keep = step.rows
+        if keep is None:
+            return None
+        if step.row_preds is None or step.row_preds.shape != step.x.shape:
+            raise ValueError("ModelStep.rows needs row_preds shaped like x (the other rows)")
+        if keep.numel() == 0:
+            raise ValueError("ModelStep.rows is empty: return the prediction instead")
+        keep = keep.cpu()
+        if "uncond" in todo:
+            u = keep if step.uncond_rows is None else step.uncond_rows.cpu()
+            step.uncond_rows = u[torch.isin(u, keep)]
+        self.stats["skipped_rows"] += step.x.shape[0] - int(keep.numel())
+        return keep
+
+    def _kept(self, step: ModelStep, keep, main: torch.Tensor, out: torch.Tensor):
+        """The cond prediction of every row (the skipper's at the rows not computed) and the
+        cond output of every row (the last full one's extra channels at those rows)."""
+        if keep is None:
+            return main, out
+        B = step.x.shape[0]
+        cond = step.row_preds.to(main.dtype).clone()
+        cond[keep.to(cond.device)] = main
+        last = self.owner.last_cond
+        if last is None or last.shape[0] != B or last.shape[1:] != out.shape[1:]:
+            last = out.new_zeros((B, *out.shape[1:]))
+        full = last.clone()
+        full[keep.to(full.device)] = out
+        full[:, : cond.shape[1]] = cond.to(full.dtype)
+        return cond, full
 
     def _guided(self, step: ModelStep) -> torch.Tensor:
         preds = step.branch_preds
@@ -231,6 +268,7 @@ class _Run:
             template = self.owner.last_cond
             return _package(self._fill(pred, template, 2 if guided else 1), ret)
         todo = [b for b in step.branches if b not in step.branch_preds]
+        keep = self._keep(step, todo)
         rows = step.uncond_rows if "uncond" in todo else None
         if rows is not None and rows.numel() == 0:
             todo.remove("uncond")
@@ -239,12 +277,13 @@ class _Run:
             rows = torch.empty(0, dtype=torch.long)
         positions = []
         if "cond" in todo:
-            positions.append(cond_pos)
+            positions.append(cond_pos if keep is None else cond_pos[keep])
         if "uncond" in todo:
             positions.append(uncond_pos if rows is None else uncond_pos[rows.cpu()])
         if guided:
             computed = 0 if "uncond" not in todo else B if rows is None else int(rows.numel())
-            self.stats["uncond_rows_dropped"] += B - computed
+            kept = B if keep is None else int(keep.numel())
+            self.stats["uncond_rows_dropped"] += kept - computed
         run_pos = torch.cat(positions).sort().values
         full = run_pos.numel() == M
         if full:
@@ -259,9 +298,11 @@ class _Run:
         step.evaluated = True
         preds = step.branch_preds
         if "cond" in todo:
-            cond_idx = where[cond_pos].to(out.device)
-            preds["cond"] = main.index_select(0, cond_idx)
-            self.owner.last_cond = out.index_select(0, cond_idx)
+            cond_rows = cond_pos if keep is None else cond_pos[keep]
+            cond_idx = where[cond_rows].to(out.device)
+            preds["cond"], self.owner.last_cond = self._kept(
+                step, keep, main.index_select(0, cond_idx), out.index_select(0, cond_idx)
+            )
         if "uncond" in todo:
             sel = uncond_pos if rows is None else uncond_pos[rows.cpu()]
             u = main.index_select(0, where[sel].to(out.device))
@@ -293,16 +334,23 @@ class _Run:
             out = self._fill(pred, self.owner.last_cond, 1)
             self._close_cond(step, out if guided else None, B)
             return _package(out, ret)
-        out_raw = self._model(inner, args, kwargs, step, torch.arange(B))
+        keep = self._keep(step, [b for b in step.branches if b not in step.branch_preds])
+        if keep is None:
+            out_raw = self._model(inner, args, kwargs, step, torch.arange(B))
+        else:
+            a, k = self._rows(args, kwargs, keep, B)
+            out_raw = self._model(inner, a, k, step, keep)
         out = _sample_of(out_raw)
         step.evaluated = True
-        step.branch_preds["cond"] = _main(out, x)
+        step.branch_preds["cond"], out = self._kept(step, keep, _main(out, x), out)
         self.owner.last_cond = out
+        if keep is not None:  # the skipped rows' cond output is the skipper's prediction
+            out_raw = _package(out, ret)
         wants_uncond = "uncond" in step.branches and "uncond" not in step.branch_preds
         rows = step.uncond_rows if wants_uncond else None
         if wants_uncond and (rows is None or rows.numel() > 0):
-            self.pending = {"step": step, "rows": rows, "out": None}  # the uncond call computes
-            return out_raw
+            self.pending = {"step": step, "rows": rows, "out": None, "kept": keep}
+            return out_raw  # the uncond call computes
         # no uncond evaluation this step (dropped or estimated): finish it now
         c = step.branch_preds["cond"]
         if guided and "uncond" not in step.branch_preds and "uncond" in step.branches:
@@ -311,7 +359,7 @@ class _Run:
         pred = self._after(step, guided_pred)
         self._note_estimate(step, False)
         if guided:
-            self.stats["uncond_rows_dropped"] += B
+            self.stats["uncond_rows_dropped"] += B if keep is None else int(keep.numel())
             self._close_cond(step, self._negative(step, pred, out), B)
         else:
             self.calls += 1
@@ -364,7 +412,8 @@ class _Run:
             out_raw = self._model(inner, a, k, step, B + rows.cpu())
             u = step.branch_preds["cond"].clone()
             u[rows.to(u.device)] = _main(_sample_of(out_raw), x)
-            self.stats["uncond_rows_dropped"] += B - int(rows.numel())
+            kept = B if pending.get("kept") is None else int(pending["kept"].numel())
+            self.stats["uncond_rows_dropped"] += kept - int(rows.numel())
         step.branch_preds["uncond"] = u
         guided_pred = self._guided(step)
         pred = self._after(step, guided_pred)

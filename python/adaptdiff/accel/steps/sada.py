@@ -43,10 +43,9 @@ slot, so it follows the rows a per-sample call carries). A full step refreshes t
 
 The approximations return a prediction in the model's parameterisation, so any solver (Euler,
 DDIM, DPM-Solver++, DDPM) consumes it; Heun (two calls per step) is refused. Per-sample skipping
-needs ``sample``'s row dropping (``ModelStep.rows``): inside a diffusers pipeline
-(``accel.apply(pipe, ...)``) it runs for a batch of one sample (where it is the whole-batch rule)
-and is refused for larger batches (pass ``per_sample=False`` there); with RAS (token subsets)
-it is refused too.
+drops rows from the model call (``ModelStep.rows``), in ``sample`` and inside a diffusers
+pipeline (``accel.apply(pipe, ...)``: the pipeline driver slices the transformer's per-row
+arguments); with RAS (token subsets) it is refused.
 
 Install it with ``accel.apply(model, SADAConfig(...))`` and pass the handle to ``sample``; the
 class :class:`SADA` (the same arguments) is the accelerator behind the config.
@@ -182,12 +181,6 @@ class SADA(Accelerator):
     def connect(self, ctx: SampleContext, accelerators: list) -> None:
         if self.criterion == "off" or not self.per_sample or ctx.x.shape[0] == 1:
             return
-        if "pipeline" in ctx.state:
-            raise ValueError(
-                f"SADA(per_sample=True) inside a diffusers pipeline runs for a batch of one "
-                f"sample only (got {ctx.x.shape[0]}): the pipeline driver cannot drop rows "
-                "from the transformer call; pass per_sample=False (the whole-batch rule)"
-            )
         for acc in accelerators:
             for p in acc.parts(ctx):
                 if p.active and p.subset_source:  # RAS: token subsets and cached velocities

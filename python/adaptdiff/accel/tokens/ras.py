@@ -48,7 +48,8 @@ Usage::
 behind the config. Inside a diffusers pipeline (DiT, PixArt, SD3, Flux):
 ``accel.apply(pipe, RASConfig(...))``; there Flux's packed ``[B, N, C]`` latents are scored per
 token and its separate cond/uncond transformer calls keep K/V caches per branch context (the
-handle's). Sana's linear self-attention is refused.
+handle's). Sana (linear self-attention, a depthwise convolution in its feed-forward) has its own
+path, :mod:`.ras_sana`.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ from ..hooks import (
 )
 from .ras_joint import install as _install_joint
 from .ras_joint import layout as _joint_layout
+from .ras_sana import install as _install_sana
+from .ras_sana import is_sana as _is_sana
 
 __all__ = ["METRICS", "RAS", "RASConfig", "RASHook", "skip_schedule", "theoretical_speedup"]
 
@@ -332,21 +335,23 @@ def _layout(model):
     out = getattr(model, "proj_out_2", None)
     out = getattr(model, "proj_out", None) if out is None else out
     if blocks is not None and out is not None and hasattr(config, "patch_size"):
+        if _is_sana(model):  # linear attention and Mix-FFN: .ras_sana
+            return blocks[0], out, int(config.patch_size), "sana"
         if all(hasattr(b, "attn1") for b in blocks):  # BasicTransformerBlock: DiT, PixArt
             for b in blocks:
                 name = type(getattr(b.attn1, "processor", None)).__name__
                 if name not in ("AttnProcessor2_0", "AttnProcessor"):
                     raise ValueError(
                         f"RAS: {type(model).__name__}'s self-attention uses {name}; RAS "
-                        "reproduces softmax attention (AttnProcessor2_0) only (Sana's linear "
-                        "attention is not supported)"
+                        "reproduces softmax attention (AttnProcessor2_0) and Sana's linear "
+                        "attention only"
                     )
             return blocks[0], out, int(config.patch_size), "diffusers"
     joint = _joint_layout(model)  # SD3, Flux
     if joint is not None:
         return joint
     raise ValueError(
-        "RAS: model must be an adaptdiff DiT or a diffusers DiT/PixArt/SD3/Flux transformer; "
+        "RAS: model must be an adaptdiff DiT or a diffusers DiT/PixArt/SD3/Flux/Sana transformer; "
         f"got {type(model).__name__}"
     )
 
@@ -356,9 +361,10 @@ class RAS(Accelerator):
 
     ``model``: an adaptdiff DiT, or a diffusers ``DiTTransformer2DModel`` /
     ``PixArtTransformer2DModel`` / ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``
-    (see :mod:`.ras_joint`; the module whose blocks RAS hooks: ``sample`` may call it
-    through a wrapper). Creating it installs hooks on ``model`` (they pass everything through
-    outside a RAS run); :meth:`remove` takes them off. See the module docstring.
+    (see :mod:`.ras_joint`) / ``SanaTransformer2DModel`` (see :mod:`.ras_sana`); the module
+    whose blocks RAS hooks (``sample`` may call it through a wrapper). Creating it installs
+    hooks on ``model`` (they pass everything through outside a RAS run); :meth:`remove` takes
+    them off. See the module docstring.
     """
 
     def __init__(
@@ -406,7 +412,7 @@ class RAS(Accelerator):
 
     def parts(self, ctx: SampleContext) -> list[Part]:
         # the SD3/Flux wrappers (ras_joint) keep their K/V caches for one fixed model batch
-        joint = self._kind not in ("adaptdiff", "diffusers")
+        joint = self._kind not in ("adaptdiff", "diffusers", "sana")
         name = f"RAS on {self._kind}" if joint else "RAS"
         return [
             Part(name, self.active_in(ctx), token_subset=True, subset_source=True, row_caches=joint)
@@ -461,6 +467,8 @@ class RAS(Accelerator):
             full = out.new_zeros(out.shape[0], state.num_tokens, out.shape[2])
             return scatter_tokens(full, state.index_for(out.shape[0]), out)
 
+        if self._kind == "sana":  # its block wrappers go under the first block's gather
+            _install_sana(self.model, state, wrap, wrap_attention, _store, _cache)
         wrap(self._first, gather)
         wrap(self._out, scatter)
         if self._kind == "adaptdiff":
@@ -469,7 +477,7 @@ class RAS(Accelerator):
         elif self._kind == "diffusers":
             for block in self.model.transformer_blocks:
                 wrap_attention(block.attn1, _diffusers_attention(block.attn1, state))
-        else:
+        elif self._kind != "sana":
             _install_joint(self.model, self._kind, state, wrap_attention)
 
     def remove(self) -> None:

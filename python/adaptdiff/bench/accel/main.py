@@ -45,11 +45,13 @@ from adaptdiff.models.dit import DIT_CONFIGS
 
 from ..arguments import bench_parser, set_threads
 from ..output import environment
+from ..pipelines import FAMILIES as PIPELINE_FAMILIES
+from ..pipelines import SIZES as PIPELINE_SIZES
 from .diffusers_dit import run_diffusers
 from .digits import run_digits
 from .dit_b import run_dit_b
 from .pipes import run_pipelines
-from .report import render, report, write_json
+from .report import RowLog, render, report, write_json
 from .seeds import mark_speed_only
 
 RUNNERS = {
@@ -85,8 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-weight model of dit-b and diffusers")  # fmt: skip
     p.add_argument("--size", type=int, default=32, help="latent size of dit-b and diffusers")
     p.add_argument("--repeats", type=int, default=1, help="time each run this often, keep the best")
-    p.add_argument("--pipeline-size", default=None, choices=["tiny", "small", "large"],
-                   help="pipelines: tiny, small (default) or large")  # fmt: skip
+    p.add_argument("--pipeline-size", default=None, choices=list(PIPELINE_SIZES),
+                   help="pipelines: tiny, small (default), medium (1024 image tokens, CPU) "
+                        "or large")  # fmt: skip
+    p.add_argument("--pipeline-families", default=None,
+                   help=f"pipelines: comma-separated families (default: all of "
+                        f"{', '.join(PIPELINE_FAMILIES)})")  # fmt: skip
+    p.add_argument("--pipeline-methods", default=None,
+                   help="pipelines: comma-separated methods besides exact, e.g. RAS,SADA "
+                        "(default: all)")  # fmt: skip
     p.add_argument("--out", default="bench-accel", help="folder for accel.md and accel.png")
     p.add_argument("--digits-dir", default=None, help="trained digits model (trained if absent)")
     p.add_argument("--train-steps", type=int, default=1500, help="digits training, if needed")
@@ -104,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         print(
             f"adaptdiff bench accel: --models must name some of {MODELS}, got {args.models!r}",
+            file=sys.stderr,
+        )
+        return 2
+    bad = [f for f in (args.pipeline_families or "").split(",") if f and f not in PIPELINE_FAMILIES]
+    if bad:
+        print(
+            f"adaptdiff bench accel: --pipeline-families must name some of {PIPELINE_FAMILIES}, "
+            f"got {args.pipeline_families!r}",
             file=sys.stderr,
         )
         return 2
@@ -141,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     results = []
+    args.row_log = RowLog(args.json, env)  # runners that save each finished row at once
     for name in names:  # the trained digits DiT's rows are quality rows, the others speed-only
         results += mark_speed_only(RUNNERS[name](args, steps), name)
     out = Path(args.out)
     comparison = report(results, out, args.clock)
     print(f"\nwrote {out / 'accel.md'} and {out / 'accel.png'}")
     if args.json:
+        args.row_log.rewind()  # the finished run's rows replace the provisional ones
         write_json(args.json, env, results, comparison)
     return 0
 

@@ -6,7 +6,7 @@ Flux, Sana; random weights, ``"small"`` sizes, ``"tiny"`` with ``--quick``, anot
 ``pipe(...)`` and ``pipe(...)`` after ``accel.apply(pipe, config)`` for each method, from the
 same seed. Rows: the speedup, the transformer calls (NFE), the compute done (block evaluations
 for caches and schedules, transformer rows for guidance and step skipping, the token-block
-evaluations of RAS, not run on Sana's linear attention), PSNR/SSIM of the
+evaluations of RAS), PSNR/SSIM of the
 output latents (DiT: the decoded images) against the plain pipeline's.
 """
 
@@ -18,7 +18,7 @@ from adaptdiff.accel.evaluate import Result, _timed, pareto
 
 from ..pipelines import FAMILIES, build_pipeline
 from .methods import _cache_compute
-from .report import progress
+from .report import RowLog, progress
 
 __all__ = ["run_pipelines"]
 
@@ -35,8 +35,7 @@ def _methods(steps: int, quick: bool, layout, family: str) -> list[tuple[str, st
         ("AG", "cos >= 0.99", lambda: accel.AdaptiveGuidanceConfig(0.99)),
         ("SADA", "default", lambda: accel.SADAConfig()),
     ]
-    if family != "sana":  # RAS reproduces softmax attention; Sana's is linear
-        out.append(("RAS", "ratio 0.5", lambda: accel.RASConfig(sample_ratio=0.5)))
+    out.append(("RAS", "ratio 0.5", lambda: accel.RASConfig(sample_ratio=0.5)))
     if quick:
         return out
     return out + [
@@ -75,8 +74,13 @@ def run_pipelines(args, steps: int) -> list[Result]:
     from adaptdiff import accel
 
     size = getattr(args, "pipeline_size", None) or ("tiny" if args.quick else "small")
+    log = getattr(args, "row_log", None) or RowLog(None, {})
+    wanted = getattr(args, "pipeline_methods", None)
+    wanted = None if not wanted else set(wanted.split(","))
+    families = getattr(args, "pipeline_families", None)
+    families = FAMILIES if not families else tuple(families.split(","))
     results = []
-    for family in FAMILIES:
+    for family in families:
         pipe, kw = build_pipeline(family, size=size)
         kw["num_inference_steps"] = steps
         pipe.to(args.device)
@@ -96,8 +100,11 @@ def run_pipelines(args, steps: int) -> list[Result]:
 
         ref = (name, exact, exact_s, rng)
         rows = [_row(ref, "exact", f"pipeline {steps} steps", exact, exact_s, plain_calls, 1.0)]
+        log.add(rows[-1])
         layout = accel.layout(pipe.transformer)
         for method, setting, make in _methods(steps, args.quick, layout, family):
+            if wanted is not None and method not in wanted:
+                continue
             progress(f"{name}: {method} {setting}")
             accel.apply(pipe, make())
             try:
@@ -110,6 +117,7 @@ def run_pipelines(args, steps: int) -> list[Result]:
                 _row(ref, method, setting, out, seconds, call["transformer_calls"],
                     float(_compute(method, call)), extra)
             )  # fmt: skip
+            log.add(rows[-1])
         pareto(rows)
         results += rows
     return results

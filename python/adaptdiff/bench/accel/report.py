@@ -85,6 +85,41 @@ ENV_KEYS = ("device", "device_type", "threads", "clock", "torch", "cuda", "commi
 EXTRA_KEYS = ("std", "seeds", "speed_only")  # of a Result's extra, written with its row
 
 
+class RowLog:
+    """Each finished row appended to the JSON lines file at once (``add``), so that an
+    interrupted run keeps the rows it finished; these provisional rows carry
+    ``"partial": true`` and the Pareto flag among the rows of their model finished so far.
+    ``rewind`` cuts the file back to where this run began, before the final rows (Pareto flags
+    over the whole run) and the comparison are written (:func:`write_json`). Without a path
+    (no ``--json``) it does nothing."""
+
+    def __init__(self, path, env: dict):
+        self.path, self.env, self.start = path, env, None
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.start = Path(path).stat().st_size if Path(path).exists() else 0
+        self.rows: list = []
+
+    def add(self, result: Result) -> None:
+        if self.path is None:
+            return
+        self.rows.append(result)
+        mine = [r for r in self.rows if r.model == result.model]
+        flags = [r.pareto for r in mine]
+        pareto(mine)
+        row = {k: v for k, v in dataclasses.asdict(result).items() if k != "extra"}
+        row["partial"] = True
+        for r, flag in zip(mine, flags, strict=True):
+            r.pareto = flag  # the run's own flags are set once the model's block is complete
+        append_jsonl(self.path, [row], self.env, "accel")
+
+    def rewind(self) -> None:
+        if self.path is None or not Path(self.path).exists():
+            return
+        with open(self.path, "r+b") as f:
+            f.truncate(self.start)
+
+
 def write_json(path, env: dict, results: list, comparison: list[dict]) -> None:
     """Append the rows (``"benchmark": "accel"``) and the equal-speedup comparison."""
     rows = (
