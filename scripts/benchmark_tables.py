@@ -38,7 +38,12 @@ ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
 # the same at 1024 image tokens (`--pipeline-size medium --pipeline-methods RAS`): RAS's CPU target
 ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl"
-DEMO = "demo-moe-cpu-2core-epyc-2026-11-26.json"
+DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed, with MoE rows
+# `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
+DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
+# `adaptdiff bench accel --models digits --seeds 3`: the trained digits DiT's quality rows,
+# mean ± std over 3 noise seeds
+ACCEL_DIGITS_SEEDS = "accel-digits-seeds-cpu-2core-xeon-2026-12-03.jsonl"
 STUDY_ADAPT = "study-adapt-cpu-2core-2026-12-02.json"
 # `adaptdiff study hf-convert`: one AR char model SDAR-converted natively and through transformers
 STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
@@ -316,31 +321,58 @@ def accel(name: str, models: Callable[[str], bool] = lambda m: True) -> str:
     return table(ACCEL_HEADER, [accel_row(r) for r in rows])
 
 
-def _former_default(setting: str) -> str:
-    """Settings recorded as "default" before SADA's defaults became the reference's."""
-    return setting.replace("default (", "former default, whole batch (")
+def pm(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """A recorded row's ``key`` as mean ± std over its noise seeds (``r["std"]``), or just the
+    value where it has no spread."""
+    value = r.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    std = (r.get("std") or {}).get(key)
+    text, spread = format(scale * value, fmt), format(scale * (std or 0.0), fmt)
+    return text if float(spread) == 0 else f"{text} ± {spread}"  # no "± 0" after rounding
+
+
+ACCEL_SEEDS_HEADER = ["method", "setting", "CPU s", "speedup", "NFE", "compute", "PSNR dB"]
+ACCEL_SEEDS_HEADER += ["SSIM", "digits-FD", "acc"]
+
+
+def accel_seeds(name: str) -> str:
+    """The trained digits DiT's rows, every seeded column as mean ± std over the noise seeds."""
+    rows = [r for r in records(name) if r.get("benchmark") == "accel" and "method" in r]
+    out = []
+    for r in rows:
+        exact = r["method"] == "exact"
+        out.append([
+            r["method"] + (" *" if r["pareto"] and not exact else ""), r["setting"],
+            pm(r, "seconds", ".2f"), pm(r, "speedup", ".2f") + "×", pm(r, "nfe", ".3g"),
+            pm(r, "compute", ".0f", 100) + " %", "exact" if exact else pm(r, "psnr", ".1f"),
+            pm(r, "ssim", ".3f"), pm(r, "fd", ".2f"), pm(r, "accuracy", ".1f", 100) + " %",
+        ])  # fmt: skip
+    return table(ACCEL_SEEDS_HEADER, out)
 
 
 def accel_headline() -> str:
+    """A few trained-model rows of the benchmark, mean ± std over its noise seeds."""
     picks = {
+        ("exact", "euler 28"),
         ("RAS", "ratio 0.5, resets 12,20"),
         ("FirstBlockCache", "threshold 0.08"),
         ("TeaCache", "threshold 0.1, raw indicator"),
         ("TaylorSeer", "interval 3, order 1"),
         ("AG", "cos >= 0.99"),
     }
-    rows = [r for r in records(ACCEL_SWEEP) if (r.get("method"), r.get("setting")) in picks]
+    rows = [r for r in records(ACCEL_DIGITS_SEEDS) if (r.get("method"), r.get("setting")) in picks]
     rows = [r for r in rows if r["model"] == "digits DiT-demo/4"]
     header = ["method (digits DiT-demo/4)", "speedup", "compute", "PSNR dB", "digits-FD"]
     return table(
         header,
         [
             [
-                f"{r['method']} ({_former_default(r['setting'])})",
-                f"{r['speedup']:.2f}×",
-                f"{100 * r['compute']:.0f}%",
-                f"{r['psnr']:.1f}",
-                number(r["fd"], ".2f"),
+                f"{r['method']} ({r['setting']})",
+                pm(r, "speedup", ".2f") + "×",
+                pm(r, "compute", ".0f", 100) + "%",
+                "exact" if r["method"] == "exact" else pm(r, "psnr", ".1f"),
+                pm(r, "fd", ".2f"),
             ]
             for r in rows
         ],
@@ -456,8 +488,17 @@ def accel_h100() -> str:
     return table(header, out)
 
 
-def demo(rows_wanted: Callable[[str], bool] = lambda name: True) -> str:
-    doc = json.loads((RESULTS / DEMO).read_text())
+def demo(rows_wanted: Callable[[str], bool] = lambda name: True, record: str = DEMO) -> str:
+    """The demo's rows: mean ± std over its runs where the record has them (``summary``)."""
+    doc = json.loads((RESULTS / record).read_text())
+    summary = doc.get("summary", {})
+
+    def cell(name: str, r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+        stat = summary.get(name, {}).get(key)
+        std = stat and stat["std"]
+        text = format(scale * r[key], fmt)
+        return text if not std else f"{text} ± {format(scale * std, fmt)}"
+
     header = ["sampler", "steps", "NFE", "wall s", "digits-FD", "class accuracy"]
     out = []
     for r in doc["rows"]:
@@ -470,21 +511,14 @@ def demo(rows_wanted: Callable[[str], bool] = lambda name: True) -> str:
                 str(r["steps"]),
                 str(r["nfe"]),
                 f"{r['seconds']:.2f}",
-                f"{r['fd']:.2f}",
-                f"{100 * r['accuracy']:.1f} %",
+                cell(r["name"], r, "fd", ".2f"),
+                cell(r["name"], r, "accuracy", ".1f", 100) + " %",
             ]
         )
     floor = f"{100 * doc['classifier_test_accuracy']:.1f} % (classifier, held-out)"
-    out.append(
-        [
-            f"{doc['num_samples']} real training digits",
-            "",
-            "",
-            "",
-            f"{doc['reference_fd']:.2f}",
-            floor,
-        ]
-    )
+    real_std = doc.get("reference_fd_std")
+    real = f"{doc['reference_fd']:.2f}" + (f" ± {real_std:.2f}" if real_std else "")
+    out.append([f"{doc['num_samples']} real training digits", "", "", "", real, floor])
     return table(header, out)
 
 
@@ -550,6 +584,8 @@ def guidance_policy(record: str) -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO),
+    "demo-moe-one-seed": lambda: demo(record=DEMO_MOE_ONE_SEED),
+    "accel-digits-seeds": lambda: accel_seeds(ACCEL_DIGITS_SEEDS),
     "kernels-cpu": lambda: kernels(KERNELS_CPU),
     "kernels-h100": lambda: kernels(KERNELS_H100),
     "kernels-headline": kernels_headline,

@@ -30,7 +30,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe, accel=args.accel)
+    run_demo(args.out, quick=args.quick, seed=args.seed, moe=args.moe, accel=args.accel,
+             seeds=args.seeds, noise_seeds=args.noise_seeds)  # fmt: skip
     return 0
 
 
@@ -43,7 +44,20 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    """The verb before studies: one seed of the adapt study, written flat into ``--out``."""
+    """The verb before studies: one seed of the adapt study, written flat into ``--out``; with
+    ``--seeds N`` (N > 1) the study itself over seeds 0..N-1 (mean ± std), in ``--out``."""
+    if args.seeds > 1:
+        from .studies import get_study, run_study
+
+        overrides = [f"threads={args.threads}"]
+        overrides += [f"methods={','.join(args.methods)}"] if args.methods else []
+        overrides += [f"{name}={value}" for name in ("base_steps", "adapt_steps")
+                      if (value := getattr(args, name)) is not None]  # fmt: skip
+        run_study(get_study("adapt"), quick=args.quick, seeds=args.seeds, out=args.out,
+                  overrides=overrides)  # fmt: skip
+        return 0
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     from .studies.adapt import AdaptConfig, run_adapt
 
     cfg = AdaptConfig(out_dir=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
@@ -106,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a smoke run of the pipeline (300 steps, under a minute; too short to learn)",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="the first training and noise seed")
+    s.add_argument(
+        "--seeds", type=int, default=1, help="training seeds: train this many models (seed, ...)"
+    )
+    s.add_argument(
+        "--noise-seeds", type=int, default=None, help="noises per model (default 3; quick: 2)"
+    )
     s.add_argument("--moe", action="store_true", help="also train DiT-MoE-demo/4 and add its rows")
     s.add_argument(
         "--lm",
@@ -161,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--adapt-steps", type=int, default=None)
     s.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, default=1,
+                   help="N > 1: `adaptdiff study adapt` on seeds 0..N-1 (mean ± std)")  # fmt: skip
     s.set_defaults(fn=_cmd_adapt)
 
     # Listed here for `adaptdiff --help`; main() hands `bench ...` to adaptdiff.bench whole.

@@ -70,3 +70,25 @@ def test_adapt_study_quick_end_to_end(tmp_path, capsys):
         assert (tmp_path / "seed-1" / f"{name}.safetensors").exists() or name == "full"
     assert (tmp_path / "adapt.png").exists() and (tmp_path / "table.txt").exists()
     assert "mean ± std over 2 seeds" in capsys.readouterr().out
+
+
+def test_adapt_with_seeds_runs_the_study_over_them(tmp_path, monkeypatch):
+    import adaptdiff.studies as studies
+
+    called = {}
+
+    def fake_run_study(study, **kwargs):  # the routing only; the study itself runs above
+        called.update(study=study.name, **kwargs)
+
+    monkeypatch.setattr(studies, "run_study", fake_run_study)
+    args = ["adapt", "lora", "difffit", "--seeds", "3", "--quick", "--out", str(tmp_path),
+            "--adapt-steps", "7", "--threads", "2"]  # fmt: skip
+    assert main(args) == 0
+    overrides = ["threads=2", "methods=lora,difffit", "adapt_steps=7"]
+    assert called == dict(
+        study="adapt", quick=True, seeds=3, out=str(tmp_path), overrides=overrides
+    )
+    cfg = studies.runner.configure(adapt.STUDY, overrides=called["overrides"])
+    assert cfg.methods == ("lora", "difffit") and cfg.adapt_steps == 7 and cfg.threads == 2
+    with pytest.raises(SystemExit):  # exit status 2, one line
+        main(["adapt", "--seeds", "0", "--out", str(tmp_path)])

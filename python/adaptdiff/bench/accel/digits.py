@@ -1,5 +1,6 @@
 """The ``digits`` model: the demo's digits DiT, trained once into a cache folder and reused,
-sampled with guidance and scored by the digits-FD and the classifier's accuracy."""
+sampled with guidance and scored by the digits-FD and the classifier's accuracy, from
+``--seeds`` noise seeds (the benchmark's quality rows: mean ± std over them)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from adaptdiff.accel.evaluate import evaluate
 
 from .methods import autodiffusion_methods, guidance_methods, methods
 from .report import progress
+from .seeds import aggregate_results
 
 
 def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
@@ -53,11 +55,26 @@ def run_digits(args, steps: int) -> list:
 
     sampler = dict(method="euler", steps=steps, prediction="flow", guidance_scale=1.5,
                    cond={"y": labels}, uncond={"y": torch.full_like(labels, 10)})  # fmt: skip
-    extra = guidance_methods(model, steps, args.quick)
-    if not args.quick:
-        extra += autodiffusion_methods(model, evaluator.fd)
-    return evaluate(
-        model, methods(steps, args.quick) + extra, model_name="digits DiT-demo/4",
-        shape=(num, 1, size, size), sampler=sampler, data_range=2.0, clamp=(-1.0, 1.0),
-        score=score, repeats=args.repeats, clock=args.clock, progress=progress,
-    )  # fmt: skip
+    wanted = getattr(args, "methods", None)  # method families (``--methods``); None: all
+
+    def keep(found: list) -> list:
+        return [m for m in found if wanted is None or m.name in wanted]
+
+    chosen = keep(methods(steps, args.quick))
+    extra = []
+    if wanted is None or wanted & {"AG", "LinearAG"}:
+        extra += keep(guidance_methods(model, steps, args.quick))
+    if not args.quick and (wanted is None or "AutoDiffusion" in wanted):  # its search is costly
+        extra += keep(autodiffusion_methods(model, evaluator.fd))
+    # The methods (LinearAG's calibration, AutoDiffusion's search: other noise) are made once;
+    # every noise seed then runs the exact sampler and each method from its own noise.
+    seeds = list(range(getattr(args, "seeds", 1)))
+    per_seed = []
+    for seed in seeds:
+        progress(f"digits DiT-demo/4: noise seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+        per_seed.append(evaluate(
+            model, chosen + extra, model_name="digits DiT-demo/4",
+            shape=(num, 1, size, size), sampler=sampler, data_range=2.0, clamp=(-1.0, 1.0),
+            score=score, repeats=args.repeats, clock=args.clock, seed=seed, progress=progress,
+        ))  # fmt: skip
+    return aggregate_results(per_seed, seeds)

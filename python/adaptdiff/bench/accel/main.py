@@ -7,8 +7,12 @@ For each method and setting: the speedup over the exact run (same sampler, steps
 model calls (NFE), the fraction of the model's compute done (token-block evaluations for RAS,
 block evaluations for caches, model calls for SADA, network evaluations per sample for AG and
 LinearAG), PSNR/SSIM against the exact samples and, on the digits, the digits-FD and the
-classifier's accuracy. Writes ``accel.md`` (the table) and ``accel.png`` (PSNR against speedup,
+classifier's accuracy. Writes ``accel.md`` (the tables) and ``accel.png`` (PSNR against speedup,
 Pareto points ringed) to ``--out``.
+
+Quality rows come from the trained digits DiT only, each the mean ± std over ``--seeds`` noise
+seeds (default 3); the random-weight models' rows are speed-only (one noise seed; their PSNR and
+SSIM measure closeness to the exact run, not sample quality).
 
 Models: ``digits``: the demo's ``DiT-demo/4`` trained on the digits (trained once into
 ``--digits-dir``, default ``<adaptdiff cache>/bench-digits``, for ``--train-steps``, by default
@@ -48,6 +52,7 @@ from .digits import run_digits
 from .dit_b import run_dit_b
 from .pipes import run_pipelines
 from .report import RowLog, render, report, write_json
+from .seeds import mark_speed_only
 
 RUNNERS = {
     "digits": run_digits, "dit-b": run_dit_b, "diffusers": run_diffusers, "pipelines": run_pipelines
@@ -73,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated: {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)})",
     )
     p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="noise seeds of the digits (quality) rows: mean ± std")  # fmt: skip
+    p.add_argument("--methods", default=None, type=lambda text: set(filter(None, text.split(","))),
+                   help="digits: only these method families, comma-separated, e.g. "
+                   "RAS,AG,SADA (default: all)")  # fmt: skip
     p.add_argument("--dit", default="DiT-B/2", choices=[n for n in DIT_CONFIGS if n.endswith("/2")],
                    help="random-weight model of dit-b and diffusers")  # fmt: skip
     p.add_argument("--size", type=int, default=32, help="latent size of dit-b and diffusers")
@@ -143,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 names.remove(needs)
+    if args.seeds < 1:
+        print(f"adaptdiff bench accel: --seeds must be at least 1, got {args.seeds}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     results = []
     args.row_log = RowLog(args.json, env)  # runners that save each finished row at once
-    for name in names:
-        results += RUNNERS[name](args, steps)
+    for name in names:  # the trained digits DiT's rows are quality rows, the others speed-only
+        results += mark_speed_only(RUNNERS[name](args, steps), name)
     out = Path(args.out)
     comparison = report(results, out, args.clock)
     print(f"\nwrote {out / 'accel.md'} and {out / 'accel.png'}")

@@ -12,6 +12,7 @@ from adaptdiff.accel.evaluate import Result, format_table, pareto, plot
 
 from ..output import append_jsonl
 from .comparison import REFERENCE, equal_speedup, format_equal_speedup
+from .seeds import format_quality
 
 
 def progress(text: str) -> None:
@@ -26,6 +27,8 @@ def render(paths: list[str], out: Path, json_path: str | None = None) -> int:
     lines = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
     lines = [row for row in lines if row.get("benchmark", "accel") == "accel"]
     results = [Result(**{k: v for k, v in row.items() if k in fields}) for row in lines]
+    for row, r in zip(lines, results, strict=True):  # noise seeds and the speed-only label
+        r.extra.update({k: row[k] for k in EXTRA_KEYS if k in row})
     pareto(results)
     comparison = report(results, out, lines[0].get("clock", "wall"))
     if json_path:
@@ -39,7 +42,7 @@ def render(paths: list[str], out: Path, json_path: str | None = None) -> int:
 def report(results: list, out: Path, clock: str) -> list[dict]:
     """Print and write the table, the plot and (with diffusers rows) the equal-speedup
     comparison; returns the comparison's rows."""
-    table = format_table(results)
+    table = format_tables(results)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accel.md").write_text(table + "\n")
@@ -60,11 +63,26 @@ def report(results: list, out: Path, clock: str) -> list[dict]:
     return comparison
 
 
+def format_tables(results: list) -> str:
+    """The quality rows (trained models, mean ± std over noise seeds) and the speed-only rows
+    (random weights), each under its heading; rows without a label count as speed-only."""
+    quality = [r for r in results if r.extra.get("speed_only") is False]
+    speed = [r for r in results if r.extra.get("speed_only") is not False]
+    parts = []
+    if quality:
+        parts.append("Quality rows (trained digits DiT):\n\n" + format_quality(quality))
+    if speed:
+        parts.append("Speed-only rows (random weights: PSNR/SSIM against the exact run, not "
+                     "sample quality):\n\n" + format_table(speed))  # fmt: skip
+    return "\n\n".join(parts)
+
+
 def _xlabel(clock: str) -> str:
     return "speedup vs exact (" + ("process CPU time)" if clock == "cpu" else "wall clock)")
 
 
 ENV_KEYS = ("device", "device_type", "threads", "clock", "torch", "cuda", "commit", "date")
+EXTRA_KEYS = ("std", "seeds", "speed_only")  # of a Result's extra, written with its row
 
 
 class RowLog:
@@ -104,6 +122,10 @@ class RowLog:
 
 def write_json(path, env: dict, results: list, comparison: list[dict]) -> None:
     """Append the rows (``"benchmark": "accel"``) and the equal-speedup comparison."""
-    rows = ({k: v for k, v in dataclasses.asdict(r).items() if k != "extra"} for r in results)
+    rows = (
+        {**{k: v for k, v in dataclasses.asdict(r).items() if k != "extra"},
+         **{k: r.extra[k] for k in EXTRA_KEYS if k in r.extra}}
+        for r in results
+    )  # fmt: skip
     append_jsonl(path, rows, env, "accel")
     append_jsonl(path, comparison, env, "accel-equal-speedup")
