@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from adaptdiff._pyplot import pyplot
 from adaptdiff.cli import main
 from adaptdiff.studies import STUDIES, Column, Study, get_study, run_study
 from adaptdiff.studies.runner import aggregate, configure, errorbars
@@ -32,11 +33,7 @@ def _toy_run(cfg, seed, out, progress):
 
 
 def _toy_plot(summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots()
     errorbars(ax, summary, ["row"], "x", "size")
     fig.savefig(path)
@@ -132,3 +129,19 @@ def test_adapt_verb_is_an_alias_of_the_adapt_study(tmp_path, capsys):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "adaptdiff.adapt moved to adaptdiff.studies.adapt" in r.stderr
+
+
+def test_a_study_that_sets_its_threads_leaves_the_callers_as_they_were(tmp_path):
+    import torch
+
+    def run(cfg, seed, out, progress):
+        torch.set_num_threads(1)  # as every study does with its config's ``threads``
+        return _toy_run(cfg, seed, out, progress)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_study(replace(TOY, run=run), seeds=1, out=tmp_path, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -170,12 +170,8 @@ def train(model, loss_fn, data: torch.Tensor, cfg: DFMStudyConfig, seed: int) ->
 
 def _run_seed(cfg: DFMStudyConfig, seed: int, out: Path, progress: Progress) -> Metrics:
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _seed(cfg, seed, out, progress)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads)  # the runner restores the caller's
+    return _seed(cfg, seed, out, progress)
 
 
 def _seed(cfg: DFMStudyConfig, seed: int, out: Path, progress: Progress) -> Metrics:

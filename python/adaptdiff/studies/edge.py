@@ -83,12 +83,8 @@ def _quick(cfg: EdgeStudyConfig) -> EdgeStudyConfig:
 
 def _run_seed(cfg: EdgeStudyConfig, seed: int, out: Path, progress: Progress) -> Metrics:
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _seed(cfg, seed, out, progress)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads)  # the runner restores the caller's
+    return _seed(cfg, seed, out, progress)
 
 
 def _scores(prob: np.ndarray, annotators: torch.Tensor, cfg: EdgeStudyConfig) -> dict:

@@ -175,12 +175,8 @@ def _macs_per_chunk(pcfg: PolicyConfig, steps: int, routed: bool, sched=None) ->
 
 def _run_seed(cfg: PolicyStudyConfig, seed: int, out: Path, progress: Progress) -> Metrics:
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _seed(cfg, seed, out, progress)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads)  # the runner restores the caller's
+    return _seed(cfg, seed, out, progress)
 
 
 def _seed(cfg: PolicyStudyConfig, seed: int, out: Path, progress: Progress) -> Metrics:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 Metrics = dict[str, dict[str, float | None]]  # one seed: {row: {metric: value}}
@@ -185,10 +186,14 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     per_seed = []
-    with tqdm(total=n * study.units(cfg), desc=study.name, disable=not progress) as bar:
-        for seed in range(n):
-            bar.set_description(f"{study.name} seed {seed}")
-            per_seed.append(study.run(cfg, seed, out / f"seed-{seed}", Progress(bar)))
+    threads = torch.get_num_threads()  # studies set their own (config ``threads``): restored here
+    try:
+        with tqdm(total=n * study.units(cfg), desc=study.name, disable=not progress) as bar:
+            for seed in range(n):
+                bar.set_description(f"{study.name} seed {seed}")
+                per_seed.append(study.run(cfg, seed, out / f"seed-{seed}", Progress(bar)))
+    finally:
+        torch.set_num_threads(threads)
     summary = aggregate(per_seed)
     table = format_table(study.columns, summary)
     spread = "one seed" if n == 1 else f"mean ± std over {n} seeds; no ± where the seeds agree"

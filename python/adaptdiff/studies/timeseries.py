@@ -161,12 +161,8 @@ def baselines(batch: dict, task: str, cfg: TimeSeriesStudyConfig, ar_coef) -> di
 
 def _run_seed(cfg: TimeSeriesStudyConfig, seed: int, out: Path, progress: Progress) -> Metrics:
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        return _seed(cfg, seed, progress)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads)  # the runner restores the caller's
+    return _seed(cfg, seed, progress)
 
 
 def _seed(cfg: TimeSeriesStudyConfig, seed: int, progress: Progress) -> Metrics:
