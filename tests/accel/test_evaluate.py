@@ -49,3 +49,22 @@ def test_evaluate_compares_each_method_with_the_exact_run(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(ValueError, match="clock"):
         evaluate(model, [], model_name="tiny", shape=(4, 4, 8, 8), sampler=sampler, clock="gpu")
+
+
+def test_decode_turns_every_runs_samples_into_images_before_they_are_compared_or_scored():
+    torch.set_num_threads(1)
+    model = random_dit()
+    y = torch.arange(2)
+    seen = []
+
+    def decode(z):  # a stand-in autoencoder: 4 latent channels -> one image channel
+        seen.append(tuple(z.shape))
+        return z.mean(1, keepdim=True)
+
+    sampler = dict(method="euler", steps=4, prediction="flow", cond={"y": y})
+    rows = evaluate(model, [Method("fewer steps", "euler 2", sampler={"steps": 2})],
+                    model_name="tiny", shape=(2, 4, 8, 8), sampler=sampler,
+                    score=lambda x: {"fd": float(x.shape[1])}, decode=decode)  # fmt: skip
+    assert seen and all(s == (2, 4, 8, 8) for s in seen)  # the warm-up, exact and method runs
+    assert [r.fd for r in rows] == [1.0, 1.0]  # scored on the decoded one-channel images
+    assert rows[1].psnr < 99.0

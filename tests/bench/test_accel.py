@@ -122,3 +122,18 @@ def test_a_stale_cached_digits_model_is_trained_again_but_a_users_raises(tmp_pat
     assert trained == [] and stale.exists()
     assert digits.digits_model(stale, 10, cached=True) is None
     assert trained == [str(stale)] and not (stale / "model.json").exists()
+
+
+@pytest.mark.slow
+def test_quick_latent_model_gives_quality_rows_scored_on_decoded_digits(tmp_path):
+    path = tmp_path / "accel.jsonl"
+    args = ["--quick", "--models", "latent", "--methods", "RAS", "--seeds", "2",
+            "--threads", "1", "--latent-dir", str(tmp_path / "latent"),
+            "--out", str(tmp_path), "--json", str(path)]  # fmt: skip
+    assert bench_accel.main(args) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["exact", "RAS", "RAS"]  # two ratios in --quick
+    assert all(r["model"].startswith("latent DiT (8x8x4)") for r in rows)
+    assert all(r["speed_only"] is False and r["seeds"] == [0, 1] for r in rows)
+    assert all(r["fd"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "latent" / "vae" / "config.json").exists()  # a diffusers AutoencoderKL

@@ -64,7 +64,7 @@ def test_random_weight_models_are_speed_only_and_tabled_apart():
     assert all(r.extra["speed_only"] is True for r in random)
     text = report.format_tables(quality + random)
     head, tail = text.split("Speed-only rows")
-    assert "Quality rows (trained digits DiT)" in head and "DiT-B/2 random" not in head
+    assert "Quality rows (trained models)" in head and "DiT-B/2 random" not in head
     assert "| digits DiT-demo/4 | A | t 1 |" in head and "digits DiT-demo/4" not in tail
     a_line = next(line for line in head.splitlines() if "| A |" in line)
     assert "18.00 ± 2.83" in a_line and "31.0 ± 1.4" in a_line  # fd and PSNR over seeds 0, 2

@@ -38,17 +38,25 @@ def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
 
 def run_digits(args, steps: int) -> list:
     from adaptdiff.metrics.digits import DigitsEvaluator
-    from adaptdiff.recipes.digits import balanced_labels
 
     model = digits_model(
         Path(args.digits_dir),
         300 if args.quick else args.train_steps,
         cached=getattr(args, "digits_cached", False),
     )
+    return run_trained(args, steps, model, "digits DiT-demo/4", DigitsEvaluator(16))
+
+
+def run_trained(args, steps: int, model, model_name: str, evaluator, decode=None) -> list:
+    """Every method on a trained class-conditional model from ``--seeds`` noise seeds, scored
+    by ``evaluator`` (a :class:`~adaptdiff.metrics.digits.DigitsEvaluator` of the images'
+    size) on the samples, after ``decode`` for a latent model."""
+    from adaptdiff.recipes.digits import balanced_labels
+
     num = 40 if args.quick else 300
     labels = balanced_labels(num)
-    size = model.config.input_size
-    evaluator = DigitsEvaluator(size)
+    side = model.config.input_size
+    images = decode or (lambda x: x)
 
     def score(x):
         return {"fd": evaluator.fd(x), "accuracy": evaluator.accuracy(x, labels)}
@@ -65,16 +73,17 @@ def run_digits(args, steps: int) -> list:
     if wanted is None or wanted & {"AG", "LinearAG"}:
         extra += keep(guidance_methods(model, steps, args.quick))
     if not args.quick and (wanted is None or "AutoDiffusion" in wanted):  # its search is costly
-        extra += keep(autodiffusion_methods(model, evaluator.fd))
+        extra += keep(autodiffusion_methods(model, lambda x: evaluator.fd(images(x))))
     # The methods (LinearAG's calibration, AutoDiffusion's search: other noise) are made once;
     # every noise seed then runs the exact sampler and each method from its own noise.
     seeds = list(range(getattr(args, "seeds", 1)))
     per_seed = []
     for seed in seeds:
-        progress(f"digits DiT-demo/4: noise seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+        progress(f"{model_name}: noise seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
         per_seed.append(evaluate(
-            model, chosen + extra, model_name="digits DiT-demo/4",
-            shape=(num, 1, size, size), sampler=sampler, data_range=2.0, clamp=(-1.0, 1.0),
-            score=score, repeats=args.repeats, clock=args.clock, seed=seed, progress=progress,
+            model, chosen + extra, model_name=model_name,
+            shape=(num, model.in_channels, side, side), sampler=sampler, data_range=2.0,
+            clamp=(-1.0, 1.0), score=score, repeats=args.repeats, clock=args.clock, seed=seed,
+            progress=progress, decode=decode,
         ))  # fmt: skip
     return aggregate_results(per_seed, seeds)

@@ -10,9 +10,9 @@ LinearAG), PSNR/SSIM against the exact samples and, on the digits, the digits-FD
 classifier's accuracy. Writes ``accel.md`` (the tables) and ``accel.png`` (PSNR against speedup,
 Pareto points ringed) to ``--out``.
 
-Quality rows come from the trained digits DiT only, each the mean ± std over ``--seeds`` noise
-seeds (default 3); the random-weight models' rows are speed-only (one noise seed; their PSNR and
-SSIM measure closeness to the exact run, not sample quality).
+Quality rows come from the trained models (the digits DiT and the latent DiT), each the mean ±
+std over ``--seeds`` noise seeds (default 3); the random-weight models' rows are speed-only (one
+noise seed; their PSNR and SSIM measure closeness to the exact run, not sample quality).
 
 Models: ``digits``: the demo's ``DiT-demo/4`` trained on the digits (trained once into
 ``--digits-dir``, default ``<adaptdiff cache>/bench-digits``, for ``--train-steps``, by default
@@ -27,9 +27,11 @@ diffusers' own ``apply_first_block_cache`` / ``apply_taylorseer_cache`` in a thr
 chosen from the indicators of one exact run (:mod:`.diffusers_dit`); then
 :func:`.comparison.equal_speedup` puts each adaptdiff cache's PSNR beside diffusers'
 FirstBlockCache's at the speedups (and the compute) that one reached. All sample with Euler on
-flow matching. ``pipelines`` (not in the default list): every method inside the diffusers
-pipelines' own loops and schedulers (DiT, PixArt-Sigma, SD3, Flux, Sana with random weights,
-:mod:`.pipes`).
+flow matching. ``latent`` (not in the default list: it trains an autoencoder and a DiT
+first): a class-conditional DiT on the digits' autoencoder latents (:mod:`.latent`), quality
+rows like the digits DiT's, scored on the decoded 32x32 digits. ``pipelines`` (not in the
+default list either): every method inside the diffusers pipelines' own loops and schedulers
+(DiT, PixArt-Sigma, SD3, Flux, Sana with random weights, :mod:`.pipes`).
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ from ..pipelines import SIZES as PIPELINE_SIZES
 from .diffusers_dit import run_diffusers
 from .digits import run_digits
 from .dit_b import run_dit_b
+from .latent import run_latent
 from .pipes import run_pipelines
 from .report import RowLog, render, report, write_json
 from .seeds import mark_speed_only
 
 RUNNERS = {
-    "digits": run_digits, "dit-b": run_dit_b, "diffusers": run_diffusers, "pipelines": run_pipelines
+    "digits": run_digits, "latent": run_latent, "dit-b": run_dit_b, "diffusers": run_diffusers,
+    "pipelines": run_pipelines,
 }  # fmt: skip
 MODELS = tuple(RUNNERS)
 DEFAULT_MODELS = ("digits", "dit-b", "diffusers")
@@ -99,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-accel", help="folder for accel.md and accel.png")
     p.add_argument("--digits-dir", default=None, help="trained digits model (trained if absent)")
     p.add_argument("--train-steps", type=int, default=1500, help="digits training, if needed")
+    p.add_argument("--latent-dir", default=None,
+                   help="trained latent model (recipes.latent; trained if absent)")  # fmt: skip
     p.add_argument("--render", nargs="+", default=None, metavar="JSONL",
                    help="only redraw the table and plot of these JSON lines files")  # fmt: skip
     return p
@@ -131,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         args.digits_dir = str(
             cache_dir() / ("bench-digits-quick" if args.quick else "bench-digits")
         )
+    args.latent_cached = args.latent_dir is None
+    if args.latent_dir is None:
+        from adaptdiff.metrics.digits import cache_dir
+
+        args.latent_dir = str(
+            cache_dir() / ("bench-latent-quick" if args.quick else "bench-latent")
+        )
     if args.device == "cuda" and (args.clock == "cpu" or not torch.cuda.is_available()):
         print(
             "adaptdiff bench accel: --device cuda needs a CUDA device and the wall clock",
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['date']}; euler {steps} steps, flow matching\n"
     )
     if importlib.util.find_spec("diffusers") is None:
-        for needs in ("diffusers", "pipelines"):
+        for needs in ("diffusers", "pipelines", "latent"):
             if needs in names:
                 print(
                     f"adaptdiff bench accel: diffusers is not installed; skipping {needs}",

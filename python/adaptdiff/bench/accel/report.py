@@ -70,7 +70,7 @@ def format_tables(results: list) -> str:
     speed = [r for r in results if r.extra.get("speed_only") is not False]
     parts = []
     if quality:
-        parts.append("Quality rows (trained digits DiT):\n\n" + format_quality(quality))
+        parts.append("Quality rows (trained models):\n\n" + format_quality(quality))
     if speed:
         parts.append("Speed-only rows (random weights: PSNR/SSIM against the exact run, not "
                      "sample quality):\n\n" + format_table(speed))  # fmt: skip

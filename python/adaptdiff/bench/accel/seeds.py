@@ -14,7 +14,7 @@ from adaptdiff.accel.evaluate import Result, pareto
 # Result fields reduced over the noise seeds (mean, with the std in ``extra["std"]``).
 SEEDED = ("seconds", "speedup", "nfe", "compute", "psnr", "ssim", "fd", "accuracy")
 # Models whose rows are quality rows: trained ones (every other model has random weights).
-QUALITY_MODELS = ("digits",)
+QUALITY_MODELS = ("digits", "latent")
 
 
 def aggregate_results(per_seed: list[list[Result]], seeds: list[int]) -> list[Result]:
