@@ -44,9 +44,9 @@ from .runner import Column, Metrics, Progress, Study, Summary
 @dataclass
 class LDMConfig:
     vaes: tuple[str, ...] = ("digits-f4",)  # "digits-f2" too: --set vaes=digits-f4,digits-f2
-    vae_steps: int = 100
-    vae_batch_size: int = 16
-    steps: int = 100  # DiT training steps, pixel and latent alike
+    vae_steps: int = 400
+    vae_batch_size: int = 32
+    steps: int = 600  # DiT training steps, pixel and latent alike
     batch_size: int = 32
     lr: float = 1e-3
     hidden_size: int = 48
@@ -57,7 +57,7 @@ class LDMConfig:
     sampler: str = "euler"
     sample_steps: tuple[int, ...] = (4, 8, 16)
     guidance_scale: float = 1.5
-    num_samples: int = 80
+    num_samples: int = 150
     num_images: int = 0  # training digits (0: all 1497)
     threads: int = 1
 
