@@ -33,8 +33,8 @@ from ..data import digits
 from ..metrics.digits import DigitsEvaluator
 from ..models import create_dit
 from ..models.mdt import create_mdt
-from ..recipes.digits import balanced_labels
-from ..samplers import FlowSchedule, sample
+from ..recipes.digits import SamplingSetting, balanced_labels, generate
+from ..samplers import FlowSchedule
 from ..train import DiffusionObjective, TrainConfig, Trainer
 from ..train.mdt import MDTObjective
 from .runner import Column, Metrics, Progress, Study, Summary
@@ -100,18 +100,6 @@ def build(name: str, cfg: MDTStudyConfig) -> torch.nn.Module:
     raise ValueError(f"mdt study: unknown model {name!r}; choose from {MODELS}")
 
 
-@torch.no_grad()
-def draw(model, cfg: MDTStudyConfig, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """Class-conditional samples in [-1, 1] (CFG against the null label), full pass."""
-    g = torch.Generator().manual_seed(seed)
-    return sample(
-        model.eval(), (len(labels), 1, 16, 16), method=cfg.sampler, steps=cfg.sampler_steps,
-        guidance_scale=cfg.guidance_scale, cond={"y": labels},
-        uncond={"y": torch.full_like(labels, model.config.num_classes)}, prediction="flow",
-        generator=g, progress=False,
-    )  # fmt: skip
-
-
 def steps_to_fd(fds: list[float], steps: tuple[int, ...], target: float) -> float | None:
     """The first of ``steps`` whose FD is at or below ``target``; None when none is."""
     for fd, step in zip(fds, steps, strict=True):
@@ -147,7 +135,9 @@ def train_curve(name: str, cfg: MDTStudyConfig, seed: int, evaluator, want) -> d
         trainer.fit(step)
         train_s += time.perf_counter() - t0
         ema = trainer.ema.module
-        fds.append(evaluator.fd(draw(ema, cfg, want, seed)))
+        # the full pass, CFG against the null label: the digits recipe's sampling
+        setting = SamplingSetting(cfg.sampler, cfg.sampler_steps, cfg.guidance_scale)
+        fds.append(evaluator.fd(generate(ema.eval(), setting, want, seed)[0]))
         trainer.model.train()
     return {"fds": fds, "train_s": train_s, "params": sum(p.numel() for p in model.parameters())}
 
