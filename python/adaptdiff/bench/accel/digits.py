@@ -15,25 +15,36 @@ from .report import progress
 from .seeds import aggregate_results
 
 
-def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
-    """The demo's digits DiT, trained once into ``directory`` and reused. A ``cached`` one
-    that no longer loads (written by an older version) is trained again; a user's raises."""
+def cached_model(
+    directory: Path, marker: str, what: str, load, train, *, cached: bool, errors: tuple = ()
+):
+    """``load(directory)`` when ``directory/marker`` exists, else ``train()``. A ``cached`` one
+    that no longer loads (written by an older version: ``ValueError``, ``CheckpointError`` or
+    one of ``errors``) is trained again; a user's raises."""
     import shutil
 
-    from adaptdiff.recipes.digits import DigitsTrainConfig, load_digits_model, train_digits
     from adaptdiff.train.checkpoint import CheckpointError
 
-    if (directory / "model.json").exists():
+    if (directory / marker).exists():
         try:
-            return load_digits_model(directory)
-        except (ValueError, CheckpointError) as e:
+            return load(directory)
+        except (ValueError, CheckpointError, *errors) as e:
             if not cached:
                 raise
-            print(f"bench accel: the cached digits model does not load ({e}); training it again")
+            print(f"bench accel: the cached {what} model does not load ({e}); training it again")
             shutil.rmtree(directory)
-    cfg = DigitsTrainConfig(out_dir=str(directory), steps=train_steps, preview_every=0)
-    model, _ = train_digits(cfg)
-    return model
+    return train()
+
+
+def digits_model(directory: Path, train_steps: int, *, cached: bool = False):
+    """The demo's digits DiT, trained once into ``directory`` and reused (:func:`cached_model`)."""
+    from adaptdiff.recipes.digits import DigitsTrainConfig, load_digits_model, train_digits
+
+    def train():
+        cfg = DigitsTrainConfig(out_dir=str(directory), steps=train_steps, preview_every=0)
+        return train_digits(cfg)[0]
+
+    return cached_model(directory, "model.json", "digits", load_digits_model, train, cached=cached)
 
 
 def run_digits(args, steps: int) -> list:

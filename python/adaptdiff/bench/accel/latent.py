@@ -6,30 +6,24 @@ timed run and scored as 32×32 digits (digits-FD, accuracy; PSNR/SSIM on the dec
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from .digits import run_trained
+from .digits import cached_model, run_trained
 
 
 def latent_model(directory: Path, quick: bool, *, cached: bool = False):
-    """The VAE and the EMA DiT, trained once into ``directory`` (a ``cached`` one that no
-    longer loads is trained again; a user's raises)."""
+    """The VAE and the EMA DiT, trained once into ``directory`` and reused
+    (:func:`~.digits.cached_model`; a cached folder without its autoencoder is trained again)."""
     from adaptdiff.recipes.latent import LatentTrainConfig, load_latent_model, train_latent
-    from adaptdiff.train.checkpoint import CheckpointError
 
-    if (directory / "latent_model.json").exists():
-        try:
-            return load_latent_model(directory)
-        except (ValueError, CheckpointError, OSError) as e:
-            if not cached:
-                raise
-            print(f"bench accel: the cached latent model does not load ({e}); training it again")
-            shutil.rmtree(directory)
-    small = dict(vae_steps=20, steps=40, hidden_size=32, depth=1, batch_size=32, num_images=256)
-    cfg = LatentTrainConfig(out_dir=str(directory), progress=False, **(small if quick else {}))
-    vae, dit, _ = train_latent(cfg)
-    return vae, dit
+    def train():
+        small = dict(vae_steps=20, steps=40, hidden_size=32, depth=1, batch_size=32, num_images=256)
+        cfg = LatentTrainConfig(out_dir=str(directory), progress=False, **(small if quick else {}))
+        vae, dit, _ = train_latent(cfg)
+        return vae, dit
+
+    return cached_model(directory, "latent_model.json", "latent", load_latent_model, train,
+                        cached=cached, errors=(OSError,))  # fmt: skip
 
 
 def run_latent(args, steps: int) -> list:
