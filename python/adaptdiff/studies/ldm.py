@@ -37,7 +37,7 @@ from ..models import create_dit
 from ..models.vae import VAE_CONFIGS, decode, encode
 from ..recipes.digits import DigitsTrainConfig, SamplingSetting, balanced_labels, flow_trainer
 from ..recipes.digits import generate as generate_pixels
-from ..recipes.latent import IMAGE_SIZE, LatentTrainConfig, train_latent
+from ..recipes.latent import IMAGE_SIZE, LatentTrainConfig, latent_shape, train_latent
 from .runner import Column, Metrics, Progress, Study, Summary
 
 
@@ -103,8 +103,7 @@ def dit_flops(model) -> int:
 
 def decode_flops(vae) -> int:
     """One decode of one latent of ``vae``."""
-    c = vae.config.latent_channels
-    side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    c, side = latent_shape(vae)
     return forward_flops(lambda z: vae.decode(z).sample, torch.zeros(1, c, side, side))
 
 
