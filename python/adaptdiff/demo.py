@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ._pyplot import pyplot
 from .accel.tokens.ras import RAS, RASConfig
 from .data import digits
 from .metrics.digits import DigitsEvaluator
@@ -160,10 +161,7 @@ def mean_rows(summary: Summary, rows: list[Row]) -> list[Row]:
 
 
 def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
 
