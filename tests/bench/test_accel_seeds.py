@@ -95,3 +95,34 @@ def test_seeds_and_methods_options():
     assert args.methods == {"RAS", "fewer steps", "AG"} and args.seeds == 3
     assert build_parser().parse_args([]).methods is None  # every method
     assert main(["--models", "digits", "--seeds", "0"]) == 2
+
+
+def test_a_trained_models_seeds_are_saved_as_each_finishes(tmp_path, monkeypatch):
+    """An interrupted quality run keeps the noise seeds it finished (provisional rows, marked
+    with their seed); a finished run's final rows replace them (the pipelines' RowLog)."""
+    from types import SimpleNamespace
+
+    from adaptdiff.bench.accel import digits
+    from adaptdiff.models.dit import create_dit
+
+    calls = []
+
+    def evaluate(model, methods, *, seed, **kwargs):
+        calls.append(seed)
+        if seed == 1:
+            raise KeyboardInterrupt  # as if the run were stopped during the second seed
+        return _run(0.0)
+
+    monkeypatch.setattr(digits, "evaluate", evaluate)
+    path = tmp_path / "accel.jsonl"
+    args = SimpleNamespace(quick=True, methods={"RAS"}, seeds=3, repeats=1, clock="cpu",
+                           row_log=report.RowLog(path, {"threads": 1}))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        digits.run_trained(args, 8, create_dit("DiT-tiny/2", input_size=8), "m", evaluator=None)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert calls == [0, 1]
+    assert [(r["method"], r["noise_seed"], r["partial"]) for r in rows] == [
+        ("exact", 0, True), ("A", 0, True), ("B", 0, True)
+    ]
+    args.row_log.rewind()
+    assert path.read_text() == ""

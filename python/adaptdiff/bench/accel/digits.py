@@ -88,6 +88,7 @@ def run_trained(args, steps: int, model, model_name: str, evaluator, decode=None
     # The methods (LinearAG's calibration, AutoDiffusion's search: other noise) are made once;
     # every noise seed then runs the exact sampler and each method from its own noise.
     seeds = list(range(getattr(args, "seeds", 1)))
+    log = getattr(args, "row_log", None)  # each seed's rows saved as they finish (provisional)
     per_seed = []
     for seed in seeds:
         progress(f"{model_name}: noise seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
@@ -97,4 +98,6 @@ def run_trained(args, steps: int, model, model_name: str, evaluator, decode=None
             clamp=(-1.0, 1.0), score=score, repeats=args.repeats, clock=args.clock, seed=seed,
             progress=progress, decode=decode,
         ))  # fmt: skip
+        for result in per_seed[-1] if log is not None else ():
+            log.add(result, noise_seed=seed)
     return aggregate_results(per_seed, seeds)

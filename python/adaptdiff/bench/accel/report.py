@@ -100,7 +100,8 @@ class RowLog:
             self.start = Path(path).stat().st_size if Path(path).exists() else 0
         self.rows: list = []
 
-    def add(self, result: Result) -> None:
+    def add(self, result: Result, **fields) -> None:
+        """``fields`` (e.g. the noise seed of a trained model's per-seed row) go into the line."""
         if self.path is None:
             return
         self.rows.append(result)
@@ -108,7 +109,7 @@ class RowLog:
         flags = [r.pareto for r in mine]
         pareto(mine)
         row = {k: v for k, v in dataclasses.asdict(result).items() if k != "extra"}
-        row["partial"] = True
+        row.update(fields, partial=True)
         for r, flag in zip(mine, flags, strict=True):
             r.pareto = flag  # the run's own flags are set once the model's block is complete
         append_jsonl(self.path, [row], self.env, "accel")
