@@ -122,7 +122,9 @@ def test_a_trained_models_seeds_are_saved_as_each_finishes(tmp_path, monkeypatch
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert calls == [0, 1]
     assert [(r["method"], r["noise_seed"], r["partial"]) for r in rows] == [
-        ("exact", 0, True), ("A", 0, True), ("B", 0, True)
+        ("exact", 0, True),
+        ("A", 0, True),
+        ("B", 0, True),
     ]
     args.row_log.rewind()
     assert path.read_text() == ""
