@@ -56,6 +56,7 @@ class Result:
     op: str
     case: str
     device: str
+    dtype: str
     repeats: int
     forward: str  # "deterministic", "NONDETERMINISTIC", "nondeterministic (known: ...)", ...
     backward: str | None  # None: the case has no backward
@@ -263,7 +264,8 @@ def _verdict(op: str, kind: str, device: str, differing: int, repeats: int) -> s
 def check_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int) -> Result:
     """Runs ``case`` ``repeats`` times on the same inputs and compares every call's outputs and
     gradients bitwise with the first call's."""
-    res = Result(case.op, case.name, device.type, repeats, "not run", None)
+    dname = str(dtype).removeprefix("torch.")
+    res = Result(case.op, case.name, device.type, dname, repeats, "not run", None)
     try:
         fn, inputs, diff = case.build(device, dtype, torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(1)
@@ -313,7 +315,7 @@ def check(
 
 
 def format_result(r: Result) -> str:
-    line = f"{r.op:26s} {r.case:18s} forward: {r.forward}"
+    line = f"{r.op:26s} {r.case:17s} {r.dtype:9s} forward: {r.forward}"
     if r.backward is not None:
         line += f"; backward: {r.backward}"
     if r.forward_differing or r.backward_differing:
@@ -334,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--repeats", type=int, default=10, help="calls per case (default 10)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES), help="one or more"
+    )
     p.add_argument("--ops", nargs="*", default=None, help="only these ops (default all)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
@@ -348,16 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         p.error(f"--ops: none of {args.ops} is a checked op ({sorted({c.op for c in CASES})})")
     results = []
-    for case in cases:  # printed as they finish, so a run cut off keeps what it did
-        (r,) = check([case], device, args.repeats, DTYPES[args.dtype])
-        results.append(r)
-        print(format_result(r), flush=True)
-        if r.error:
-            print(r.notes[-1], file=sys.stderr)
+    for dtype in args.dtype:
+        for case in cases:  # printed as they finish, so a run cut off keeps what it did
+            (r,) = check([case], device, args.repeats, DTYPES[dtype])
+            results.append(r)
+            print(format_result(r), flush=True)
+            if r.error:
+                print(r.notes[-1], file=sys.stderr)
     failed = [r for r in results if r.failed]
     known = [r for r in results if "known:" in r.forward + (r.backward or "")]
     print(
-        f"determinism ({device.type}, {args.dtype}, {args.repeats} repeats): "
+        f"determinism ({device.type}, {' + '.join(args.dtype)}, {args.repeats} repeats): "
         f"{len(results) - len(failed)}/{len(results)} cases pass, {len(known)} known "
         f"nondeterministic, {len(failed)} failed",
         flush=True,

@@ -165,7 +165,8 @@ fi
 # compared bitwise; the ops with float atomics are listed in the script and reported as such.
 if wanted determinism; then
   stage determinism "determinism ($DEV, 10 repeats)" 60 determinism.log "$PY" \
-    scripts/determinism_check.py --device "$DEV" --repeats 10 --json "$LOG/determinism.json"
+    scripts/determinism_check.py --device "$DEV" --repeats 10 --dtype float32 bfloat16 \
+    --json "$LOG/determinism.json"
   rc=$?
   done_line "determinism ($DEV, 10 repeats)" "$(tail -1 "$LOG/determinism.log" 2> /dev/null) (exit $rc, ${LAST_SECS:-0}s)"
 fi

@@ -110,10 +110,13 @@ def test_an_op_that_raises_is_an_error(dc):
 
 def test_main_exit_code_and_json(dc, tmp_path, capsys):
     out = tmp_path / "det.json"
-    rc = dc.main(["--device", "cpu", "--repeats", "2", "--ops", "lincomb", "--json", str(out)])
-    assert rc == 0
-    (row,) = json.loads(out.read_text())
-    assert row["op"] == "lincomb" and row["forward"] == "deterministic"
-    assert "1/1 cases pass" in capsys.readouterr().out
+    argv = ["--repeats", "2", "--ops", "lincomb", "--dtype", "float32", "bfloat16"]
+    assert dc.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["op"], r["dtype"], r["forward"]) for r in rows] == [
+        ("lincomb", "float32", "deterministic"),
+        ("lincomb", "bfloat16", "deterministic"),
+    ]
+    assert "2/2 cases pass" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         dc.main(["--ops", "no_such_op"])
