@@ -50,8 +50,9 @@ def _fake_case(dc, forward_noise: bool, backward_noise: bool):
     return dc.Case("fake_drift", "counter", build)
 
 
-def test_every_cpu_kernel_is_repeatable(dc):
-    results = dc.check(dc.CASES, "cpu", repeats=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_cpu_kernel_is_repeatable(dc, dtype):
+    results = dc.check(dc.CASES, "cpu", repeats=3, dtype=dtype)
     assert {r.op for r in results} >= {
         "block_attention",
         "selective_scan",
