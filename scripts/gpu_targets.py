@@ -11,10 +11,11 @@
 - ``ras``: RAS (ratio 0.5, resets at 43 % and 71 % of 28 euler steps) on a random DiT-XL/2, batch
   1 and 4, 256 and 1,024 image tokens, against the dense sampler.
 
-Kernel timings use CUDA events per call (:func:`adaptdiff.bench.harness.time_fn`, median);
-steps and sampling runs are timed with CUDA events around each call (median, or best of the
-repeats for whole sampling runs). Every row is appended to ``--json`` as soon as it is measured,
-so a run cut off by its time limit keeps what it finished.
+Kernel timings use CUDA events per call (:func:`adaptdiff.bench.harness.time_fn`, median, L2
+flushed); fine-tuning steps CUDA events around each step (median); RAS and the dense sampler the
+wall clock around whole synchronized sampling runs (:func:`adaptdiff.accel.evaluate.evaluate`,
+best of 2). One process, TF32 left off (torch's default). Every row is appended to ``--json``
+as soon as it is measured, so a run cut off by its time limit keeps what it finished.
 
     python scripts/gpu_targets.py --part attention --json out.jsonl          # on the GPU
     python scripts/gpu_targets.py --part sampled_wgrad --device cpu --quick  # a CPU smoke run
@@ -285,7 +286,8 @@ def ras(args, device) -> None:
         error_reset_steps=resets,
     )
     for size in sizes:
-        model = random_dit_b(size=size, name=name).to(device)
+        with device:  # initialised on the device: DiT-XL/2's init on the CPU takes long
+            model = random_dit_b(size=size, name=name)
         for batch in (1, 4):
             y = torch.full((batch,), 207, device=device)
             rows = evaluate(

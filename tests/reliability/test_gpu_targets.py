@@ -56,3 +56,15 @@ def test_no_gpu_is_reported(gt, capsys):
         pytest.skip("a GPU is visible")
     assert gt.main(["--part", "ras"]) == 2
     assert "no GPU visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["block_causal", "bd3"])
+def test_flex_block_mask_from_mask_mod(gt, layout):
+    """create_block_mask (vmapped over the mask_mod, as on the GPU) keeps exactly the 128 x 128
+    tiles where the layout's mask has an allowed pair."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    L, bs, tile = 512, 16, 128
+    bm = flex.create_block_mask(gt.mask_mod_for(layout, L, bs), None, None, L, L, device="cpu")
+    dense = reference.block_mask(layout, L, L, bs)
+    tiles = dense.view(L // tile, tile, L // tile, tile).any(3).any(1)
+    assert torch.equal(bm.to_dense()[0, 0].bool(), tiles)
