@@ -78,20 +78,16 @@ def _randn(g, shape, dtype, device, scale=1.0):
     return (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(device, dtype)
 
 
-def _block_attention(layout):
+def _block_attention(layout, Lq=96, Lk=96, D=64):
     def build(device, dtype, g):
-        B, H, Hk, L, D, bs = 2, 4, 2, 96, 64, 16
-        q = _randn(g, (B, H, L, D), dtype, device)
-        k, v = (_randn(g, (B, Hk, L, D), dtype, device) for _ in range(2))
-        return (
-            (lambda q, k, v: ops.block_attention(q, k, v, bs, layout, impl="kernel")),
-            [
-                q,
-                k,
-                v,
-            ],
-            (0, 1, 2),
-        )
+        B, H, Hk, bs = 2, 4, 2, 16
+        q = _randn(g, (B, H, Lq, D), dtype, device)
+        k, v = (_randn(g, (B, Hk, Lk, D), dtype, device) for _ in range(2))
+
+        def fn(q, k, v):
+            return ops.block_attention(q, k, v, bs, layout, impl="kernel")
+
+        return fn, [q, k, v], (0, 1, 2)
 
     return build
 
@@ -182,9 +178,12 @@ def _moe(device, dtype, g):
     return fn, [x, weights], (0, 1)
 
 
-def _patch_scores(device, dtype, g):
-    v = _randn(g, (2, 4, 32, 32), dtype, device)
-    return (lambda v: ops.patch_scores(v, 2, impl="kernel")), [v], ()
+def _patch_scores(metric):
+    def build(device, dtype, g):
+        v = _randn(g, (2, 4, 32, 32), dtype, device)
+        return (lambda v: ops.patch_scores(v, 2, metric, impl="kernel")), [v], ()
+
+    return build
 
 
 def _pair(op):
@@ -198,6 +197,8 @@ def _pair(op):
 CASES: tuple[Case, ...] = (
     Case("block_attention", "block_causal", _block_attention("block_causal")),
     Case("block_attention", "bd3", _block_attention("bd3")),
+    Case("block_attention", "context_causal", _block_attention("context_causal")),
+    Case("block_attention", "decode, Dh 128", _block_attention("decode", 16, 112, 128)),
     Case("selective_scan", "all options", _selective_scan),
     Case("sara_linear", "10% density", _sara_linear),
     Case("sampled_wgrad", "10% density", _sampled_wgrad),
@@ -206,7 +207,8 @@ CASES: tuple[Case, ...] = (
     Case("indexed_linear_", "with bias", _indexed_linear_),
     Case("lincomb", "3 tensors", _lincomb),
     Case("moe_permute/moe_unpermute", "align 8", _moe),
-    Case("patch_scores", "std", _patch_scores),
+    Case("patch_scores", "std", _patch_scores("std")),
+    Case("patch_scores", "l2", _patch_scores("l2")),
     Case("rel_l1", "3 rows", _pair("rel_l1")),
     Case("cosine", "3 rows", _pair("cosine")),
 )
