@@ -55,6 +55,7 @@ mkdir -p "$OUT"
 SECONDS=0
 SKIPPED=""
 : > "$OUT/summary.txt"
+# One line per stage: the name in 34 columns (every name fits), then the verdict.
 status() { printf '%-34s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
 pack() { cp "$OUT/summary.txt" "$LOG/"; tar czf "$OUT/logs.tgz" -C "$LOG" . 2> /dev/null; }
 wanted() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -175,15 +176,16 @@ fi
 # backward (the determinism check's cases, run once); the verdict counts the errors of the
 # tool's ERROR SUMMARY. The *_tests stages (later, lower priority) run the CUDA op tests.
 sanitize() {
-  local key=$1 tool=$2 cap=$3 logfile=$4 errors verdict; shift 4
+  local key=$1 tool=$2 cap=$3 logfile=$4 errors verdict name; shift 4
+  name="compute-sanitizer $tool$([[ $key == *_tests ]] && echo ', tests')"
   if ! dry && ! command -v compute-sanitizer > /dev/null; then
     release "$key"
-    status "compute-sanitizer $tool ($key)" "not installed"
+    status "$name" "not installed"
     return
   fi
   # Without torch's caching allocator every tensor is its own allocation, so memcheck sees an
   # access past a tensor's end (inside a cached block it would be a valid address).
-  stage "$key" "compute-sanitizer $tool ($key)" "$cap" "$logfile" env \
+  stage "$key" "$name" "$cap" "$logfile" env \
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 ADAPTDIFF_HYPOTHESIS_EXAMPLES=4 compute-sanitizer --tool "$tool" --error-exitcode 99 \
     --target-processes all "$PY" "$@"
   rc=$?
@@ -195,9 +197,9 @@ sanitize() {
     124) verdict="timed out ($errors errors so far)" ;;
     *) verdict="exit $rc, $errors errors ($(tail -1 "$LOG/$logfile"))" ;;
   esac
-  status "compute-sanitizer $tool ($key)" "$verdict (${LAST_SECS}s)"
+  status "$name" "$verdict (${LAST_SECS}s)"
 }
-EVERY_OP=(scripts/determinism_check.py --device cuda --repeats 1 --dtype float32 bfloat16)
+EVERY_OP=(scripts/determinism_check.py --device "$DEV" --repeats 1 --dtype float32 bfloat16)
 wanted memcheck && sanitize memcheck memcheck 90 sanitizer_memcheck.log "${EVERY_OP[@]}"
 wanted racecheck && sanitize racecheck racecheck 90 sanitizer_racecheck.log "${EVERY_OP[@]}"
 
