@@ -89,7 +89,7 @@ stage() {
     SECONDS=$((SECONDS + limit)) # the worst case: the stage uses its whole limit
     return 199
   fi
-  timeout "$limit" "$@" > "$LOG/$logfile" 2>&1
+  timeout -k 5 "$limit" "$@" > "$LOG/$logfile" 2>&1 # SIGKILL 5 s after a SIGTERM ignored
   rc=$?
   LAST_SECS=$((SECONDS - t0))
   pack
