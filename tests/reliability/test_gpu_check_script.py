@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 def run(tmp_path, check=True, **env):
     out = tmp_path / "out"
-    full = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", **env}
+    full = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
     done = subprocess.run(
         ["bash", str(SCRIPT)], env=full, capture_output=True, text=True, timeout=120
     )
