@@ -49,7 +49,8 @@ def start(ras, x, steps=6, accelerators=None, guidance=1.0):
     """What ``sample`` does before the first step (the steps below run one branch)."""
     ctx = SampleContext(
         model=None, schedule=None, prediction="flow", method="euler",
-        timesteps=torch.linspace(1.0, 0.0, steps + 1), guidance_scale=guidance, cond={},
+        timesteps=torch.linspace(1.0, 0.0, steps + 1, device=x.device), cond={},
+        guidance_scale=guidance,
         uncond=None if guidance == 1.0 else {}, x=x,
     )  # fmt: skip
     ras.connect(ctx, [ras] if accelerators is None else accelerators)
@@ -105,11 +106,12 @@ def test_the_selection_is_the_argsort_selection():
 NO_HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy")
 
 
-def test_a_ras_step_reads_no_tensor_value_on_the_host(monkeypatch):
+@pytest.mark.parametrize("metric, high_ratio", [("std", 1.0), ("random", 0.5), ("l2", 0.0)])
+def test_a_ras_step_reads_no_tensor_value_on_the_host(monkeypatch, metric, high_ratio):
     """Selection, the model call (gather, K/V refill, attention on the caches, scatter) and the
     merge: no .item(), .tolist(), .nonzero(), truth value, torch.equal or boolean indexing."""
     model = random_dit()
-    ras = RAS(model, sample_ratio=0.5, start_step=1)
+    ras = RAS(model, sample_ratio=0.5, start_step=1, metric=metric, high_ratio=high_ratio)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     ctx = start(ras, x)
     with torch.no_grad():
@@ -251,7 +253,8 @@ def test_a_ras_step_does_not_synchronise_on_cuda():
 def test_ras_steps_replayed_from_cuda_graphs_match_eager():
     model = random_dit().cuda()
     y = torch.arange(2, device="cuda")
-    kw = dict(method="euler", steps=8, prediction="flow", cond={"y": y}, progress=False)
+    kw = dict(method="euler", steps=8, prediction="flow", cond={"y": y}, progress=False,
+              uncond={"y": torch.full_like(y, 10)}, guidance_scale=2.0)  # fmt: skip
     ras = RAS(model, sample_ratio=0.5, start_step=2, error_reset_steps=(5,))
     with torch.no_grad():
         want = sample(model, (2, 4, 8, 8), accelerators=[ras], device="cuda",

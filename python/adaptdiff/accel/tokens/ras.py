@@ -25,6 +25,15 @@ run, which is then exactly plain sampling (the model is not touched). Only a den
 RAS step follows keeps K and V (one copy per layer); the others run the model as it is. A RAS
 step without a filled cache (the step before it was supplied by another accelerator) runs dense.
 
+No host synchronisation and static shapes: the active count of each step comes from
+:func:`skip_schedule` (host integers fixed by the config before sampling), the selection is
+one top-k of the scores written into an index buffer kept per count, and the K/V caches are
+buffers that each dense call refills in place (kept from run to run; :meth:`RAS.release` frees
+them). Nothing in a step reads a tensor's value on the host, so the model call of a RAS step
+can be captured in a CUDA graph (:class:`~adaptdiff.accel.tokens.ras_graph.RASStepGraph`) or
+traced by ``torch.compile(fullgraph=True)``. Only when an accelerator that changes the model
+batch takes part (``RAS.connect``) does a call compare batch slots on the host (CPU tensors).
+
 Differences from the reference code, each on purpose:
 
 - ``starvation="corrected"`` (default) divides the score by ``exp(λ·D)`` (``D``: how often the

@@ -150,6 +150,7 @@ class RASStepGraph(torch.nn.Module):
         rows with the same values), capture, then replay once for this call's output."""
         static = [t.clone() for t in tensors]
         s_args, s_kwargs = _rebuild(args, kwargs, static)
+        state = self.ras.state
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -158,8 +159,12 @@ class RASStepGraph(torch.nn.Module):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        # the repeat of the active index for the guidance branches (index_for's memo) must be
+        # made inside the graph, from the index buffer, not reused from the warm-up
+        state.repeated = ()
         with torch.cuda.graph(graph, pool=self._pool):
             output = self.model(*s_args, **s_kwargs)
+        state.repeated = ()
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"RASStepGraph: the model must return one tensor, got {type(output).__name__}"
