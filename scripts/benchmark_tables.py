@@ -38,6 +38,8 @@ ACCEL_H100 = "accel-cuda-h100-2026-11-26.jsonl"
 ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
 # the same at 1024 image tokens (`--pipeline-size medium --pipeline-methods RAS`): RAS's CPU target
 ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl"
+# `benchmarks/ras_step.py --before 5fa394a`: RAS vs dense, before and after the sync-free RAS step
+ACCEL_RAS_CPU = "accel-ras-cpu-2core-xeon-2026-12-03.jsonl"
 DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed, with MoE rows
 # `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
 DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
@@ -646,6 +648,19 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-edge": lambda: study("edge", STUDY_EDGE),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
     "text-dit": lambda: text_dit(TEXT_DIT),
+    "accel-ras-cpu": lambda: table(
+        ["tokens", "RAS step", "speedup (CPU time)", "speedup (wall)", "token-weighted bound"],
+        [
+            [
+                str(r["tokens"]),
+                "after" if r["impl"] == "ras" else r["impl"].replace("ras at", "before: git"),
+                f"{r['speedup_cpu_time']:.2f}×",
+                f"{r['speedup_wall']:.2f}×",
+                f"{r['bound']:.2f}×",
+            ]
+            for r in records(ACCEL_RAS_CPU)
+        ],
+    ),
 }
 
 

@@ -25,6 +25,15 @@ run, which is then exactly plain sampling (the model is not touched). Only a den
 RAS step follows keeps K and V (one copy per layer); the others run the model as it is. A RAS
 step without a filled cache (the step before it was supplied by another accelerator) runs dense.
 
+No host synchronisation and static shapes: the active count of each step comes from
+:func:`skip_schedule` (host integers fixed by the config before sampling), the selection is
+one top-k of the scores written into an index buffer kept per count, and the K/V caches are
+buffers that each dense call refills in place (kept from run to run; :meth:`RAS.release` frees
+them). Nothing in a step reads a tensor's value on the host, so the model call of a RAS step
+can be captured in a CUDA graph (:class:`~adaptdiff.accel.tokens.ras_graph.RASStepGraph`) or
+traced by ``torch.compile(fullgraph=True)``. Only when an accelerator that changes the model
+batch takes part (``RAS.connect``) does a call compare batch slots on the host (CPU tensors).
+
 Differences from the reference code, each on purpose:
 
 - ``starvation="corrected"`` (default) divides the score by ``exp(λ·D)`` (``D``: how often the
@@ -178,14 +187,22 @@ class _State:
     # The name of the handle context a call runs in (a pipeline's separate "cond" / "uncond"
     # transformer calls, Flux's true CFG): the K/V caches are kept per context.
     context: object = None
+    # Set by RAS.connect when no accelerator of the sampling call changes the model batch: the
+    # batch is then always the samples repeated per branch, and a model call reads no slots
+    # (no per-call tensor comparison: the call is free of host work on tensors and traceable).
+    plain_batch: bool = False
 
     def key(self, attn) -> tuple:
         """The K/V cache key of attention module ``attn`` in the current context."""
         return (None if self.context is None else self.context(), id(attn))
 
-    def reset(self, num_tokens: int = 0) -> None:
+    def reset(self, num_tokens: int = 0, keep_buffers: bool = False) -> None:
+        """Back to "off". ``keep_buffers``: the K/V caches stay allocated (stale until a dense
+        call rewrites them in place), so the next run reuses the same memory (a captured CUDA
+        graph keeps pointing at it); else they are freed."""
         self.mode, self.active, self.num_tokens, self.model_ran = "off", None, num_tokens, False
-        self.kv.clear()
+        if not keep_buffers:
+            self.kv.clear()
         self.repeated = ()
         self.kv_slots.clear()
         self.step = self.slots = self.index = None
@@ -193,7 +210,7 @@ class _State:
     def begin_call(self) -> None:
         """At the first block: this call's rows, and their active index when the batch is not
         the samples repeated per branch (adaptive guidance dropped some uncond rows)."""
-        slots = None if self.step is None else self.step.batch_slots
+        slots = None if self.step is None or self.plain_batch else self.step.batch_slots
         self.slots, self.index, self.kv_writes = slots, None, 0
         if slots is not None and self.mode == "ras":
             n, m = self.active.shape[0], slots.numel()
@@ -257,8 +274,23 @@ def _store(state: _State, attn, kv) -> None:
             for buf, new in pairs:
                 buf.index_copy_(0, pos, new)
             return
-    state.kv[key] = map_tensors(kv, lambda c: c.contiguous())
+    state.kv[key] = _refill(old, kv)
     state.kv_slots[key] = slots
+
+
+def _refill(old, new):
+    """``new`` K/V (a tensor or a tuple of them) kept for the RAS steps: copied into the buffers
+    ``old`` of the last dense call when they match (same memory from step to step: a CUDA graph
+    captured on a RAS step keeps reading it), else contiguous copies become the buffers."""
+    if old is not None and type(old) is type(new):
+        pairs = list(zip(old, new, strict=True)) if isinstance(new, tuple) else [(old, new)]
+        if all(
+            o.shape == n.shape and o.dtype == n.dtype and o.device == n.device for o, n in pairs
+        ):
+            for o, n in pairs:
+                o.copy_(n)
+            return old
+    return map_tensors(new, lambda c: c.contiguous())
 
 
 def _cache(state: _State, attn, x: torch.Tensor):
@@ -381,6 +413,7 @@ class RAS(Accelerator):
         self._install(wrap or self._wrap)
         self.records: list[dict] = []
         self.sequence = False  # the samples are [B, N, C] token sequences (on_sample_start)
+        self._buffers: dict = {}  # selection buffers reused from step to step (_buffer)
 
     # -- what it is --------------------------------------------------------------------------
 
@@ -420,7 +453,14 @@ class RAS(Accelerator):
 
     def connect(self, ctx: SampleContext, accelerators: list) -> None:
         """Tell each accel handle on the same blocks which calls run a token subset: its caches
-        and schedules step aside on them and act on the dense ones (warm-up, error resets)."""
+        and schedules step aside on them and act on the dense ones (warm-up, error resets).
+        Also notes whether some accelerator may change the model batch (drop guidance rows,
+        skip samples): if none does, the model calls skip the batch-slot bookkeeping."""
+        self.state.plain_batch = not any(
+            part.active and (part.changes_batch or part.replaces_uncond)
+            for acc in accelerators
+            for part in acc.parts(ctx)
+        )
         for handle in accelerators:
             if not isinstance(handle, AccelHandle):
                 continue
@@ -481,10 +521,10 @@ class RAS(Accelerator):
             _install_joint(self.model, self._kind, state, wrap_attention)
 
     def remove(self) -> None:
-        """Take the hooks off the model (idempotent)."""
+        """Take the hooks off the model and free the caches (idempotent)."""
         restore_forwards(self._wrapped)
         self._installed = False
-        self.state.reset()
+        self.release()
 
     # -- the accelerator protocol -----------------------------------------------------------
 
@@ -506,39 +546,69 @@ class RAS(Accelerator):
         self.grid = (x.shape[1], 1) if self.sequence else (x.shape[2] // p, x.shape[3] // p)
         n = self.grid[0] * self.grid[1]
         self.skips = skip_schedule(self.config, ctx.num_steps, n)
-        self.state.reset(n)
+        self.state.reset(n, keep_buffers=True)
         self.ras_run = any(self.skips)
         self.kv_filled = False  # a dense call kept K/V for the RAS steps
-        self.drop_count = torch.zeros(x.shape[0], n, device=x.device)
+        self.drop_count = self._buffer("drop_count", (x.shape[0], n), torch.float32, x.device)
+        self.drop_count.zero_()
         self.last_pred: torch.Tensor | None = None
         self.active_mask: torch.Tensor | None = None
         self.generator = torch.Generator(device=x.device).manual_seed(self.config.seed)
         self.records = []
 
     def on_sample_end(self, ctx: SampleContext) -> None:
-        self.state.reset(self.state.num_tokens)
+        self.state.reset(self.state.num_tokens, keep_buffers=True)
 
-    def _select(self, skip: int) -> torch.Tensor:
-        """Active patch indices [B, N - skip] (sorted) from the last prediction's scores."""
+    def release(self) -> None:
+        """Free the K/V caches and selection buffers kept between runs (the next run allocates
+        them again; a CUDA graph captured before must then be captured again)."""
+        self.state.reset(self.state.num_tokens)
+        self._buffers.clear()
+
+    def _buffer(self, name, shape, dtype, device) -> torch.Tensor:
+        """A tensor kept from call to call (and run to run) while its shape, dtype and device
+        stay: the selection writes into these in place, never allocating on a RAS step."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def _scores(self) -> torch.Tensor:
+        """[B, N] float32 patch scores of the last prediction (or random ones)."""
         cfg = self.config
         if cfg.metric == "random":
             B, n = self.drop_count.shape
-            scores = torch.rand(B, n, generator=self.generator, device=self.drop_count.device)
-        else:
-            pred = self.last_pred
-            if self.sequence:  # [B, N, C] -> [B, C, N, 1]: one 1x1 patch per token
-                pred = pred.transpose(1, 2).unsqueeze(-1)
-            scores = patch_scores(pred, self.patch_size, cfg.metric)
+            return torch.rand(B, n, generator=self.generator, device=self.drop_count.device)
+        pred = self.last_pred
+        if self.sequence:  # [B, N, C] -> [B, C, N, 1]: one 1x1 patch per token
+            pred = pred.transpose(1, 2).unsqueeze(-1)
+        return patch_scores(pred, self.patch_size, cfg.metric)
+
+    def _select(self, skip: int) -> torch.Tensor:
+        """Active patch indices [B, N - skip] (sorted) from the last prediction's scores; the
+        cached patches' starvation counts go up by one. ``skip`` comes from the schedule
+        (host integers fixed before sampling), so every shape here is known in advance and
+        nothing reads a tensor's values on the host: one top-k of the scores (an argsort only
+        when cached patches come from both ends, ``0 < high_ratio < 1``)."""
+        cfg = self.config
+        scores = self._scores()
         if cfg.starvation_scale:
             factor = torch.exp(cfg.starvation_scale * self.drop_count)
             scores = scores * factor if cfg.starvation == "reference" else scores / factor
-        order = scores.argsort(dim=1)  # ascending
+        n = scores.shape[1]
         high = int(skip * cfg.high_ratio)
         low = skip - high
-        n = order.shape[1]
-        cached = torch.cat([order[:, :low], order[:, n - high :]], dim=1)
-        self.drop_count.scatter_add_(1, cached, torch.ones_like(cached, dtype=torch.float32))
-        return order[:, low : n - high].sort(dim=1).values
+        if low == 0:  # cache the `skip` highest scores: keep the lowest
+            active = scores.topk(n - skip, dim=1, largest=False, sorted=False).indices
+        elif high == 0:  # cache the lowest: keep the highest
+            active = scores.topk(n - skip, dim=1, largest=True, sorted=False).indices
+        else:
+            active = scores.argsort(dim=1)[:, low : n - high]  # ascending
+        active = active.sort(dim=1).values
+        mask = self._buffer("select_mask", scores.shape, torch.bool, scores.device)
+        mask.zero_().scatter_(1, active, True)
+        self.drop_count.add_(mask.logical_not())  # +1 where cached
+        return active
 
     def before_model(self, step: ModelStep) -> None:
         s, state = step.index, self.state
@@ -548,10 +618,14 @@ class RAS(Accelerator):
             return None
         skip = self.skips[s]
         if skip > 0 and self.last_pred is not None and self.kv_filled:
-            if step.call == 0:
-                state.active = self._select(skip)
-                mask = torch.zeros_like(self.drop_count, dtype=torch.bool)
-                self.active_mask = mask.scatter_(1, state.active, True)
+            if step.call == 0:  # the selection, into buffers of this step's static shape
+                active = self._select(skip)
+                shape, device = tuple(active.shape), active.device
+                index = self._buffer(("active", *shape), shape, torch.int64, device)
+                state.active = index.copy_(active)
+                state.repeated = ()  # index_for's repeat of the last step is stale
+                mask = self._buffer("active_mask", self.drop_count.shape, torch.bool, device)
+                self.active_mask = mask.zero_().scatter_(1, index, True)
             state.mode = "ras"
         elif skip > 0 or (s + 1 < len(self.skips) and self.skips[s + 1] > 0):
             state.mode = "dense"  # a RAS step follows: keep K and V

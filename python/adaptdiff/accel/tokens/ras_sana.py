@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...ops import indexed_linear_
+from ...ops import gather_tokens, indexed_linear_
 
 __all__ = ["install", "is_sana"]
 
@@ -150,12 +150,12 @@ def _ff_subset(ff, state, cache, x: torch.Tensor, height: int, width: int) -> to
     h = ff.nonlinearity(F.linear(x, w, ff.conv_inverted.bias))  # [B, N_a, 2 hidden]
     grid = cache(state, ff, x)  # [B, N, 2 hidden], this layer's
     h = h.to(grid.dtype)
-    for b in range(B):  # the active tokens' activations into the cached grid, in place
-        grid[b].index_copy_(0, index[b], h[b])
+    # the active tokens' activations into the cached grid, in place (one scatter, no loop)
+    grid.scatter_(1, index.unsqueeze(-1).expand(-1, -1, grid.shape[-1]), h)
     # the grid as [B, C, H, W] in channels-last strides (no copy), as the convolution's output
     full = grid.view(B, height, width, -1).permute(0, 3, 1, 2)
     d = ff.conv_depth(full).permute(0, 2, 3, 1).reshape(B, height * width, -1)  # [B, N, C]
-    d = torch.stack([d[b].index_select(0, index[b]) for b in range(B)])
+    d = gather_tokens(d, index)
     out = _ff_tail(ff, d)
     if ff.residual_connection:
         out = out + x
