@@ -245,14 +245,13 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grad_x = torch.empty_like(x_sorted) if need_x else None
         if need_x:
             grad_x[ctx.end :].zero_()
-        weight_grads = []
-        for need, w in ((need_gate, w_gate), (need_up, w_up), (need_down, w_down)):
-            # Zeros where a group is empty; the others are overwritten below.
-            g = None
-            if need:
-                g = torch.zeros_like(w) if len(ctx.groups) < w.shape[0] else torch.empty_like(w)
-            weight_grads.append(g)
-        grad_gate, grad_up, grad_down = weight_grads
+        grad_gate = torch.empty_like(w_gate) if need_gate else None
+        grad_up = torch.empty_like(w_up) if need_up else None
+        grad_down = torch.empty_like(w_down) if need_down else None
+        idle = sorted(set(range(w_down.shape[0])) - {e for e, _, _ in ctx.groups})
+        for g in (grad_gate, grad_up, grad_down):
+            if g is not None and idle:
+                g[idle] = 0  # experts without rows; the others are overwritten below
         for i, (e, lo, hi) in enumerate(ctx.groups):
             xe, dy, ge, ue = x_sorted[lo:hi], grad_y[lo:hi], saved[2 * i], saved[2 * i + 1]
             act = F.silu(ge)
