@@ -41,6 +41,8 @@ ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl
 # `benchmarks/ras_step.py --before 5fa394a`: RAS vs dense, before and after the sync-free RAS step
 ACCEL_RAS_CPU = "accel-ras-cpu-2core-xeon-2026-12-03.jsonl"
 DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed, with MoE rows
+# `adaptdiff bench moe_layer --passes both --impls adaptdiff,dit-moe-mask`, 1 and 2 threads
+MOE_LAYER_CPU = "moe-cpu-2core-xeon-2026-12-03.jsonl"
 # `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
 DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
 # `adaptdiff bench accel --models digits --seeds 3`: the trained digits DiT's quality rows,
@@ -202,6 +204,32 @@ def moe_layer(name: str) -> str:
             ]
         )
     header = ["T, E", "dtype", "adaptdiff TFLOP/s", "vs DiT-MoE mask loop", "vs GShard capacity"]
+    return table(header, out)
+
+
+def moe_layer_passes(name: str) -> str:
+    """adaptdiff against the DiT-MoE mask loop per thread count, pass (forward under no_grad,
+    or forward + backward) and shape, from one ``bench moe_layer --passes both`` record."""
+    rows = [r for r in records(name) if r.get("benchmark") == "moe"]
+    mask = {
+        (r["threads"], r["pass"], r["T"], r["E"]): r for r in rows if r["impl"] == "dit-moe-mask"
+    }
+    out = []
+    for r in rows:
+        if r["impl"] != "adaptdiff":
+            continue
+        m = mask[(r["threads"], r["pass"], r["T"], r["E"])]
+        out.append(
+            [
+                str(r["threads"]),
+                r["pass"],
+                f"{r['T']}, {r['E']}",
+                f"{r['median_us'] / 1e3:.0f}",
+                f"{m['median_us'] / 1e3:.0f}",
+                f"{m['vs_adaptdiff']:.2f}×",
+            ]
+        )
+    header = ["threads", "pass", "T, E", "adaptdiff ms", "DiT-MoE mask loop ms", "mask / adaptdiff"]
     return table(header, out)
 
 
@@ -602,6 +630,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "moe-dispatch-h100": lambda: moe_dispatch(KERNELS_H100),
     "moe-layer-cpu": lambda: moe_layer(KERNELS_CPU),
     "moe-layer-h100": lambda: moe_layer(MODELS_H100),
+    "moe-layer-cpu-passes": lambda: moe_layer_passes(MOE_LAYER_CPU),
     "sampling-h100": sampling_h100,
     "block-attention-cpu": lambda: block_attention(BLOCK_ATTENTION_CPU),
     "block-attention-headline": lambda: block_attention(

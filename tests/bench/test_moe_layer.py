@@ -47,3 +47,23 @@ def test_a_disagreeing_baseline_is_not_timed(monkeypatch):
     opts = bench_moe.Options(torch.device("cpu"), quick=True, min_run_time=0.001)
     with pytest.raises(RuntimeError, match="disagree on y"):
         bench_moe.run_config("tiny", 16, 8, 16, 4, 2, opts, torch.float32)
+
+
+def test_forward_pass_and_a_subset_of_implementations(tmp_path):
+    path = tmp_path / "moe.jsonl"
+    args = ["--quick", "--json", str(path), "--threads", "1", "--min-run-time", "0.002"]
+    assert bench_moe.main([*args, "--passes", "both", "--impls", "dit-moe-mask"]) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["pass"], r["impl"]) for r in rows] == [
+        ("forward", "adaptdiff"),
+        ("forward", "dit-moe-mask"),
+        ("forward+backward", "adaptdiff"),
+        ("forward+backward", "dit-moe-mask"),
+    ]
+    forward, train = rows[0], rows[2]
+    # TFLOP/s counts 6 T K D H for the forward, 18 for the training step.
+    for r, flops in ((forward, 6), (train, 18)):
+        want = flops * r["T"] * r["K"] * r["D"] * r["H"] / (r["median_us"] * 1e6)
+        assert r["tflops"] == pytest.approx(want, rel=0.02, abs=1e-4)
+    with pytest.raises(SystemExit):
+        bench_moe.main([*args, "--impls", "adaptdiff,megablocks"])

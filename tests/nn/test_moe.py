@@ -231,6 +231,74 @@ def test_grouped_mm_path_matches_loop():
         torch.testing.assert_close(g, w_, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T, D, H, E, K", CASES)
+@pytest.mark.parametrize("how", ["no_grad", "no input needs grad"])
+def test_forward_without_autograd_matches_naive_reference(T, D, H, E, K, how):
+    """The forward-only path (one reused expert-sized scratch, SiLU in place) on odd shapes, an
+    empty batch and K = E, under no_grad and with grad mode on but nothing requiring grad."""
+    weights, shared = make_weights(D, H, E, 6)
+    weights = [w.detach() for w in weights]
+    shared = tuple(w.detach() for w in shared)
+    x = torch.randn(T, D, dtype=torch.float64)
+    if how == "no_grad":
+        with torch.no_grad():
+            y, aux = moe_swiglu(x, *weights, K, shared=shared)
+    else:
+        y, aux = moe_swiglu(x, *weights, K, shared=shared)
+    assert not y.requires_grad
+    y_ref, ref = naive_moe(x, *weights, K, shared=shared)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(aux.counts, ref["counts"])
+
+
+def test_forward_without_autograd_idle_experts_and_noncontiguous_input():
+    weights, _ = make_weights(8, 12, 8)
+    weights = [w.detach() for w in weights]
+    x = torch.randn(3, 16, dtype=torch.float64)[:, ::2]  # 3 assignments over 8 experts
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        y, aux = moe_swiglu(x, *weights, 1)
+    assert (aux.counts == 0).sum() >= 5
+    torch.testing.assert_close(y, naive_moe(x.contiguous(), *weights, 1)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_forward_paths_agree_per_dtype(dtype):
+    """With and without autograd, the expert loop computes the same GEMMs and the same SiLU and
+    product (in place or not), so the outputs agree to the dtype's rounding."""
+    weights, _ = make_weights(16, 40, 5, dtype=torch.float32)
+    weights = [w.detach().to(dtype) for w in weights]
+    x = torch.randn(37, 16, dtype=dtype)
+    with torch.no_grad():
+        y_inference, _ = moe_swiglu(x, *weights, 2)
+    y_train, _ = moe_swiglu(x.requires_grad_(), *[w.requires_grad_() for w in weights], 2)
+    assert y_train.requires_grad and y_inference.dtype == dtype
+    torch.testing.assert_close(y_inference, y_train.detach())
+
+
+def test_expert_loops_agree_on_padded_groups_and_empty_experts():
+    """moe_permute's align > 1 layout (zero pad rows inside groups and past offsets[E]) and
+    experts without tokens, through both loops of expert_swiglu."""
+    torch.manual_seed(0)
+    x = torch.randn(11, 8, dtype=torch.float64)
+    w = [torch.randn(6, 20, 8, dtype=torch.float64), torch.randn(6, 20, 8, dtype=torch.float64),
+         torch.randn(6, 8, 20, dtype=torch.float64)]  # fmt: skip
+    experts = torch.randint(0, 6, (11, 2))
+    experts[experts == 2] = 5  # expert 2 gets no tokens
+    x_sorted, sorted_src, offsets = ops.moe_permute(x, experts, 6, align=4)
+    assert offsets[-1] < x_sorted.shape[0] and (sorted_src == -1).any()
+    with torch.no_grad():
+        inference = functional.expert_swiglu(x_sorted, offsets, *w)
+    loop = functional._GroupedSwiGLU.apply(x_sorted, offsets, *w)
+    torch.testing.assert_close(inference, loop)
+    assert inference[sorted_src == -1].abs().max() == 0  # pad rows give zeros
+    rows = sorted_src >= 0
+    src = sorted_src[rows]
+    pairs = zip((src // 2).tolist(), experts.view(-1)[src].tolist(), strict=True)
+    want = torch.stack([functional.swiglu(x[t], w[0][e], w[1][e], w[2][e]) for t, e in pairs])
+    torch.testing.assert_close(inference[rows], want)
+
+
 def test_frozen_inputs_skip_their_gradients():
     weights, _ = make_weights(8, 12, 4)
     x = torch.randn(10, 8, dtype=torch.float64)  # no grad for x

@@ -1,13 +1,16 @@
 """MoE layer forward + backward: adaptdiff's ``moe_swiglu`` against two pure-torch dispatch styles.
 
 ``adaptdiff bench moe_layer [--quick] [--device cpu|cuda] [--json PATH] [--threads N]
-[--clock wall|cpu] [--min-run-time S] [--rounds N]``
+[--clock wall|cpu] [--min-run-time S] [--rounds N] [--passes train|forward|both]
+[--impls NAME,...]``
 
 One training step of the routed layer (router, dispatch, top-2 SwiGLU experts, weighted combine,
-then backward into x and every weight) at DiT-MoE-S shapes: D=384, expert width H=4D=1536
-(DiT-MoE's ``mlp_ratio * dim``), E in {8, 16}, K=2, T = 2048 or 8192 tokens (8 or 32 images of
-256 tokens, DiT-S/2 at 256 px). The shared expert, the same dense MLP in every implementation, is
-left out. Implementations, all on the same ``[E, H, D]`` weights and the same float32 router:
+then backward into x and every weight; ``--passes forward``: the forward alone under
+``torch.no_grad``, as in sampling; ``both``: each shape both ways) at DiT-MoE-S shapes: D=384,
+expert width H=4D=1536 (DiT-MoE's ``mlp_ratio * dim``), E in {8, 16}, K=2, T = 2048 or 8192
+tokens (8 or 32 images of 256 tokens, DiT-S/2 at 256 px). The shared expert, the same dense MLP
+in every implementation, is left out. Implementations, all on the same ``[E, H, D]`` weights and
+the same float32 router:
 
 - ``adaptdiff``: ``moe_swiglu`` (moe_permute, expert GEMMs over contiguous groups: a loop with a
   hand-written backward, or ``torch._grouped_mm`` on CUDA bf16, moe_unpermute).
@@ -23,7 +26,9 @@ left out. Implementations, all on the same ``[E, H, D]`` weights and the same fl
 
 ``vs adaptdiff`` = that implementation's median / adaptdiff's median (> 1: adaptdiff is faster);
 the medians are over ``--rounds`` timings taken in turn (each the harness's median).
-TFLOP/s counts the expert GEMMs of the dropless layer (18 T K D H per step) for every row.
+TFLOP/s counts the expert GEMMs of the dropless layer (18 T K D H per step, 6 T K D H per
+forward) for every row. ``--impls`` times a subset (adaptdiff always; the mask loop is always run
+once as the correctness check).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from .output import Column, Table, append_jsonl, environment
 IMPLS = ("adaptdiff", "dit-moe-mask", "gshard-capacity")
 LEAVES = ("grad x", "grad router_weight", "grad w_gate", "grad w_up", "grad w_down")
 CAPACITY_FACTOR = 1.25
+PASSES = {"train": ("forward+backward",), "forward": ("forward",),
+          "both": ("forward", "forward+backward")}  # fmt: skip
 
 
 def configs(quick: bool) -> list[tuple[str, int, int, int, int, int]]:
@@ -122,26 +129,35 @@ def make_inputs(T, D, H, E, device, dtype, seed=0):
     return x, [w.requires_grad_() for w in weights], randn(T, D, scale=1.0)
 
 
-def step_fn(impl: str, x, weights, grad_y, top_k):
-    """One forward + backward; returns the output (for the correctness check)."""
+def step_fn(impl: str, x, weights, grad_y, top_k, backward: bool = True):
+    """One forward + backward (``backward=False``: the forward alone, under ``torch.no_grad``);
+    returns the output (for the correctness check)."""
     leaves = [x, *weights]
 
+    def forward():
+        if impl == "adaptdiff":
+            return adaptdiff_moe(x, *weights, top_k)
+        if impl == "dit-moe-mask":
+            return dit_moe_mask(x, *weights, top_k)
+        return gshard_capacity(x, *weights, top_k)[0]
+
     def step():
+        if not backward:
+            with torch.no_grad():
+                return forward()
         for t in leaves:
             t.grad = None
-        if impl == "adaptdiff":
-            y = adaptdiff_moe(x, *weights, top_k)
-        elif impl == "dit-moe-mask":
-            y = dit_moe_mask(x, *weights, top_k)
-        else:
-            y = gshard_capacity(x, *weights, top_k)[0]
+        y = forward()
         y.backward(grad_y)
         return y
 
     return step
 
 
-def run_config(label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1) -> list[dict]:
+def run_config(
+    label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1, passes=PASSES["train"], impls=IMPLS
+) -> list[dict]:
+    """One row per pass and implementation of ``impls`` (adaptdiff first)."""
     x, weights, grad_y = make_inputs(T, D, H, E, opts.device, dtype)
     leaves = [x, *weights]
     # Guard against timing a wrong answer: the mask baseline computes the same layer. Relative
@@ -152,6 +168,8 @@ def run_config(label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1) -> l
     theirs = step_fn("dit-moe-mask", x, weights, grad_y, K)().detach()
     pairs = [("y", theirs, ours)]
     pairs += [(n, t.grad, g) for n, t, g in zip(LEAVES, leaves, ours_grads, strict=True)]
+    # adaptdiff's forward without autograd takes another path: it is checked too.
+    pairs.append(("y (no_grad)", theirs, step_fn("adaptdiff", x, weights, grad_y, K, False)()))
     for name, a, b in pairs:
         error = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
         if error > limit:
@@ -159,16 +177,26 @@ def run_config(label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1) -> l
                                f"(relative error {error:.2g} > {limit:g})")  # fmt: skip
     with torch.no_grad():
         dropped = gshard_capacity(x, *weights, K)[1]
-    # Rounds over the implementations in turn, so a slow spell on a shared machine hits them
-    # alike; each round's time is the harness's median, the row reports the rounds' spread.
-    per_round = {impl: [] for impl in IMPLS}
-    for _ in range(rounds):
-        for impl in IMPLS:
-            per_round[impl].append(time_fn(step_fn(impl, x, weights, grad_y, K), opts).median_us)
+    impls = ["adaptdiff", *(i for i in impls if i != "adaptdiff")]
     rows = []
-    flops = 18 * T * K * D * H
+    for name in passes:
+        backward = name == "forward+backward"
+        # Rounds over the implementations in turn, so a slow spell on a shared machine hits
+        # them alike; each round's time is the harness's median, the row reports the spread.
+        per_round = {impl: [] for impl in impls}
+        for _ in range(rounds):
+            for impl in impls:
+                step = step_fn(impl, x, weights, grad_y, K, backward)
+                per_round[impl].append(time_fn(step, opts).median_us)
+        flops = (18 if backward else 6) * T * K * D * H
+        rows += _rows(label, T, D, H, E, K, dtype, name, per_round, flops, dropped)
+    return rows
+
+
+def _rows(label, T, D, H, E, K, dtype, name, per_round, flops, dropped) -> list[dict]:
+    rows = []
     base = statistics.median(per_round["adaptdiff"])
-    for impl in IMPLS:
+    for impl in per_round:
         times = sorted(per_round[impl])
         median = statistics.median(times)
         p20, p80 = _quantile(times, 0.2), _quantile(times, 0.8)
@@ -182,7 +210,8 @@ def run_config(label, T, D, H, E, K, opts: Options, dtype, rounds: int = 1) -> l
                 K=K,
                 dtype=str(dtype).removeprefix("torch."),
                 impl=impl,
-                rounds=rounds,
+                **{"pass": name},
+                rounds=len(times),
                 median_us=round(median, 1),
                 p20_us=round(p20, 1),
                 p80_us=round(p80, 1),
@@ -212,6 +241,7 @@ def _dropped(r: dict) -> str:
 
 TABLE = Table(
     Column("shape", 34, _shape, left=True),
+    Column("pass", 16, "pass", left=True),
     Column("impl", 16, "impl", left=True),
     Column("median ms", 10, lambda r: r["median_us"] / 1e3, ".1f"),
     Column("p20-p80 ms", 17, lambda r: f"{r['p20_us'] / 1e3:.1f}-{r['p80_us'] / 1e3:.1f}"),
@@ -228,7 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rounds", type=int, default=None, help="timings per implementation (3; 1 with --quick)"
     )
+    p.add_argument(
+        "--passes",
+        choices=tuple(PASSES),
+        default="train",
+        help="train: forward + backward (default); forward: the forward under no_grad; both",
+    )
+    p.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help=f"comma-separated implementations to time (adaptdiff always; of {', '.join(IMPLS)})",
+    )
     args = p.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        p.error(f"--impls: unknown {', '.join(unknown)} (known: {', '.join(IMPLS)})")
     set_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -236,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(device, quick=args.quick, min_run_time=args.min_run_time, clock=args.clock)
     env = environment(device, args.clock)
     print(
-        f"adaptdiff MoE layer benchmark (forward + backward): {env['device']} "
+        f"adaptdiff MoE layer benchmark ({' and '.join(PASSES[args.passes])}): {env['device']} "
         f"({env['threads']} threads, {env['clock']} clock), torch {env['torch']}, "
         f"commit {env['commit'] or 'unknown'}, {env['date']}, {str(dtype).removeprefix('torch.')}"
     )
@@ -247,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     print(TABLE.header())
     rows = []
     for label, T, D, H, E, K in configs(args.quick):
-        for r in run_config(label, T, D, H, E, K, opts, dtype, rounds):
+        rows_of = run_config(label, T, D, H, E, K, opts, dtype, rounds, PASSES[args.passes], impls)
+        for r in rows_of:
             rows.append(r)
             print(TABLE.line(r))
         print()

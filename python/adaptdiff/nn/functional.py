@@ -135,10 +135,17 @@ def expert_swiglu(
 ) -> torch.Tensor:
     """Expert e's SwiGLU on rows ``offsets[e]:offsets[e+1]`` of ``x_sorted [P, D]`` (moe_permute's
     layout; zero pad rows give zero outputs); returns ``[P, D]``. ``torch._grouped_mm`` where it
-    runs (CUDA SM80+, bfloat16), else a loop over the E groups with a hand-written backward."""
+    runs (CUDA SM80+, bfloat16), else a loop over the E groups: without autograd (no_grad, or no
+    input needing a gradient) a forward that reuses one expert-sized scratch, else a loop with a
+    hand-written backward."""
     if _grouped_mm_supported(x_sorted, w_gate, w_up, w_down):
         return _expert_swiglu_grouped_mm(x_sorted, offsets, w_gate, w_up, w_down)
-    return _GroupedSwiGLU.apply(x_sorted, offsets, w_gate, w_up, w_down)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_sorted, w_gate, w_up, w_down)
+    )
+    if needs_grad:
+        return _GroupedSwiGLU.apply(x_sorted, offsets, w_gate, w_up, w_down)
+    return _expert_swiglu_inference(x_sorted, offsets, w_gate, w_up, w_down)
 
 
 def expert_gelu_mlp(x_sorted, offsets, w_up, w_down, expert_bias=None) -> torch.Tensor:
@@ -178,54 +185,82 @@ def _expert_swiglu_grouped_mm(x_sorted, offsets, w_gate, w_up, w_down):
     return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-2, -1), offs=offs)
 
 
+def _groups(bounds: list[int]):
+    """``(e, lo, hi)`` of every non-empty expert group, from the host copy of the offsets."""
+    return [
+        (e, lo, hi)
+        for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+        if hi > lo
+    ]
+
+
+def _expert_swiglu_inference(x_sorted, offsets, w_gate, w_up, w_down):
+    """The forward alone. Every expert's gate and up GEMMs write into one scratch pair sized for
+    the largest group, reused from expert to expert (no fresh ``[P, H]`` buffers: first touching
+    them costs more than the SiLU), SiLU and the product run in place, and the down GEMM writes
+    straight into the expert's rows of the output."""
+    bounds = offsets.tolist()  # one host sync
+    groups = _groups(bounds)
+    P, H = x_sorted.shape[0], w_gate.shape[1]
+    y = x_sorted.new_empty(P, w_down.shape[1])
+    rows = max((hi - lo for _, lo, hi in groups), default=0)
+    gate, up = x_sorted.new_empty(rows, H), x_sorted.new_empty(rows, H)
+    for e, lo, hi in groups:
+        xe = x_sorted[lo:hi]
+        g = torch.mm(xe, w_gate[e].t(), out=gate[: hi - lo])
+        u = torch.mm(xe, w_up[e].t(), out=up[: hi - lo])
+        torch.mm(F.silu(g, inplace=True).mul_(u), w_down[e].t(), out=y[lo:hi])
+    y[bounds[-1] :].zero_()  # rows past the last group (padding), if any
+    return y
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     """The E contiguous expert groups in a Python loop of GEMMs written straight into the output
     and the weight gradients (no cat/stack, no per-expert select backward); saves only the gate
-    and up activations and recomputes silu in backward. Empty groups get zero gradients."""
+    and up activations, one pair of tensors per expert (expert-sized allocations the allocator
+    reuses, where one ``[P, H]`` pair would be fresh memory every step), and recomputes SiLU in
+    backward. Empty groups get zero gradients."""
 
     @staticmethod
     def forward(ctx, x_sorted, offsets, w_gate, w_up, w_down):
         bounds = offsets.tolist()  # one host sync
-        P, H = x_sorted.shape[0], w_gate.shape[1]
-        y = x_sorted.new_empty(P, w_down.shape[1])
-        gate, up = x_sorted.new_empty(P, H), x_sorted.new_empty(P, H)
-        for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            if lo == hi:
-                continue
+        groups = _groups(bounds)
+        y = x_sorted.new_empty(x_sorted.shape[0], w_down.shape[1])
+        saved = []
+        for e, lo, hi in groups:
             xe = x_sorted[lo:hi]
-            torch.mm(xe, w_gate[e].t(), out=gate[lo:hi])
-            torch.mm(xe, w_up[e].t(), out=up[lo:hi])
-            torch.mm(F.silu(gate[lo:hi]) * up[lo:hi], w_down[e].t(), out=y[lo:hi])
+            gate, up = torch.mm(xe, w_gate[e].t()), torch.mm(xe, w_up[e].t())
+            torch.mm(F.silu(gate).mul_(up), w_down[e].t(), out=y[lo:hi])
+            saved += [gate, up]
         y[bounds[-1] :].zero_()  # rows past the last group (padding), if any
-        ctx.save_for_backward(x_sorted, gate, up, w_gate, w_up, w_down)
-        ctx.bounds = bounds
+        ctx.save_for_backward(x_sorted, w_gate, w_up, w_down, *saved)
+        ctx.groups, ctx.end = groups, bounds[-1]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_sorted, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
-        bounds = ctx.bounds
+        x_sorted, w_gate, w_up, w_down, *saved = ctx.saved_tensors
         need_x, _, need_gate, need_up, need_down = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = torch.empty_like(x_sorted) if need_x else None
         if need_x:
-            grad_x[bounds[-1] :].zero_()
+            grad_x[ctx.end :].zero_()
         grad_gate = torch.empty_like(w_gate) if need_gate else None
         grad_up = torch.empty_like(w_up) if need_up else None
         grad_down = torch.empty_like(w_down) if need_down else None
-        for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            if lo == hi:
-                for g in (grad_gate, grad_up, grad_down):
-                    if g is not None:
-                        g[e].zero_()
-                continue
-            xe, dy, ge, ue = x_sorted[lo:hi], grad_y[lo:hi], gate[lo:hi], up[lo:hi]
+        idle = sorted(set(range(w_down.shape[0])) - {e for e, _, _ in ctx.groups})
+        for g in (grad_gate, grad_up, grad_down):
+            if g is not None and idle:
+                g[idle] = 0  # experts without rows; the others are overwritten below
+        for i, (e, lo, hi) in enumerate(ctx.groups):
+            xe, dy, ge, ue = x_sorted[lo:hi], grad_y[lo:hi], saved[2 * i], saved[2 * i + 1]
             act = F.silu(ge)
+            hidden = act * ue
             if need_down:
-                torch.mm(dy.t(), act * ue, out=grad_down[e])
+                torch.mm(dy.t(), hidden, out=grad_down[e])
             d_hidden = dy @ w_down[e]  # [M, H]
-            d_up = d_hidden * act
-            d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(ue), ge)
+            d_up = torch.mul(d_hidden, act, out=hidden)
+            d_gate = torch.ops.aten.silu_backward.grad_input(d_hidden.mul_(ue), ge, grad_input=act)
             if need_x:
                 torch.mm(d_gate, w_gate[e], out=grad_x[lo:hi])
                 grad_x[lo:hi].addmm_(d_up, w_up[e])
