@@ -53,6 +53,8 @@ STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 STUDY_CONTROL = "study-control-cpu-2core-2026-12-03.json"
 # `adaptdiff study ita`: reference-guided inpainting, no reference / last layer / ITAFA / +SRE
 STUDY_ITA = "study-ita-cpu-2core-2026-12-03.json"
+# the same at 600 steps, 2 seeds (`--seeds 2 --set steps=600`)
+STUDY_ITA_LONG = "study-ita-600-steps-cpu-2core-2026-12-03.json"
 # `adaptdiff study divcontrol`: multi-condition ControlNet against DivControl
 STUDY_DIVCONTROL = "study-divcontrol-cpu-2core-2026-12-03.json"
 # `adaptdiff study prune`: a DiT cut by block importance, recovered by fine-tuning or distillation
@@ -647,6 +649,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-ldm": lambda: study("ldm", STUDY_LDM),
     "study-edge": lambda: study("edge", STUDY_EDGE),
     "study-ita": lambda: study("ita", STUDY_ITA),
+    "study-ita-600-steps": lambda: study("ita", STUDY_ITA_LONG),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
     "text-dit": lambda: text_dit(TEXT_DIT),
 }
