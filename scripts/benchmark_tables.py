@@ -55,6 +55,10 @@ STUDY_HF_CONVERT = "study-hf-convert-cpu-2core-2026-12-02.json"
 STUDY_NAG = "study-nag-cpu-2core-2026-12-03.json"
 # `adaptdiff study control`: ControlNet condition fidelity per condition
 STUDY_CONTROL = "study-control-cpu-2core-2026-12-03.json"
+# `adaptdiff study ita`: reference-guided inpainting, no reference / last layer / ITAFA / +SRE
+STUDY_ITA = "study-ita-cpu-2core-2026-12-03.json"
+# the same at 600 steps, 2 seeds (`--seeds 2 --set steps=600`)
+STUDY_ITA_LONG = "study-ita-600-steps-cpu-2core-2026-12-03.json"
 # `adaptdiff study divcontrol`: multi-condition ControlNet against DivControl
 STUDY_DIVCONTROL = "study-divcontrol-cpu-2core-2026-12-03.json"
 # `adaptdiff study prune`: a DiT cut by block importance, recovered by fine-tuning or distillation
@@ -675,6 +679,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "study-sr": lambda: study("sr", STUDY_SR),
     "study-ldm": lambda: study("ldm", STUDY_LDM),
     "study-edge": lambda: study("edge", STUDY_EDGE),
+    "study-ita": lambda: study("ita", STUDY_ITA),
+    "study-ita-600-steps": lambda: study("ita", STUDY_ITA_LONG),
     "guidance-policy": lambda: guidance_policy(GUIDANCE_POLICY),
     "text-dit": lambda: text_dit(TEXT_DIT),
     "accel-ras-cpu": lambda: table(

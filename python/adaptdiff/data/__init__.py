@@ -9,6 +9,7 @@ from . import conditions, digit_qa, reach_push, rl_tasks, seq2seq, timeseries
 from .captions import digit_captions
 from .digits import batches, digits
 from .edge_scenes import edge_scenes
+from .inpainting import InpaintingData
 from .moving_digits import MOTIONS, moving_digits
 from .photos import photo_patches
 from .pyramid import laplacian_pyramid, reconstruct
@@ -18,6 +19,7 @@ from .text import CharTokenizer, pydoc_corpus, text_windows
 __all__ = [
     "MOTIONS",
     "CharTokenizer",
+    "InpaintingData",
     "ReachPush",
     "batches",
     "conditions",

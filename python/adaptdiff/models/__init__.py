@@ -40,6 +40,7 @@ from .dit_moe import expert_load, moe_aux_loss, moe_layers, upcycle_to_moe
 from .edge_diffusion import EdgeDiffusion, EdgeDiffusionConfig, EdgeDiscriminative
 from .hf_lm import block_lm_from_hf, block_lm_to_hf
 from .ita import ImageTimestepAdaptiveAggregator, salient_region
+from .ita_mdt import ITAInpainter, ITAInpainterConfig
 from .layers import Attention, Mlp, TimestepEmbedder, modulate, timestep_embedding
 from .mdt import MDT, MDT_CONFIGS, MDTConfig, create_mdt
 from .mode import FusedExperts, NoiseRoutedMoE, precompute_experts
@@ -98,6 +99,8 @@ __all__ = [
     "FinalLayer",
     "FusedExperts",
     "ImageTimestepAdaptiveAggregator",
+    "ITAInpainter",
+    "ITAInpainterConfig",
     "KVCache",
     "MDT",
     "MDTConfig",

@@ -34,6 +34,7 @@ STUDIES: dict[str, str] = {
     "sr": "adaptdiff.studies.sr",
     "ldm": "adaptdiff.studies.ldm",
     "edge": "adaptdiff.studies.edge",
+    "ita": "adaptdiff.studies.ita",
 }
 
 __all__ = ["STUDIES", "Column", "Progress", "Stat", "Study", "get_study", "run_study"]
