@@ -44,8 +44,9 @@ def sampled_wgrad(
         ``[nnz]`` in the dtype of ``grad_out``, accumulated in float32 (float64 for float64).
         The CPU kernel computes per-entry dot products (``nnz * N`` multiply-adds) when under
         a fifth of the entries are requested, else row-block GEMMs into a small tile; the
-        CUDA kernel is a tiled product that writes only the requested entries.
-        No autograd (it is itself a backward formula).
+        CUDA kernel is a tiled product that writes only the requested entries; the GEMM
+        path is described at :func:`sampled_wgrad_gemm`. No autograd (it is itself a
+        backward formula).
     """
     if impl == "auto" and not KERNELS_DISABLED and not _traced(grad_out):
         # The GEMM path where the rule says so, and on devices without a kernel.
@@ -57,10 +58,10 @@ def sampled_wgrad(
     return reference.sampled_wgrad(grad_out, x, indices)
 
 
-# The CPU rule, measured at DiT-B/2 shapes, one thread (docs/adapters.md, "SaRA at GEMM
-# speed"): the C++ kernel's per-entry dots cost about ``nnz * N`` multiply-adds at dot-product
-# speed, the GEMM path ``rows * I * N`` at GEMM speed. The GEMM path wins when the requested
-# entries fill more than this fraction of the rows that hold them.
+# The CPU rule, measured at DiT-B/2 shapes, one thread (docs/adapters.md, "SaRA's paths and
+# their speed"): the C++ kernel's per-entry dots cost about ``nnz * N`` multiply-adds at
+# dot-product speed, the GEMM path ``rows * I * N`` at GEMM speed. The GEMM path wins when the
+# requested entries are more than this fraction of the weight's.
 CPU_GEMM_ABOVE_DENSITY = 0.2
 
 
