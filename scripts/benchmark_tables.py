@@ -30,6 +30,8 @@ BLOCK_ATTENTION_CPU = "block_attention-cpu-1thread-2026-11-26.jsonl"
 BLOCK_ATTENTION_H100 = "block_attention-cuda-h100-2026-11-26.jsonl"
 MODELS_H100 = "models-cuda-h100-2026-11-26.jsonl"
 ADAPTERS_H100 = "adapters-cuda-h100-2026-11-26.jsonl"
+# `adaptdiff bench adapters --methods lora sara --interleave`, before and after SaRA's GEMM paths
+ADAPTERS_SARA_CPU = "adapters-sara-cpu-2core-xeon-2026-12-03.jsonl"
 ACCEL_SWEEP = "accel-sweep-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_DIFFUSERS_RUN1 = "accel-diffusers-sweep-run1-cpu-2core-epyc-2026-11-26.jsonl"
 ACCEL_CPU_FIRST = "accel-cpu-2core-epyc-2026-11-26.jsonl"
@@ -321,6 +323,22 @@ def adapters_h100() -> str:
             f"{r['memory_vs_full']:.2f}",
         ]
         for r in records(ADAPTERS_H100)
+    ]
+    return table(header, rows)
+
+
+def adapters_sara_cpu() -> str:
+    header = ["code", "method", "trainable", "peak added MiB", "ms/step", "step vs LoRA"]
+    rows = [
+        [
+            r["tag"],
+            r["method"],
+            f"{r['trainable']:,}",
+            f"{r['peak_added_mib']:.0f}",
+            f"{r['median_ms']:.0f}",
+            f"{r['vs_lora']:.2f}×",
+        ]
+        for r in records(ADAPTERS_SARA_CPU)
     ]
     return table(header, rows)
 
@@ -643,6 +661,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "block-attention-h100": lambda: block_attention(BLOCK_ATTENTION_H100),
     "sara-h100": slow_on_h100,
     "adapters-h100": adapters_h100,
+    "adapters-sara-cpu": adapters_sara_cpu,
     "accel-sweep": lambda: accel(ACCEL_SWEEP, lambda m: not m.startswith("diffusers")),
     "accel-sweep-diffusers": lambda: accel(ACCEL_SWEEP, lambda m: m.startswith("diffusers")),
     "accel-headline": accel_headline,

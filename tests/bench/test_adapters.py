@@ -27,3 +27,23 @@ def test_methods_list_names_only_what_is_installed():
     assert names[:2] == ["full", "lora"] and names[-2:] == ["difffit", "fera"]
     with pytest.raises(ValueError, match="unknown method"):
         bench_adapters._apply("nope", None)
+
+
+@pytest.mark.slow
+def test_interleaved_timing_in_one_process(tmp_path):
+    path = tmp_path / "adapters.jsonl"
+    args = ["--quick", "--no-isolate", "--interleave", "--steps", "2", "--threads", "1",
+            "--json", str(path), "--methods", "lora", "sara", "--tag", "after"]  # fmt: skip
+    assert bench_adapters.main(args) == 0
+    rows = {r["method"]: r for r in map(json.loads, path.read_text().splitlines())}
+    assert list(rows) == ["lora", "sara"]
+    for r in rows.values():
+        assert r["timing"] == "interleaved" and r["rounds"] == 2 and r["tag"] == "after"
+        assert r["median_ms"] > 0 and r["peak_added_mib"] is not None
+    assert rows["lora"]["vs_lora"] == 1.0 and rows["sara"]["vs_lora"] > 0
+
+
+def test_interleave_is_cpu_only():
+    setup = bench_adapters.Setup("DiT-S/8", 2, "cuda", 1, "wall", 1)
+    with pytest.raises(ValueError, match="CPU only"):
+        bench_adapters.interleaved(["lora"], setup, 1)

@@ -3,6 +3,7 @@ import torch
 
 from adaptdiff import ops
 from adaptdiff.ops import reference
+from adaptdiff.ops.sara_linear import effective_weight, input_grad
 
 from .support import ALL_DTYPES, SIZES, TOL, assert_error, devices, noncontiguous, skip_unsupported
 
@@ -148,3 +149,74 @@ def test_transposed_indices_address_the_same_entries():
     t, perm = transposed_indices(idx, 7, 11)
     assert torch.all(t[1:] > t[:-1])
     torch.testing.assert_close(w.t().reshape(-1)[t], w.reshape(-1)[idx[perm]], rtol=0, atol=0)
+
+
+# ----------------------------- the backward's ATen paths (input gradient: one GEMM on W_eff)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])  # values' gradient: kernel / GEMM path
+def test_backward_all_dtypes_and_densities(device, dtype, fraction):
+    skip_unsupported(device, dtype)
+    x, w, b, idx, v = make((3, 7), 37, 29, fraction, dtype, device)
+    g = torch.randn(3, 7, 37, device=device).to(dtype)
+    grads = []
+    for impl in ("kernel", "reference"):
+        xr, vr = noncontiguous(x).requires_grad_(), v.clone().requires_grad_()
+        ops.sara_linear(xr, w, b, idx, vr, impl=impl).backward(g)
+        grads.append((xr.grad, vr.grad))
+    (gx, gv), (rx, rv) = grads
+    torch.testing.assert_close(gx, rx, **tol(dtype, 37))
+    torch.testing.assert_close(gv, rv, **tol(dtype, 21))
+
+
+@pytest.mark.parametrize("device", devices(OP))
+@pytest.mark.parametrize(
+    "lead, O, I, fraction",
+    [((0,), 5, 4, 0.5), ((3,), 5, 4, 0.0), ((3,), 0, 4, 0.0), ((3,), 5, 0, 0.0), ((2, 1), 1, 1, 1)],
+)
+def test_input_grad_empty_and_tiny(device, lead, O, I, fraction):
+    _, w, _, idx, v = make(lead, O, I, fraction, torch.float32, device)
+    g = torch.randn(*lead, O, device=device)
+    w_eff = reference.sara_linear(torch.eye(I, device=device), w, None, idx, v).t()
+    torch.testing.assert_close(input_grad(g, w, idx, v), g @ w_eff)
+
+
+@pytest.mark.parametrize("device", devices(OP))
+def test_input_grad_noncontiguous_and_weight_untouched(device):
+    _, w, _, idx, v = make((1,), 23, 31, 0.2, torch.float32, device)
+    g = torch.randn(4, 6, 23, device=device)
+    w_eff = w.reshape(-1).index_put((idx,), v).view_as(w)
+    for ww in (w.t().contiguous().t(), noncontiguous(w)):
+        before = ww.clone()
+        out = input_grad(noncontiguous(g), ww, noncontiguous(idx), noncontiguous(v))
+        torch.testing.assert_close(out, g @ w_eff, **tol(torch.float32, 23))
+        assert torch.equal(ww, before)
+    torch.testing.assert_close(effective_weight(w, idx, v), w_eff, rtol=0, atol=0)
+
+
+def test_gradcheck_dense_selection():
+    # Half of the entries: the values' gradient takes sampled_wgrad's GEMM path.
+    x, w, b, idx, v = make((3, 4), 6, 5, 0.5, torch.float64, "cpu")
+    fn = torch.ops.adaptdiff.sara_linear.default
+    x.requires_grad_()
+    v.requires_grad_()
+    torch.autograd.gradcheck(lambda x, v: fn(x, w, b, idx, v), (x, v))
+
+
+def test_compile_forward_backward():
+    """Under torch.compile the backward's rule keeps sampled_wgrad one opaque op (no host
+    planning while tracing): fullgraph, and the gradients of eager mode."""
+    x, w, b, idx, v = make((2, 5), 9, 7, 0.5, torch.float32, "cpu")
+
+    def f(x, v):
+        return ops.sara_linear(x, w, b, idx, v).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (f, compiled):
+        xr, vr = x.clone().requires_grad_(), v.clone().requires_grad_()
+        fn(xr, vr).backward()
+        grads.append((xr.grad, vr.grad))
+    torch.testing.assert_close(grads[1], grads[0])

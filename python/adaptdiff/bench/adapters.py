@@ -2,7 +2,7 @@
 parameters, in one run.
 
 ``adaptdiff bench adapters [--quick] [--device cpu|cuda] [--json PATH]
-[--threads N] [--clock wall|cpu] [--steps N] [--no-isolate]``
+[--threads N] [--clock wall|cpu] [--steps N] [--no-isolate] [--interleave] [--tag T]``
 
 Model: DiT-B/2 on 256 px latents (``[B, 4, 32, 32]``, 256 tokens, 1000 classes) on the CPU,
 DiT-XL/2 on CUDA; ``--quick`` uses DiT-S/8 (``[2, 4, 32, 32]``). A step is forward, the flow
@@ -22,6 +22,9 @@ the RSS before them (the kernel's peak counter is reset through ``/proc/self/cle
 CUDA ``max_memory_allocated`` minus the allocation before them. Both include gradients, optimizer
 state and the activations kept for backward. Step time: the median over ``--steps`` timed steps
 after one warm-up step, by the wall clock or (``--clock cpu``, with one thread) process CPU time.
+``--interleave`` (CPU, for a loaded machine): all methods are built in this one process and
+stepped round-robin for ``--steps`` rounds (process CPU time; each row's ``vs_lora`` is the median
+of the per-round ratios to LoRA's step), the memory still from one isolated process per method.
 """
 
 from __future__ import annotations
@@ -98,8 +101,9 @@ def _rss_kib(field: str) -> int | None:
     return None
 
 
-def measure(name: str, setup: Setup) -> dict:
-    """Build the model, apply ``name``, time the steps and measure the memory they add."""
+def build(name: str, setup: Setup):
+    """Build the model, apply ``name``; returns ``(step, trainable, total)``, ``step()`` one
+    fine-tuning step (forward, loss, backward, ``AdamW.step``)."""
     from adaptdiff.adapters import fera_loss
     from adaptdiff.models import create_dit
 
@@ -135,6 +139,14 @@ def measure(name: str, setup: Setup) -> dict:
         loss.backward()
         opt.step()
 
+    return step, n_train, n_total
+
+
+def measure(name: str, setup: Setup) -> dict:
+    """Build the model, apply ``name``, time the steps and measure the memory they add."""
+    step, n_train, n_total = build(name, setup)
+    device = torch.device(setup.device)
+    B = setup.batch
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -181,6 +193,24 @@ def measure(name: str, setup: Setup) -> dict:
     }
 
 
+def interleaved(names: list[str], setup: Setup, rounds: int) -> dict[str, list[float]]:
+    """Step times (ms, process CPU time) of every method built in THIS process, one step of
+    each per round (round-robin, after one warm-up step each), so that a loaded machine's
+    slow spells fall on all methods alike. CPU only."""
+    if setup.device != "cpu":
+        raise ValueError("bench adapters: --interleave measures on the CPU only")
+    steps = {name: build(name, setup)[0] for name in names}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            c0 = time.process_time()
+            step()
+            times[name].append(1e3 * (time.process_time() - c0))
+    return times
+
+
 def _isolated(name: str, setup: Setup) -> dict:
     code = (
         "import json, sys; from adaptdiff.bench.adapters import Setup, measure; "
@@ -218,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default 2 (CPU), 8 (CUDA)")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {methods()}")
     p.add_argument("--no-isolate", action="store_true", help="all methods in this process")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="CPU: time all methods in this process, round-robin, --steps rounds (memory from "
+        "one isolated process per method, one step); rows get vs_lora, the median of the "
+        "per-round ratios to LoRA's step",
+    )
+    p.add_argument("--tag", default=None, help="a label stored in each row (e.g. before/after)")
     args = p.parse_args(argv)
     set_threads(args.threads)
     model = "DiT-S/8" if args.quick else ("DiT-XL/2" if args.device == "cuda" else "DiT-B/2")
@@ -227,7 +265,23 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(torch.device(args.device), args.clock)
     print(f"{model}, batch {batch}, {args.device}, one fine-tuning step (AdamW), "
           f"median of {args.steps} ({setup.clock} clock)")  # fmt: skip
-    rows = [measure(name, setup) if args.no_isolate else _isolated(name, setup) for name in names]
+    if args.interleave:
+        once = dataclasses.replace(setup, steps=1)
+        rows = [measure(n, once) if args.no_isolate else _isolated(n, once) for n in names]
+        times = interleaved(names, setup, args.steps)
+        for r in rows:
+            ts = sorted(times[r["method"]])
+            r.update(median_ms=statistics.median(ts), p20_ms=ts[int(0.2 * (len(ts) - 1))],
+                     p80_ms=ts[round(0.8 * (len(ts) - 1))], timing="interleaved",
+                     rounds=args.steps, clock="cpu")  # fmt: skip
+            if "lora" in times:
+                ratios = [a / b for a, b in zip(times[r["method"]], times["lora"], strict=True)]
+                r["vs_lora"] = round(statistics.median(ratios), 3)
+    else:
+        rows = [measure(n, setup) if args.no_isolate else _isolated(n, setup) for n in names]
+    if args.tag:
+        for r in rows:
+            r["tag"] = args.tag
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
         if full and full["peak_added_mib"] and r["peak_added_mib"] is not None:
@@ -236,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(TABLE.line(r))
     print("vs full: peak memory added by the step / full fine-tuning's")
+    for r in rows:
+        if "vs_lora" in r:
+            print(f"{r['method']}: step {r['vs_lora']:.2f}x LoRA's (median of per-round ratios)")
     if args.json:
         append_jsonl(args.json, rows, env)  # each row names its benchmark
     return 0

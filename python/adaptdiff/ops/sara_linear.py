@@ -38,6 +38,14 @@ def sara_linear(
         from :func:`sampled_wgrad`, so no dense ``[O, I]`` gradient is ever formed; a weight
         or bias that requires grad raises in backward. (``impl="reference"`` is the dense
         masked reference and differentiates through a dense weight gradient.)
+
+    The paths: the forward is the registered op (CPU and CUDA kernels alike: one transient
+    copy of the weight with the values written in, then ONE GEMM). The backward (the
+    autograd formula, device-generic ATen code) takes the input gradient as ONE GEMM against
+    the effective weight formed for that call (:func:`input_grad`), and the values' gradient
+    from :func:`sampled_wgrad` with ``impl="auto"``, whose measured rule
+    (:func:`~adaptdiff.ops.sampled_wgrad.use_gemm_path`) picks the chunked ATen GEMMs or the
+    C++ kernel per call.
     """
     if use_kernel(OP, impl, x.device):
         return torch.ops.adaptdiff.sara_linear.default(x, weight, bias, indices, values)
@@ -95,6 +103,27 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, indices, values)
 
 
+def effective_weight(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """``W_eff``: a fresh row-major copy of ``weight`` with ``values`` written at ``indices``
+    (one weight-sized temporary; ATen ops only, so it runs on any device)."""
+    w = weight.clone(memory_format=torch.contiguous_format)
+    w.view(-1).index_copy_(0, indices, values)  # measured faster than index_put_ on the CPU
+    return w
+
+
+def input_grad(
+    grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """``grad @ W_eff``, the input gradient of :func:`sara_linear`: ONE GEMM against the
+    effective weight, formed for this call (ATen ops: the same code on every device)."""
+    O, I = weight.shape
+    N = math.prod(grad.shape[:-1])
+    w = effective_weight(weight, indices, values)
+    return torch.mm(grad.reshape(N, O), w).view(*grad.shape[:-1], I)
+
+
 def _backward(ctx, grad):
     x, weight, indices, values = ctx.saved_tensors
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
@@ -105,13 +134,10 @@ def _backward(ctx, grad):
     O, I = weight.shape
     grad_x = grad_values = None
     if ctx.needs_input_grad[0]:
-        # grad_x = grad @ W_eff, i.e. the same op on W_eff.T: the entries re-addressed in the
-        # transpose (a sort of nnz indices); the kernel's transient copy of weight.t() keeps
-        # the view's layout (a memcpy, not a transposition).
-        t, perm = transposed_indices(indices, O, I)
-        grad_x = sara_linear(grad, weight.t(), None, t, values[perm])
+        grad_x = input_grad(grad, weight, indices, values)
     if ctx.needs_input_grad[4]:
         N = math.prod(x.shape[:-1])
+        # impl="auto": the GEMM path or the kernel, by sampled_wgrad's measured rule.
         grad_values = sampled_wgrad(grad.reshape(N, O), x.reshape(N, I), indices)
     return grad_x, None, None, None, grad_values
 

@@ -1,12 +1,14 @@
 """SaRA's ops at DiT-B/2 shapes (hidden 768, MLP 3072; 256 tokens at 256px, 2048 for a batch
 of 8): sampled_wgrad against the dense weight gradient + gather, and sara_linear's forward and
-backward against the dense masked reference (a full weight copy and a dense weight gradient)."""
+backward against the dense masked reference (a full weight copy and a dense weight gradient);
+the variant "gemm path" times sampled_wgrad's chunked ATen GEMMs in the kernel's row."""
 
 from __future__ import annotations
 
 import torch
 
 from adaptdiff import ops
+from adaptdiff.ops.sampled_wgrad import sampled_wgrad_gemm
 
 from ..harness import Case, dims
 
@@ -29,11 +31,19 @@ def _indices(o: int, i: int, device) -> torch.Tensor:
     return torch.randperm(o * i, device=device)[:nnz].sort().values
 
 
-def _sampled_wgrad(n, o, i, dtype):
+def _sampled_wgrad(n, o, i, dtype, gemm=False):
+    # gemm: the "kernel" row times the chunked ATen GEMM path (sampled_wgrad_gemm) instead of
+    # the registered kernel, against the same reference.
     def setup(device):
         g = (torch.randn(n, o, device=device) / n**0.5).to(dtype)
         x = torch.randn(n, i, device=device).to(dtype)
         idx = _indices(o, i, device)
+        if gemm:
+            return lambda impl: (
+                sampled_wgrad_gemm(g, x, idx)
+                if impl == "kernel"
+                else ops.sampled_wgrad(g, x, idx, impl=impl)
+            )
         return lambda impl: ops.sampled_wgrad(g, x, idx, impl=impl)
 
     nnz = int(FRACTION * o * i)
@@ -75,4 +85,8 @@ def cases(quick: bool) -> list[Case]:
             out.append(Case("sara_linear", label, shape, dtype, moved, setup, variant="fwd+bwd"))
             setup, moved = _sampled_wgrad(n, o, i, dtype)
             out.append(Case("sampled_wgrad", label, shape, dtype, moved, setup))
+            setup, moved = _sampled_wgrad(n, o, i, dtype, gemm=True)
+            out.append(
+                Case("sampled_wgrad", label, shape, dtype, moved, setup, variant="gemm path")
+            )
     return out
