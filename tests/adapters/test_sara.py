@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -316,3 +317,28 @@ def test_whole_dit_including_timestep_embedder(tiny_dit):
     torch.testing.assert_close(model(x, t, y), expected)
     model(x, t, y).square().mean().backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_sara_linear_under_bf16_autocast_runs_as_the_linear_it_adapts():
+    """Under autocast a SaRA layer computes in the autocast dtype, as autocast runs nn.Linear
+    (the op refuses a float32 weight beside bfloat16 inputs), and its float32 values get
+    float32 gradients close to those of a float32 step."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
+    model = copy.deepcopy(plain)
+    params = apply_sara(model, fraction=0.2)
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = plain(x)
+        out = model(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    grads_bf16 = [p.grad.clone() for p in params]
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads_bf16)
+    for p in params:
+        p.grad = None
+    model(x).square().sum().backward()
+    for g16, p in zip(grads_bf16, params, strict=True):
+        cos = torch.nn.functional.cosine_similarity(g16.flatten(), p.grad.flatten(), dim=0)
+        assert cos > 0.98, cos
