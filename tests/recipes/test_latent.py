@@ -100,3 +100,36 @@ def test_evaluate_sampling_scores_decoded_images(trained):
     assert rows[0].fd > 0 and 0.0 <= rows[0].accuracy <= 1.0
     with pytest.raises(ValueError):  # the latents themselves are not 32x32 images
         evaluate_sampling(dit, [SamplingSetting("euler", 2)], num_samples=10, evaluator=evaluator)
+
+
+def test_mdt_option_trains_by_mask_latent_modeling_and_samples_as_a_dit(tmp_path, monkeypatch):
+    import json
+
+    from adaptdiff.models.mdt import MDT
+    from adaptdiff.train import MDTObjective
+
+    with pytest.raises(ValueError, match="LatentTrainConfig: model must be one of"):
+        LatentTrainConfig(model="unet")
+    with pytest.raises(ValueError, match="an MDT needs depth >= 2"):
+        LatentTrainConfig(model="mdt", depth=1)
+    calls = []
+    loss = MDTObjective.loss
+    monkeypatch.setattr(MDTObjective, "loss", lambda self, *a, **k: calls.append(1) or loss(
+        self, *a, **k))  # fmt: skip
+    cfg = LatentTrainConfig(out_dir=str(tmp_path), model="mdt", **{**TINY, "depth": 2})
+    vae, mdt, _ = train_latent(cfg)
+    assert isinstance(mdt, MDT) and len(calls) == cfg.steps  # every step the two-pass loss
+    vae2, mdt2 = load_latent_model(tmp_path)
+    assert isinstance(mdt2, MDT)
+    for a, b in zip(mdt.state_dict().values(), mdt2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    images, _ = generate_images(vae2, mdt2, SamplingSetting("euler", 2), balanced_labels(4))
+    assert images.shape == (4, 1, 32, 32) and images.isfinite().all()
+    # a folder written before the option existed (no "model") still loads, as a DiT
+    meta = tmp_path / "latent_model.json"
+    saved = json.loads(meta.read_text())
+    del saved["model"]
+    saved["depth"] = 2
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(RuntimeError):  # the MDT's checkpoint does not fit a DiT: not silent
+        load_latent_model(tmp_path)

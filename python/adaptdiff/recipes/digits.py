@@ -100,11 +100,15 @@ def build_model(cfg: DigitsTrainConfig) -> DiT:
     )
 
 
-def flow_trainer(model: DiT, data, cfg: DigitsTrainConfig, on_preview=None) -> Trainer:
+def flow_trainer(
+    model: DiT, data, cfg: DigitsTrainConfig, on_preview=None, objective=None
+) -> Trainer:
     """The recipe's :class:`Trainer` of ``model`` on ``data`` (``(x0, labels)`` tensors: pixels
     or latents): flow matching with class labels, AdamW with warm-up and a cosine to a tenth of
-    ``cfg.lr``, EMA over the second half, checkpoints in ``cfg.out_dir/checkpoints``."""
-    objective = DiffusionObjective(FlowSchedule(), prediction="flow")
+    ``cfg.lr``, EMA over the second half, checkpoints in ``cfg.out_dir/checkpoints``.
+    ``objective``: anything with ``loss(model, x0, cond=...)`` on the flow schedule (e.g.
+    :class:`~adaptdiff.train.MDTObjective` for an MDT); default plain flow matching."""
+    objective = objective or DiffusionObjective(FlowSchedule(), prediction="flow")
 
     def loss_fn(m, batch):
         x0, y = batch

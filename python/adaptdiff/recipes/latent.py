@@ -1,7 +1,8 @@
 """The latent-diffusion recipe: a KL autoencoder (:mod:`adaptdiff.models.vae`) trained on the
 embedded digits at 32x32, the training set encoded once into scaled latents, and a
 class-conditional DiT trained on them by the digits recipe's flow matching
-(:func:`~adaptdiff.recipes.digits.flow_trainer`); sampling goes through the same
+(:func:`~adaptdiff.recipes.digits.flow_trainer`; or, with ``model="mdt"``, an MDT trained by
+MDT's mask latent modeling); sampling goes through the same
 :func:`~adaptdiff.recipes.digits.generate` (any solver, CFG, accelerators) and the decoder.
 
 A run's folder holds ``vae/`` (the diffusers ``save_pretrained`` folder: ``config.json`` with the
@@ -26,8 +27,10 @@ import torch
 from .. import _schema
 from ..data import digits
 from ..models import DiT, create_dit
+from ..models.mdt import create_mdt
 from ..models.vae import VAE_CONFIGS, create_vae, decode, encode
-from ..train import load_weights
+from ..samplers import FlowSchedule
+from ..train import MDTObjective, load_weights
 from ..train.vae import VAETrainConfig, train_vae
 from .digits import DigitsTrainConfig, SamplingSetting, flow_trainer, generate
 
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 IMAGE_SIZE = 32
+LATENT_MODELS = ("dit", "mdt")
 
 
 @dataclass
@@ -56,6 +60,9 @@ class LatentTrainConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
     num_images: int = 0  # train on the first N training digits (0: all 1497)
+    # "dit", or "mdt": MDT's mask latent modeling (an MDT trained by MDTObjective: the loss of a
+    # masked pass beside the full one; sampled as a DiT)
+    model: str = "dit"
     patch_size: int = 1
     hidden_size: int = 64
     depth: int = 4
@@ -74,6 +81,14 @@ class LatentTrainConfig:
         if self.vae not in VAE_CONFIGS:
             raise ValueError(
                 f"LatentTrainConfig: unknown vae {self.vae!r}; known: {sorted(VAE_CONFIGS)}"
+            )
+        if self.model not in LATENT_MODELS:
+            raise ValueError(
+                f"LatentTrainConfig: model must be one of {LATENT_MODELS}, got {self.model!r}"
+            )
+        if self.model == "mdt" and self.depth < 2:
+            raise ValueError(
+                f"LatentTrainConfig: an MDT needs depth >= 2 (encoder + decoder), got {self.depth}"
             )
         if self.num_images < 0 or self.num_images == 1:
             raise ValueError(
@@ -103,14 +118,18 @@ def latent_shape(vae) -> tuple[int, int]:
 
 
 def build_latent_dit(cfg: LatentTrainConfig, vae) -> DiT:
-    """A class-conditional DiT over ``vae``'s latents (in_channels = latent channels, input size
-    = latent side), flow times scaled to the timestep embedding's [0, 1000)."""
+    """A class-conditional DiT (an MDT for ``cfg.model == "mdt"``: as many blocks, the last one
+    its decoder) over ``vae``'s latents (in_channels = latent channels, input size = latent
+    side), flow times scaled to the timestep embedding's [0, 1000)."""
     channels, side = latent_shape(vae)
-    return create_dit(
-        "DiT-demo/4", input_size=side, in_channels=channels, patch_size=cfg.patch_size,
+    sizes = dict(
+        input_size=side, in_channels=channels, patch_size=cfg.patch_size,
         hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, num_classes=10,
         learn_sigma=False, time_scale=1000.0, class_dropout_prob=cfg.class_dropout_prob,
     )  # fmt: skip
+    if cfg.model == "mdt":
+        return create_mdt("MDT-digits/2", decode_layers=1, **sizes)
+    return create_dit("DiT-demo/4", **sizes)
 
 
 @torch.no_grad()
@@ -123,6 +142,7 @@ def encode_dataset(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Te
 LATENT_MODEL_KIND = "adaptdiff.latent_model"
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _FIELDS = {f.name: _schema.Field(_TYPES[f.type]) for f in dataclasses.fields(LatentTrainConfig)}
+_FIELDS["model"] = _schema.Field(str, required=False, choices=LATENT_MODELS)  # added later
 
 
 def train_latent(cfg: LatentTrainConfig) -> tuple[object, DiT, dict]:
@@ -153,7 +173,10 @@ def train_latent(cfg: LatentTrainConfig) -> tuple[object, DiT, dict]:
     info["encode_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    trainer = flow_trainer(build_latent_dit(cfg, vae), (latents, labels), cfg.dit_config())
+    objective = MDTObjective(FlowSchedule(), prediction="flow") if cfg.model == "mdt" else None
+    trainer = flow_trainer(
+        build_latent_dit(cfg, vae), (latents, labels), cfg.dit_config(), objective=objective
+    )
     trainer.resume()
     if trainer.step < cfg.steps:
         trainer.fit()
