@@ -376,6 +376,53 @@ def test_tile_classes_match_the_dense_mask(layout, bs, tile_q, tile_k):
             assert counts[0] == counts[2] == 0, counts
 
 
+def _emulate_tensor_core_forward(q, k, v, bs, layout):
+    """The tensor-core forward's schedule in torch (float32): per 16-row warp tile and 64-key
+    tile the C++ class decides skip (not visited), full (no mask) or cut (masked); an online
+    softmax in the exp2 domain, a row that has seen nothing yet kept at m = -inf."""
+    from adaptdiff import _C
+
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    kk, vv = (t.repeat_interleave(H // Hk, 1) for t in (k, v))
+    mask = reference.block_mask(layout, Lq, Lk, bs)
+    classes = _C._block_attention_tile_classes(LAYOUT_CODE[layout], Lq, Lk, bs, 16, 64)
+    qscale = D**-0.5 * 1.4426950408889634
+    out = torch.zeros_like(q)
+    for qt, row in enumerate(classes):
+        r = slice(qt * 16, min(Lq, qt * 16 + 16))
+        n = r.stop - r.start
+        m = torch.full((B, H, n), float("-inf"))
+        l, o = torch.zeros(B, H, n), torch.zeros(B, H, n, D)
+        for kt, cls in enumerate(row):
+            if cls == 0:
+                continue
+            c = slice(kt * 64, min(Lk, kt * 64 + 64))
+            s = q[:, :, r] @ kk[:, :, c].transpose(-1, -2) * qscale
+            if cls == 2:
+                s = s.masked_fill(~mask[r, c], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))
+            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = torch.exp2(m - m_use)
+            p = torch.exp2(s - m_use[..., None])
+            l = l * alpha + p.sum(-1)
+            o = o * alpha[..., None] + p @ vv[:, :, c]
+            m = m_new
+        out[:, :, r] = o / l.clamp_min(1e-30)[..., None]
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bs", [1, 5, 64])
+def test_tensor_core_schedule_emulated_matches_reference(layout, bs):
+    """The tile schedule the tensor-core kernels run (skip / full / cut per tile from the C++
+    decision, online softmax across the visited tiles), emulated on the CPU, gives the op."""
+    Lq, Lk = lengths(layout, 67)
+    q, k, v = make(1, 2, 1, Lq, Lk, 16, seed=bs)
+    got = _emulate_tensor_core_forward(q, k, v, bs, layout)
+    torch.testing.assert_close(got, oracle(q, k, v, bs, layout), **TOL[torch.float32])
+
+
 def test_tensor_core_flag_follows_the_opt_in(monkeypatch):
     """The opt-in of "block_attention_tc" reaches the native library (a flag the CUDA kernel
     reads per call): off by default, on inside unverified_cuda(), restored on exit."""
