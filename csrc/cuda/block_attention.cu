@@ -365,7 +365,6 @@ void launch_forward(const char* op, const at::Tensor& q, const at::Tensor& k, co
   });
 }
 
-
 // ------------------------------------------------------------------- tensor-core path
 
 namespace tc = block_attention_tc;
