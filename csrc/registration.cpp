@@ -3,7 +3,13 @@
 // autograd in python/adaptdiff/ops/<op>.py, which set_python_module points torch to.
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "adaptdiff/block_mask.h"
 
 #define ADAPTDIFF_DEF(m, op, schema) \
   m.set_python_module("adaptdiff.ops." op).def(schema, {at::Tag::pt2_compliant_tag})
@@ -59,6 +65,16 @@ TORCH_LIBRARY(adaptdiff, m) {
                 "Tensor grad_delta_bias)");
 }
 
+namespace adaptdiff {
+// Whether block_attention's CUDA kernels may take the tensor-core path (compiled, not yet run on
+// a GPU): set by adaptdiff.ops' opt-in (ADAPTDIFF_UNVERIFIED_CUDA / unverified_cuda()),
+// read by csrc/cuda/block_attention.cu at each call. Off by default.
+std::atomic<bool>& block_attention_tensor_cores() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+}  // namespace adaptdiff
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -77,5 +93,28 @@ PYBIND11_MODULE(_C, m) {
     d["openmp"] = false;
 #endif
     return d;
+  });
+  m.def("_set_block_attention_tensor_cores",
+        [](bool on) { adaptdiff::block_attention_tensor_cores().store(on); });
+  m.def("_block_attention_tensor_cores",
+        [] { return adaptdiff::block_attention_tensor_cores().load(); });
+  // The tensor-core kernels' per-tile decision (block_mask::tile_class) for every tile pair of
+  // a [Lq, Lk] mask: classes[qt][kt] (0 skip, 1 full, 2 cut), tiles clipped at the ends.
+  m.def("_block_attention_tile_classes", [](int64_t layout, int64_t Lq, int64_t Lk,
+                                             int64_t block_size, int64_t tile_q,
+                                             int64_t tile_k) {
+    namespace bm = adaptdiff::block_mask;
+    const int64_t bs = bm::max64(1, bm::min64(block_size, bm::max64(Lq, Lk)));
+    const bm::Spec spec{static_cast<bm::Layout>(layout), Lq, Lk, bs};
+    std::vector<std::vector<int>> out;
+    for (int64_t q0 = 0; q0 < Lq; q0 += tile_q) {
+      std::vector<int> row;
+      for (int64_t k0 = 0; k0 < Lk; k0 += tile_k) {
+        row.push_back(static_cast<int>(bm::tile_class(spec, q0, bm::min64(Lq, q0 + tile_q), k0,
+                                                      bm::min64(Lk, k0 + tile_k))));
+      }
+      out.push_back(std::move(row));
+    }
+    return out;
   });
 }

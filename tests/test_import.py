@@ -50,6 +50,25 @@ def test_info_reports_every_op():
     assert adaptdiff.build_info()["torch_version"] in text
 
 
+def test_info_lists_the_cuda_paths_not_yet_run_on_a_gpu():
+    """Every unverified CUDA kernel or kernel path (block_attention's tensor-core path among
+    them) is listed as "compiled, not yet run on a GPU", with its opt-in state."""
+    from adaptdiff import ops
+    from adaptdiff.info import report
+
+    assert "block_attention_tc" in ops.UNVERIFIED_CUDA
+    with ops.unverified_cuda(False):
+        text = report()
+        assert "compiled, not yet run on a GPU" in text
+        for name in ops.UNVERIFIED_CUDA:
+            assert f"  {name}: " in text and f"  {name}: " in text.split("not yet run")[1]
+        line = next(x for x in text.splitlines() if x.startswith("  block_attention_tc: "))
+        assert "tensor-core path" in line and line.endswith("[off]")
+        with ops.unverified_cuda(ops=["block_attention_tc"]):
+            line = next(x for x in report().splitlines() if "block_attention_tc: " in x)
+            assert line.endswith("[opted in]")
+
+
 def test_impl_choice():
     import pytest
     import torch

@@ -7,7 +7,12 @@
 // 64 and 128, smaller dims zero-padded); any sequence length. "decode" (no mask) forwards to
 // ATen's attention.
 // Status: correct on an H100 (tests, memcheck), but scalar FMA (SIMT) math reaches 6-10 TFLOP/s
-// there, 11-30x slower than SDPA with a dense mask: a tensor-core version is the open work.
+// there, 11-30x slower than SDPA with a dense mask.
+// The tensor-core path (block_attention_tc.cuh: float16/bfloat16, head dims 64 and 128, sm_80+,
+// compiled, not yet run on a GPU) runs instead only when opted in to: adaptdiff.ops sets the
+// flag block_attention_tensor_cores() (csrc/registration.cpp) from ADAPTDIFF_UNVERIFIED_CUDA /
+// unverified_cuda() ("block_attention_tc"); every other call, and any shape, dtype or device
+// it does not cover, runs the kernels below.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/zeros.h>
@@ -15,12 +20,20 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+
 #include "adaptdiff/block_attention_checks.h"
 #include "adaptdiff/dispatch.h"
 #include "adaptdiff/ops.h"
+#include "block_attention_tc.cuh"
 #include "common.cuh"
 
 namespace adaptdiff {
+
+std::atomic<bool>& block_attention_tensor_cores();  // csrc/registration.cpp
+
 namespace {
 
 using block_mask::Row;
@@ -352,6 +365,115 @@ void launch_forward(const char* op, const at::Tensor& q, const at::Tensor& k, co
   });
 }
 
+// ------------------------------------------------------------------- tensor-core path
+
+namespace tc = block_attention_tc;
+
+// The tensor-core kernels' largest shared-memory need for head dim D (dK/dV's).
+int tc_smem_need(int64_t D) { return D == 64 ? tc::dkv_smem<64>() : tc::dkv_smem<128>(); }
+
+// Whether this call takes the tensor-core path: opted in to, float16/bfloat16, head dim 64 or
+// 128, not "decode", an sm_80+ device with the shared memory the kernels need, and 16-byte
+// aligned tensors (the kernels copy 16 bytes at a time). Anything else: the kernels above.
+bool use_tensor_cores(const BlockAttentionArgs& a, at::ScalarType dtype,
+                      std::initializer_list<const at::Tensor*> tensors) {
+  if (!block_attention_tensor_cores().load(std::memory_order_relaxed)) return false;
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (a.D != 64 && a.D != 128) return false;
+  if (a.spec.layout == block_mask::Layout::Decode) return false;
+  int dev = 0, major = 0, smem = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (major < 8 || smem < tc_smem_need(a.D)) return false;
+  for (const at::Tensor* t : tensors) {
+    if (reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Calls f.template operator()<T, D>() with the CUDA 16-bit type and the head dim (64 or 128):
+// four instantiations per kernel.
+template <typename F>
+void with_tc_types(at::ScalarType dtype, int64_t D, F&& f) {
+  if (dtype == at::kHalf) {
+    D == 64 ? f.template operator()<__half, 64>() : f.template operator()<__half, 128>();
+  } else {
+    D == 64 ? f.template operator()<__nv_bfloat16, 64>()
+            : f.template operator()<__nv_bfloat16, 128>();
+  }
+}
+
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mptr(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
+}
+
+template <typename K>
+void allow_smem(K kernel, int bytes) {
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+dim3 tc_grid(int64_t length, int64_t heads) {
+  ADAPTDIFF_CHECK(heads <= 65535, "block_attention", "q must have B * H <= 65535 on CUDA, got ",
+                  heads);
+  return dim3(static_cast<unsigned>((length + tc::kBM - 1) / tc::kBM),
+              static_cast<unsigned>(heads));
+}
+
+tc::Geometry tc_geometry(const BlockAttentionArgs& a) {
+  return {a.spec, a.B, a.H, a.Hk, static_cast<float>(a.scale)};
+}
+
+void launch_forward_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const BlockAttentionArgs& a, at::Tensor& out, float* lse) {
+  const tc::Geometry g = tc_geometry(a);
+  with_tc_types(q.scalar_type(), a.D, [&]<typename T, int D>() {
+    constexpr int bytes = tc::forward_smem<D>();
+    allow_smem(tc::forward_kernel<T, D>, bytes);
+    tc::forward_kernel<T, D><<<tc_grid(a.spec.Lq, a.B * a.H), tc::kThreads, bytes,
+                               cuda::stream()>>>(cptr<T>(q), cptr<T>(k), cptr<T>(v),
+                                                 mptr<T>(out), lse, g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// dq, dk, dv of the tensor-core path, given lse and delta.
+void launch_backward_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& gout, const at::Tensor& lse, const at::Tensor& delta,
+                        const BlockAttentionArgs& a, at::Tensor& gq, at::Tensor& gk,
+                        at::Tensor& gv) {
+  const tc::Geometry g = tc_geometry(a);
+  const int64_t q_tiles = (a.spec.Lq + tc::kBM - 1) / tc::kBM;
+  static_assert(sizeof(Row) == 4 * sizeof(int64_t), "Row is four int64");
+  auto envs = at::empty({q_tiles, 4}, q.options().dtype(at::kLong));
+  Row* env_ptr = reinterpret_cast<Row*>(envs.mutable_data_ptr<int64_t>());
+  tc::envelope_kernel<<<cuda::blocks_for(q_tiles, 128), 128, 0, cuda::stream()>>>(a.spec, env_ptr,
+                                                                                  q_tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_tc_types(q.scalar_type(), a.D, [&]<typename T, int D>() {
+    constexpr int dq_bytes = tc::dq_smem<D>(), dkv_bytes = tc::dkv_smem<D>();
+    allow_smem(tc::dq_kernel<T, D>, dq_bytes);
+    tc::dq_kernel<T, D><<<tc_grid(a.spec.Lq, a.B * a.H), tc::kThreads, dq_bytes,
+                          cuda::stream()>>>(cptr<T>(q), cptr<T>(k), cptr<T>(v), cptr<T>(gout),
+                                            lse.const_data_ptr<float>(),
+                                            delta.const_data_ptr<float>(), mptr<T>(gq), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    allow_smem(tc::dkv_kernel<T, D>, dkv_bytes);
+    tc::dkv_kernel<T, D><<<tc_grid(a.spec.Lk, a.B * a.Hk), tc::kThreads, dkv_bytes,
+                           cuda::stream()>>>(cptr<T>(q), cptr<T>(k), cptr<T>(v), cptr<T>(gout),
+                                             lse.const_data_ptr<float>(),
+                                             delta.const_data_ptr<float>(), env_ptr,
+                                             mptr<T>(gk), mptr<T>(gv), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -367,7 +489,11 @@ at::Tensor block_attention_cuda(const at::Tensor& q, const at::Tensor& k, const 
   }
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto out = at::empty(q.sizes(), qc.options());
-  launch_forward(op, qc, kc, vc, a, out, nullptr);
+  if (use_tensor_cores(a, q.scalar_type(), {&qc, &kc, &vc, &out})) {
+    launch_forward_tc(qc, kc, vc, a, out, nullptr);
+  } else {
+    launch_forward(op, qc, kc, vc, a, out, nullptr);
+  }
   return out;
 }
 
@@ -390,12 +516,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
   auto lse = at::empty({a.B, a.H, a.spec.Lq}, f32);
   auto delta = at::empty({a.B, a.H, a.spec.Lq}, f32);
   auto scratch = at::empty(q.sizes(), qc.options());
-  launch_forward(op, qc, kc, vc, a, scratch, lse.mutable_data_ptr<float>());
   auto gq = at::empty(q.sizes(), qc.options());
   auto gk = at::empty(k.sizes(), kc.options());
   auto gv = at::empty(v.sizes(), vc.options());
-  const Geometry g = geometry(a);
   const int64_t rows = a.B * a.H * a.spec.Lq;
+  if (use_tensor_cores(a, q.scalar_type(), {&qc, &kc, &vc, &oc, &gc, &scratch, &gq, &gk, &gv})) {
+    launch_forward_tc(qc, kc, vc, a, scratch, lse.mutable_data_ptr<float>());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kName, [&] {
+      delta_kernel<scalar_t><<<cuda::blocks_for(rows * 32, kThreads), kThreads, 0,
+                               cuda::stream()>>>(gc.const_data_ptr<scalar_t>(),
+                                                 oc.const_data_ptr<scalar_t>(),
+                                                 delta.mutable_data_ptr<float>(), rows, a.D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    launch_backward_tc(qc, kc, vc, gc, lse, delta, a, gq, gk, gv);
+    return {gq, gk, gv};
+  }
+  launch_forward(op, qc, kc, vc, a, scratch, lse.mutable_data_ptr<float>());
+  const Geometry g = geometry(a);
   const int64_t q_tiles = (a.spec.Lq + kTile - 1) / kTile;
   static_assert(sizeof(Row) == 4 * sizeof(int64_t), "Row is four int64");
   auto envs = at::empty({q_tiles, 4}, q.options().dtype(at::kLong));

@@ -11,7 +11,14 @@ import sys
 import torch
 
 from . import __version__, build_info, has_kernel, op_names
-from .ops._common import INFERENCE_ONLY, KERNELS_DISABLED
+from .ops._common import (
+    INFERENCE_ONLY,
+    KERNELS_DISABLED,
+    UNVERIFIED_CUDA,
+    UNVERIFIED_CUDA_ENV,
+    UNVERIFIED_CUDA_WHAT,
+    unverified_cuda_enabled,
+)
 
 
 def op_table() -> list[dict]:
@@ -54,6 +61,14 @@ def report() -> str:
             f"{r['op']:<{w}} {mark[r['cpu']]:<5} {mark[r['cuda']]:<5} {mark[r['fake']]:<5} "
             f"{r['autograd']}"
         )
+    lines += [
+        "",
+        "CUDA, compiled, not yet run on a GPU (opt-in: adaptdiff.ops.unverified_cuda() or "
+        f"{UNVERIFIED_CUDA_ENV}=<name>):",
+    ]
+    for name in sorted(UNVERIFIED_CUDA):
+        on = "opted in" if unverified_cuda_enabled(name) else "off"
+        lines.append(f"  {name}: {UNVERIFIED_CUDA_WHAT[name]} [{on}]")
     if not b["with_cuda"]:
         lines += [
             "",

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adaptdiff
 from adaptdiff import ops
 from adaptdiff.ops import reference
 
@@ -334,3 +335,181 @@ def test_bad_backward_inputs():
 def test_reference_rejects_unknown_layout_in_mask():
     with pytest.raises(ValueError, match="layout"):
         reference.block_mask("causal", 4, 4, 2)
+
+
+# ------------------------------------------------- the tensor-core path (CUDA, opt-in)
+
+TC = "block_attention_tc"
+LAYOUT_CODE = {"block_causal": 0, "bd3": 1, "context_causal": 2, "decode": 3}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bs", [1, 3, 5, 16, 64, 1000])
+@pytest.mark.parametrize(("tile_q", "tile_k"), [(16, 64), (64, 64), (64, 16)])
+def test_tile_classes_match_the_dense_mask(layout, bs, tile_q, tile_k):
+    """The tensor-core kernels' per-tile decision (block_mask::tile_class, the C++ function
+    itself) against the dense mask, on odd lengths with clipped last tiles: skip exactly when
+    every element is masked, full only when every element is allowed, cut otherwise; a tile
+    with every element allowed is cut only where bd3's two key intervals of a noisy row meet
+    (at n, when the row's block is the last one)."""
+    from adaptdiff import _C
+
+    for L in (37, 67, 131):
+        Lq, Lk = lengths(layout, L)
+        mask = reference.block_mask(layout, Lq, Lk, bs)
+        classes = _C._block_attention_tile_classes(LAYOUT_CODE[layout], Lq, Lk, bs, tile_q, tile_k)
+        assert len(classes) == -(-Lq // tile_q) and len(classes[0]) == -(-Lk // tile_k)
+        counts = [0, 0, 0]
+        for qt, row in enumerate(classes):
+            for kt, cls in enumerate(row):
+                k0, k1 = kt * tile_k, min(Lk, kt * tile_k + tile_k)
+                tile = mask[qt * tile_q : (qt + 1) * tile_q, k0:k1]
+                where = f"{layout} L={L} bs={bs} tile ({qt}, {kt})"
+                counts[cls] += 1
+                assert (cls == 0) == (not tile.any()), where
+                if cls == 1:
+                    assert tile.all(), where
+                if cls == 2 and tile.all():
+                    n = Lq // 2
+                    assert layout == "bd3" and k0 < n < k1, where
+        if layout == "decode":  # no mask: every tile full
+            assert counts[0] == counts[2] == 0, counts
+
+
+def _emulate_tensor_core_forward(q, k, v, bs, layout):
+    """The tensor-core forward's schedule in torch (float32): per 16-row warp tile and 64-key
+    tile the C++ class decides skip (not visited), full (no mask) or cut (masked); an online
+    softmax in the exp2 domain, a row that has seen nothing yet kept at m = -inf."""
+    from adaptdiff import _C
+
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    kk, vv = (t.repeat_interleave(H // Hk, 1) for t in (k, v))
+    mask = reference.block_mask(layout, Lq, Lk, bs)
+    classes = _C._block_attention_tile_classes(LAYOUT_CODE[layout], Lq, Lk, bs, 16, 64)
+    qscale = D**-0.5 * 1.4426950408889634
+    out = torch.zeros_like(q)
+    for qt, row in enumerate(classes):
+        r = slice(qt * 16, min(Lq, qt * 16 + 16))
+        n = r.stop - r.start
+        m = torch.full((B, H, n), float("-inf"))
+        l, o = torch.zeros(B, H, n), torch.zeros(B, H, n, D)
+        for kt, cls in enumerate(row):
+            if cls == 0:
+                continue
+            c = slice(kt * 64, min(Lk, kt * 64 + 64))
+            s = q[:, :, r] @ kk[:, :, c].transpose(-1, -2) * qscale
+            if cls == 2:
+                s = s.masked_fill(~mask[r, c], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))
+            m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = torch.exp2(m - m_use)
+            p = torch.exp2(s - m_use[..., None])
+            l = l * alpha + p.sum(-1)
+            o = o * alpha[..., None] + p @ vv[:, :, c]
+            m = m_new
+        out[:, :, r] = o / l.clamp_min(1e-30)[..., None]
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bs", [1, 5, 64])
+def test_tensor_core_schedule_emulated_matches_reference(layout, bs):
+    """The tile schedule the tensor-core kernels run (skip / full / cut per tile from the C++
+    decision, online softmax across the visited tiles), emulated on the CPU, gives the op."""
+    Lq, Lk = lengths(layout, 67)
+    q, k, v = make(1, 2, 1, Lq, Lk, 16, seed=bs)
+    got = _emulate_tensor_core_forward(q, k, v, bs, layout)
+    torch.testing.assert_close(got, oracle(q, k, v, bs, layout), **TOL[torch.float32])
+
+
+def test_tensor_core_flag_follows_the_opt_in(monkeypatch):
+    """The opt-in of "block_attention_tc" reaches the native library (a flag the CUDA kernel
+    reads per call): off by default, on inside unverified_cuda(), restored on exit."""
+    from adaptdiff import _C
+    from adaptdiff.ops import _common
+
+    assert TC in ops.UNVERIFIED_CUDA
+    with ops.unverified_cuda(False):
+        assert not _C._block_attention_tensor_cores()
+        with ops.unverified_cuda(ops=[TC]):
+            assert _C._block_attention_tensor_cores()
+            assert ops.UNVERIFIED_CUDA and _common.unverified_cuda_enabled(OP)  # op verified
+        assert not _C._block_attention_tensor_cores()
+        with ops.unverified_cuda():  # "all"
+            assert _C._block_attention_tensor_cores()
+    monkeypatch.setenv("ADAPTDIFF_UNVERIFIED_CUDA", TC)
+    assert TC in _common._from_env()
+
+
+def _tc_env() -> bool:
+    from adaptdiff.ops import _common
+
+    try:
+        return TC in _common._from_env()
+    except ValueError:
+        return False
+
+
+_TC_GPU = (
+    torch.cuda.is_available()
+    and adaptdiff.has_kernel(OP, "cuda")
+    and torch.cuda.get_device_capability()[0] >= 8
+)
+
+
+def tensor_cores(test):
+    """Runs only on an sm_80+ GPU, with ADAPTDIFF_UNVERIFIED_CUDA naming the path (or all)."""
+    for mark in (
+        pytest.mark.cuda,
+        pytest.mark.skipif(not _TC_GPU, reason="no sm_80+ GPU with the CUDA kernels"),
+        pytest.mark.skipif(
+            not _tc_env(), reason=f"the tensor-core path is opt-in: ADAPTDIFF_UNVERIFIED_CUDA={TC}"
+        ),
+    ):
+        test = mark(test)
+    return test
+
+
+# Against the float64 oracle: P and dS are rounded to the input dtype before their products.
+TC_TOL = {
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize(("L", "bs"), [(37, 5), (131, 16), (200, 64)])
+@tensor_cores
+def test_tensor_cores_forward_and_backward(layout, dtype, D, L, bs):
+    Lq, Lk = lengths(layout, L)
+    q, k, v = make(2, 4, 2, Lq, Lk, D, dtype, "cuda", seed=L + D)  # GQA: 2 heads per K/V head
+    grad = torch.randn_like(q)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    want = reference.block_attention(*ref, bs, layout)
+    want.backward(grad.double())
+    kern = [t.clone().requires_grad_() for t in (q, k, v)]
+    with ops.unverified_cuda(ops=[TC]):
+        out = ops.block_attention(*kern, bs, layout, impl="kernel")
+        out.backward(grad)
+    torch.testing.assert_close(out, want.to(dtype), **TC_TOL[dtype])
+    for name, got, w in zip("qkv", kern, ref, strict=True):
+        assert got.grad.dtype == dtype, name
+        torch.testing.assert_close(got.grad, w.grad.to(dtype), **TC_TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@tensor_cores
+def test_tensor_core_kernels_run_only_when_opted_in(enabled):
+    """The profiler's kernel names: the tensor-core kernels run under the opt-in, the present
+    ones without it (same shapes)."""
+    q, k, v = (t.requires_grad_() for t in make(1, 2, 1, 256, 256, 64, torch.bfloat16, "cuda"))
+    with ops.unverified_cuda(enabled, ops=[TC]):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ops.block_attention(q, k, v, 16, "bd3", impl="kernel").sum().backward()
+            torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    for kernel in ("forward_kernel", "dq_kernel", "dkv_kernel"):
+        assert (f"block_attention_tc::{kernel}" in names) == enabled, (kernel, names[:2000])

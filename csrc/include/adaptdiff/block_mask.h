@@ -100,4 +100,30 @@ ADAPTDIFF_HD void tile_span(const Row& e, int64_t tile, int64_t num_tiles, int64
   *t_end = min64(num_tiles, (hi + tile - 1) / tile);
 }
 
+// A (query tile, key tile) pair's work: skipped (every element masked), full (every element
+// allowed: no mask math) or cut (mixed: the mask is applied per element). A row's class is
+// exact; a tile's class is the join over its rows (all skip -> skip, all full -> full, else
+// cut). Tiles clipped by the sequence end: pass the clipped bounds; a kernel whose key tile is
+// clipped masks the padding itself (it treats such a tile as cut). Used by the tensor-core
+// kernels per warp (16 query rows) and, through the Python binding, by the tests against
+// the dense mask.
+enum class TileClass : int { Skip = 0, Full = 1, Cut = 2 };
+
+ADAPTDIFF_HD TileClass row_class(const Row& r, int64_t k0, int64_t k1) {
+  if (!r.touches(k0, k1)) return TileClass::Skip;
+  return r.covers(k0, k1) ? TileClass::Full : TileClass::Cut;
+}
+
+// Join of two row classes (the tile's class so far and one more row's).
+ADAPTDIFF_HD TileClass join(TileClass a, TileClass b) { return a == b ? a : TileClass::Cut; }
+
+ADAPTDIFF_HD TileClass tile_class(const Spec& spec, int64_t q0, int64_t q1, int64_t k0,
+                                  int64_t k1) {
+  TileClass c = row_class(spec.row(q0), k0, k1);
+  for (int64_t i = q0 + 1; i < q1 && c != TileClass::Cut; ++i) {
+    c = join(c, row_class(spec.row(i), k0, k1));
+  }
+  return c;
+}
+
 }  // namespace adaptdiff::block_mask

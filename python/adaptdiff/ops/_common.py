@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from .._loader import has_kernel, op_names
+from .._loader import _C, has_kernel, op_names
 
 Impl = Literal["auto", "kernel", "reference"]
 
@@ -25,8 +25,22 @@ _AVAILABLE = {(op, dev): has_kernel(op, dev) for op in op_names() for dev in ("c
 # CUDA kernels that compile but have not yet passed their tests on a GPU. On CUDA their
 # wrappers run the pure-torch reference unless the user opts in (`unverified_cuda`, or
 # ADAPTDIFF_UNVERIFIED_CUDA); a GPU run whose tests pass removes the name from this set.
-UNVERIFIED_CUDA: frozenset[str] = frozenset({"selective_scan"})
+# A name that is not an op is a kernel path of one (UNVERIFIED_CUDA_PATHS): without the opt-in
+# the op runs its verified CUDA kernel instead of that path (not the reference).
+UNVERIFIED_CUDA: frozenset[str] = frozenset({"selective_scan", "block_attention_tc"})
 UNVERIFIED_CUDA_ENV = "ADAPTDIFF_UNVERIFIED_CUDA"
+# What each unverified name is ("compiled, not yet run on a GPU"), for `adaptdiff info`.
+UNVERIFIED_CUDA_WHAT: dict[str, str] = {
+    "selective_scan": "selective_scan's CUDA kernel (forward and backward)",
+    "block_attention_tc": (
+        "block_attention's tensor-core path (float16/bfloat16, head dim 64 or 128, sm_80+; "
+        "otherwise, or without the opt-in, its verified CUDA kernel runs)"
+    ),
+}
+# Kernel paths inside an op's CUDA kernel, by op: the C++ side reads a flag that
+# _sync_native() sets whenever the opt-in changes (never inside a wrapper, so wrappers stay
+# traceable). The raw torch.ops.adaptdiff.block_attention follows the same flag.
+UNVERIFIED_CUDA_PATHS: dict[str, str] = {"block_attention_tc": "block_attention"}
 
 
 def _unverified_names(where: str, names: Iterable[str]) -> frozenset[str]:
@@ -50,8 +64,14 @@ def _from_env() -> frozenset[str]:
     return _unverified_names(UNVERIFIED_CUDA_ENV, names)
 
 
+def _sync_native() -> None:
+    """Passes the opt-in of the kernel paths to the native library (a flag read per call)."""
+    _C._set_block_attention_tensor_cores("block_attention_tc" in _opted_in)
+
+
 # The ops whose unverified CUDA kernel the user opted in to; reassigned, never mutated.
 _opted_in: frozenset[str] = _from_env()
+_sync_native()
 _warned: set[str] = set()
 
 
@@ -64,6 +84,9 @@ class unverified_cuda:  # lower case: used like torch.set_grad_enabled, a call o
     (default: every unverified op). Takes effect at the call; as a context manager, the previous
     choice comes back on exit. ``ADAPTDIFF_UNVERIFIED_CUDA=all`` (or comma-separated op names)
     sets the choice at import. The raw ``torch.ops.adaptdiff.<op>`` always runs the kernel.
+    ``"block_attention_tc"`` is a kernel path, not an op: it lets ``block_attention``'s CUDA
+    kernel (verified) take its tensor-core path (not yet verified) where it applies, for the
+    wrapper and the raw op alike; without it that kernel runs its verified path.
     """
 
     def __init__(self, enable: bool = True, ops: Iterable[str] | None = None) -> None:
@@ -79,6 +102,7 @@ class unverified_cuda:  # lower case: used like torch.set_grad_enabled, a call o
         )
         self._previous = _opted_in
         _opted_in = _opted_in | names if enable else _opted_in - names
+        _sync_native()
 
     def __enter__(self) -> unverified_cuda:
         return self
@@ -86,6 +110,7 @@ class unverified_cuda:  # lower case: used like torch.set_grad_enabled, a call o
     def __exit__(self, *exc) -> None:
         global _opted_in
         _opted_in = self._previous
+        _sync_native()
 
 
 def unverified_cuda_enabled(op: str) -> bool:

@@ -8,6 +8,11 @@ Layouts (``i`` query, ``j`` key, ``bs`` block size; ``docs/ops.md``, block-atten
   blocks up to its own; clean never sees noisy.
 - ``"context_causal"`` (NBDiff training): as ``"bd3"`` but clean-clean is plain causal.
 - ``"decode"`` (a block against cache + block): every key.
+
+On CUDA the kernel has a tensor-core path (float16/bfloat16, head dim 64 or 128, sm_80+;
+compiled, not yet run on a GPU), off unless opted in to: ``ADAPTDIFF_UNVERIFIED_CUDA=
+block_attention_tc`` or ``adaptdiff.ops.unverified_cuda(ops=["block_attention_tc"])``, which set
+a flag in the native library (``ops._common._sync_native``); the op's schema is unchanged.
 """
 
 from __future__ import annotations
