@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptdiff import ops
+from adaptdiff.bench.kernels.block_attention import flex_mask_mod
 from adaptdiff.ops import reference
 
 PARTS = ("attention", "sampled_wgrad", "sara_step", "ras")
@@ -86,22 +87,7 @@ def kernel_us(fn, device: torch.device, quick: bool) -> float:
 # -------------------------------------------------------------------------------- attention
 
 
-def mask_mod_for(layout: str, L: int, bs: int):
-    """FlexAttention's ``mask_mod(b, h, i, j)`` of ``layout`` on a length-L sequence (the
-    training layouts: ``[noisy | clean]`` halves of L/2, blocks counted in each half); the
-    same predicate as :func:`adaptdiff.ops.reference.block_mask`, written with tensor ops."""
-    n = L // 2
-
-    def mask_mod(b, h, i, j):
-        if layout == "block_causal":
-            return j // bs <= i // bs
-        qn, kn = i < n, j < n
-        qb = torch.where(qn, i, i - n) // bs
-        kb = torch.where(kn, j, j - n) // bs
-        clean = (kb <= qb) if layout == "bd3" else (j <= i)
-        return (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & clean)
-
-    return mask_mod
+mask_mod_for = flex_mask_mod  # the kernels benchmark's, one definition
 
 
 def attention(args, device) -> None:

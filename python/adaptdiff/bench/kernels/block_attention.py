@@ -131,16 +131,10 @@ def cases(quick: bool, device: str = "cpu") -> list[Case]:
 # -------------------------------------------------------- standalone: + FlexAttention (GPU)
 
 
-def _flex(case: Case, device: torch.device):
-    """FlexAttention with the layout's predicate as mask_mod (compiled), or None."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    layout, bs = case.variant.split()[0], int(case.variant.split()[1].removeprefix("bs="))
-    L = case.shape["L"]
-    if case.shape["Dh"] != 128 or bs != 16 or L != (4096 if layout in TRAINING else 2048):
-        return None  # one compile per shape: compare where it matters, keep the run short
+def flex_mask_mod(layout: str, L: int, bs: int):
+    """FlexAttention's ``mask_mod(b, h, i, j)`` of ``layout`` on a length-L sequence (the
+    training layouts: ``[noisy | clean]`` halves of L/2, blocks counted in each half); the
+    same predicate as :func:`adaptdiff.ops.reference.block_mask`, written with tensor ops."""
     n = L // 2
 
     def mask_mod(b, h, i, j):
@@ -152,7 +146,20 @@ def _flex(case: Case, device: torch.device):
         clean = (kb <= qb) if layout == "bd3" else (j <= i)
         return (qn & kn & (qb == kb)) | (qn & ~kn & (kb < qb)) | (~qn & ~kn & clean)
 
-    block_mask = create_block_mask(mask_mod, None, None, L, L, device=device)
+    return mask_mod
+
+
+def _flex(case: Case, device: torch.device):
+    """FlexAttention with the layout's predicate as mask_mod (compiled), or None."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    layout, bs = case.variant.split()[0], int(case.variant.split()[1].removeprefix("bs="))
+    L = case.shape["L"]
+    if case.shape["Dh"] != 128 or bs != 16 or L != (4096 if layout in TRAINING else 2048):
+        return None  # one compile per shape: compare where it matters, keep the run short
+    block_mask = create_block_mask(flex_mask_mod(layout, L, bs), None, None, L, L, device=device)
     attend = torch.compile(flex_attention)
     gqa = case.shape["H"] != case.shape["Hk"]
     return lambda q, k, v: attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
