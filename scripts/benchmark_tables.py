@@ -47,6 +47,8 @@ DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed,
 MOE_LAYER_CPU = "moe-cpu-2core-xeon-2026-12-03.jsonl"
 # `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
 DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
+# `adaptdiff demo --seeds 3 --noise-seeds 1`: 3 trained models, noise seed 0 each
+DEMO_TRAINING_SEEDS = "demo-training-seeds-cpu-2core-xeon-2026-12-03.json"
 # `adaptdiff bench accel --models digits --seeds 3`: the trained digits DiT's quality rows,
 # mean ± std over 3 noise seeds
 ACCEL_DIGITS_SEEDS = "accel-digits-seeds-cpu-2core-xeon-2026-12-03.jsonl"
@@ -644,6 +646,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO, wall=False),
     "demo-moe-one-seed": lambda: demo(record=DEMO_MOE_ONE_SEED),
+    "demo-training-seeds": lambda: demo(record=DEMO_TRAINING_SEEDS),
     "accel-digits-seeds": lambda: accel_seeds(ACCEL_DIGITS_SEEDS),
     "accel-latent-seeds": lambda: accel_seeds(ACCEL_LATENT_SEEDS),
     "kernels-cpu": lambda: kernels(KERNELS_CPU),
