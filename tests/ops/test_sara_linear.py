@@ -141,16 +141,6 @@ def test_bad_inputs():
     assert_error(lambda: f(x, w, b, low, v), OP, "indices")
 
 
-def test_transposed_indices_address_the_same_entries():
-    from adaptdiff.ops.sara_linear import transposed_indices
-
-    w = torch.randn(7, 11)
-    idx = torch.randperm(77)[:30].sort().values
-    t, perm = transposed_indices(idx, 7, 11)
-    assert torch.all(t[1:] > t[:-1])
-    torch.testing.assert_close(w.t().reshape(-1)[t], w.reshape(-1)[idx[perm]], rtol=0, atol=0)
-
-
 # ----------------------------- the backward's ATen paths (input gradient: one GEMM on W_eff)
 
 

@@ -52,17 +52,6 @@ def sara_linear(
     return reference.sara_linear(x, weight, bias, indices, values)
 
 
-def transposed_indices(
-    indices: torch.Tensor, out_features: int, in_features: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same entries addressed in ``weight.t()``: ``(sorted flat indices, permutation)``
-    such that ``weight.t().reshape(-1)[t] == weight.reshape(-1)[indices[perm]]``."""
-    rows = torch.div(indices, in_features, rounding_mode="floor")
-    flat_t = (indices - rows * in_features) * out_features + rows
-    t, perm = torch.sort(flat_t)
-    return t, perm
-
-
 @torch.library.register_fake("adaptdiff::sara_linear")
 def _fake(x, weight, bias, indices, values):
     check_floating(OP, "x", x)
