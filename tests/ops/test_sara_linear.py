@@ -210,3 +210,37 @@ def test_compile_forward_backward():
         fn(xr, vr).backward()
         grads.append((xr.grad, vr.grad))
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("call", ["wrapper", "raw"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_runs_as_linear(call, dtype):
+    """Under CPU autocast (either dtype: the rule reads it per call) the op casts its float32
+    weight, bias and values as autocast casts nn.Linear's; the values' gradient stays float32.
+    Outside autocast the same mixed dtypes are still refused."""
+    x, w, b, idx, v = make((4, 3), 11, 9, 0.3, torch.float32, "cpu")
+    fn = ops.sara_linear if call == "wrapper" else torch.ops.adaptdiff.sara_linear.default
+    v.requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out = fn(x, w, b, idx, v)
+        expected = torch.nn.functional.linear(x, effective_weight(w, idx, v.detach()), b)
+    assert out.dtype == expected.dtype == dtype
+    torch.testing.assert_close(out, expected, **tol(dtype, 9))
+    out.float().sum().backward()
+    assert v.grad.dtype == torch.float32
+    grad_out = torch.ones(4, 3, 11, dtype=dtype)
+    wanted = reference.sampled_wgrad(grad_out.reshape(12, 11), x.to(dtype).reshape(12, 9), idx)
+    torch.testing.assert_close(v.grad, wanted.float(), **tol(dtype, 12))
+    assert_error(lambda: fn(x.to(dtype), w, b, idx, v), OP, "weight")
+
+
+def test_under_autocast_compiles_fullgraph():
+    x, w, b, idx, v = make((2, 5), 9, 7, 0.5, torch.float32, "cpu")
+
+    def f(x, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.sara_linear(x, w, b, idx, v)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, f(x, v))

@@ -149,14 +149,8 @@ class SaraLinear(_SaraLayer):
     """``nn.Linear`` with SaRA values: one :func:`~adaptdiff.ops.sara_linear` call."""
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias, values = self.base.weight, self.base.bias, self.values
-        if torch.is_autocast_enabled(x.device.type):
-            # As autocast runs nn.Linear: everything in the autocast dtype (the op itself is not
-            # an autocast op and refuses mixed dtypes); the float32 values get float32 grads.
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight, values = x.to(dtype), weight.to(dtype), values.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        return sara_linear(x, weight, bias, self.indices, values)
+        # Under autocast the op casts to the autocast dtype itself, as nn.Linear does.
+        return sara_linear(x, self.base.weight, self.base.bias, self.indices, self.values)
 
 
 class _GatherWeightGrad(torch.autograd.Function):

@@ -227,3 +227,34 @@ def no_backward(op: str):
         pass
 
     torch.library.register_autograd(f"adaptdiff::{op}", backward, setup_context=setup_context)
+
+
+# Autocast rules registered from Python live in this library object (kept alive here).
+_AUTOCAST_LIB = torch.library.Library("adaptdiff", "IMPL")
+
+
+def register_autocast_like_linear(op: str) -> None:
+    """Under autocast, run ``adaptdiff::<op>`` as autocast runs ``nn.Linear``: its floating
+    tensor arguments cast to the autocast dtype of the moment, then the op with autocast off
+    below it. (``torch.library.register_autocast`` fixes one dtype at registration; CPU and
+    CUDA autocast each take bfloat16 or float16.) The casts are recorded by autograd, so
+    float32 parameters get float32 gradients."""
+    overload = getattr(torch.ops.adaptdiff, op).default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device_type=device_type, below=below):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [
+                a.to(dtype)
+                if isinstance(a, torch.Tensor)
+                and a.is_floating_point()
+                and a.device.type == device_type
+                else a
+                for a in args
+            ]
+            with torch._C._ExcludeDispatchKeyGuard(below):
+                return overload(*args)
+
+        _AUTOCAST_LIB.impl(op, kernel, key, with_keyset=True)

@@ -7,7 +7,14 @@ import math
 import torch
 
 from . import reference
-from ._common import Impl, check, check_floating, check_same_device, use_kernel
+from ._common import (
+    Impl,
+    check,
+    check_floating,
+    check_same_device,
+    register_autocast_like_linear,
+    use_kernel,
+)
 from .sampled_wgrad import sampled_wgrad
 
 OP = "sara_linear"
@@ -32,6 +39,11 @@ def sara_linear(
             ``[0, O*I)`` (the CPU kernel checks; on CUDA a violation is undefined).
         values: ``[nnz]`` trainable entries, dtype of ``x``.
         impl: ``"auto"``, ``"kernel"`` or ``"reference"``.
+
+    Under ``torch.autocast`` the op runs as autocast runs ``nn.Linear``: every floating
+    argument in the autocast dtype (so a float32 weight and values beside bfloat16 inputs are
+    accepted, and float32 values get float32 gradients); the raw
+    ``torch.ops.adaptdiff.sara_linear`` does the same.
 
     Returns:
         ``[..., O]``. Differentiable in ``x`` and ``values`` only: the values' gradient comes
@@ -132,3 +144,6 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("adaptdiff::sara_linear", _backward, setup_context=_setup_context)
+# Under autocast the op computes as the nn.Linear it replaces (a float32 weight beside bfloat16
+# activations would otherwise be refused as mixed dtypes).
+register_autocast_like_linear(OP)
