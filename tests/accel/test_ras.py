@@ -211,8 +211,11 @@ def _selector(starvation, high_ratio=1.0):
 
 def test_selection_caches_the_highest_scores_and_high_ratio_takes_some_lowest():
     ras = _selector("corrected")
-    assert ras._select(2).tolist() == [[0, 1]]  # patches 2, 3 (highest std) cached
+    active = ras._select(2)
+    assert active.tolist() == [[0, 1]]  # patches 2, 3 (highest std) cached
+    ras._mark(active)
     assert ras.drop_count.tolist() == [[0, 0, 1, 1]]
+    assert ras.active_mask.tolist() == [[True, True, False, False]]
     ras = _selector("corrected", high_ratio=0.5)
     assert ras._select(2).tolist() == [[1, 2]]  # one lowest (0), one highest (3) cached
 

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ArgsortRAS(RAS):
-    """RAS as the earlier implementation did it: the selection verbatim (a full argsort, the
-    cached ends concatenated, a scatter-add of ones for the starvation counts), and the K/V
+    """RAS as the earlier implementation did it: the selection verbatim (a full argsort), a
+    scatter-add of ones for the cached patches' starvation counts, a fresh mask, and the K/V
     caches and index buffers allocated afresh on every dense step instead of refilled."""
 
     def before_model(self, step):
@@ -46,9 +46,14 @@ class ArgsortRAS(RAS):
         high = int(skip * cfg.high_ratio)
         low = skip - high
         n = order.shape[1]
-        cached = torch.cat([order[:, :low], order[:, n - high :]], dim=1)
-        self.drop_count.scatter_add_(1, cached, torch.ones_like(cached, dtype=torch.float32))
         return order[:, low : n - high].sort(dim=1).values
+
+    def _mark(self, active):
+        n = self.drop_count.shape[1]
+        keep = torch.zeros_like(self.drop_count, dtype=torch.bool).scatter_(1, active, True)
+        cached = torch.arange(n, device=keep.device).expand_as(keep)[~keep].view(len(keep), -1)
+        self.drop_count.scatter_add_(1, cached, torch.ones_like(cached, dtype=torch.float32))
+        self.active_mask = keep
 
 
 CONFIGS = {
@@ -139,6 +144,7 @@ def test_the_selection_is_the_argsort_selection():
         drop = ras.drop_count.clone()
         skip = 11
         active = ras._select(skip)
+        ras._mark(active)
         scores = torch.ops.adaptdiff.patch_scores(ras.last_pred, 2, "std")
         scores = scores / torch.exp(0.1 * drop)
         order = scores.argsort(dim=1)

@@ -585,8 +585,8 @@ class RAS(Accelerator):
         return patch_scores(pred, self.patch_size, cfg.metric)
 
     def _select(self, skip: int) -> torch.Tensor:
-        """Active patch indices [B, N - skip] (sorted) from the last prediction's scores; the
-        cached patches' starvation counts go up by one. ``skip`` comes from the schedule
+        """Active patch indices [B, N - skip] (sorted) from the last prediction's scores and
+        the starvation counts (which :meth:`_mark` then updates). ``skip`` comes from the schedule
         (host integers fixed before sampling), so every shape here is known in advance and
         nothing reads a tensor's values on the host: one top-k of the scores (an argsort only
         when cached patches come from both ends, ``0 < high_ratio < 1``)."""
@@ -604,11 +604,14 @@ class RAS(Accelerator):
             active = scores.topk(n - skip, dim=1, largest=True, sorted=False).indices
         else:
             active = scores.argsort(dim=1)[:, low : n - high]  # ascending
-        active = active.sort(dim=1).values
-        mask = self._buffer("select_mask", scores.shape, torch.bool, scores.device)
-        mask.zero_().scatter_(1, active, True)
-        self.drop_count.add_(mask.logical_not())  # +1 where cached
-        return active
+        return active.sort(dim=1).values
+
+    def _mark(self, active: torch.Tensor) -> None:
+        """``active_mask`` [B, N] (True where computed) from the selection, and +1 on the
+        cached patches' starvation counts."""
+        mask = self._buffer("active_mask", self.drop_count.shape, torch.bool, active.device)
+        self.active_mask = mask.zero_().scatter_(1, active, True)
+        self.drop_count.add_(mask.logical_not())
 
     def before_model(self, step: ModelStep) -> None:
         s, state = step.index, self.state
@@ -624,8 +627,7 @@ class RAS(Accelerator):
                 index = self._buffer(("active", *shape), shape, torch.int64, device)
                 state.active = index.copy_(active)
                 state.repeated = ()  # index_for's repeat of the last step is stale
-                mask = self._buffer("active_mask", self.drop_count.shape, torch.bool, device)
-                self.active_mask = mask.zero_().scatter_(1, index, True)
+                self._mark(index)
             state.mode = "ras"
         elif skip > 0 or (s + 1 < len(self.skips) and self.skips[s + 1] > 0):
             state.mode = "dense"  # a RAS step follows: keep K and V
