@@ -132,3 +132,23 @@ def test_bad_solver_knobs():
         sample_ddim(model_fn, torch.zeros(2, 2), ts, schedule, eta=-1.0)
     with pytest.raises(ValueError, match="variance"):
         sample_ddpm(model_fn, torch.zeros(2, 2), ts, schedule, variance="learned")
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_host_times_model_fn_gets_the_time_on_the_host(name):
+    """sample()'s model call marks itself ``host_times``: every solver then hands it t on the
+    CPU (no device-to-host copy per call); any other model_fn gets t on x's device ("meta"
+    here stands for a GPU)."""
+    schedule = FlowSchedule()
+    seen = {}
+
+    def fn(x, t):
+        seen.setdefault(getattr(fn, "host_times", False), set()).add(t.device.type)
+        return x, x
+
+    x = torch.zeros(2, 3, device="meta")
+    ts = schedule.timesteps(3)
+    for host in (False, True):
+        fn.host_times = host
+        SAMPLERS[name](fn, x, ts, schedule, disable=True, generator=None)
+    assert seen == {False: {"meta"}, True: {"cpu"}}

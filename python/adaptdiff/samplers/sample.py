@@ -74,6 +74,8 @@ def _take_rows(kwargs: dict, rows: torch.Tensor, batch: int) -> dict:
 class _GuidedModel:
     """The model as the solver sees it: guidance branches batched, accelerators consulted."""
 
+    host_times = True  # the solvers pass t on the host: reading it here syncs nothing
+
     def __init__(self, ctx: SampleContext, plan: Plan, grad_guidance: GradGuidance | None):
         self.ctx = ctx
         self.grad_guidance, self.grad_guided = grad_guidance, 0
@@ -142,7 +144,7 @@ class _GuidedModel:
         return todo
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor):
-        t = t[0].cpu()
+        t = t[0].cpu()  # a no-op for the solvers' host times; a copy for a caller's device t
         alpha, sigma = self.ctx.schedule.alpha_sigma(t)
         step = ModelStep(
             index=self.index,

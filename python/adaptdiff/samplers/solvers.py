@@ -4,7 +4,8 @@
                   disable=None, generator=None, <knobs>) -> x
 
 - ``model_fn(x, t, **extra_args) -> (x0, eps)`` is a denoiser: given x_t [B, ...] and the times t
-  (float32 [B]) it returns the clean estimate and the noise estimate, consistent with
+  (float32 [B], on x's device unless ``model_fn.host_times`` is true: then on the CPU) it
+  returns the clean estimate and the noise estimate, consistent with
   x_t = alpha_t x0 + sigma_t eps (:func:`adaptdiff.samplers.denoiser` builds one from a network).
   Solvers therefore never branch on the prediction type.
 - ``timesteps``: descending times of ``schedule`` (float32), the last one ``schedule.t_end``
@@ -49,7 +50,11 @@ def _check_timesteps(timesteps, schedule) -> torch.Tensor:
 
 
 def _denoise(model_fn, x, t, extra_args):
-    return model_fn(x, t.to(x.device).repeat(x.shape[0]), **extra_args)
+    # A model_fn marked ``host_times`` (sample()'s) reads the time on the host: it gets the
+    # host tensor and moves it itself, which spares a device-to-host copy (a GPU sync) per call.
+    if not getattr(model_fn, "host_times", False):
+        t = t.to(x.device)
+    return model_fn(x, t.repeat(x.shape[0]), **extra_args)
 
 
 # Scales stay 0-d CPU tensors: they combine with tensors on any device and in any floating dtype
