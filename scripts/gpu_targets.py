@@ -205,14 +205,14 @@ def sara_step(args, device) -> None:
 
 
 def _sara_case(args, device, method: str, autocast: bool) -> None:
-    from adaptdiff.bench.adapters import _apply
+    from adaptdiff.bench.adapters import apply_method
     from adaptdiff.models import create_dit
 
     name, batch, steps = ("DiT-S/8", 2, 2) if args.quick else ("DiT-XL/2", 8, 10)
     torch.manual_seed(0)
     with device:
         model = create_dit(name, time_scale=1000.0)
-    params = _apply(method, model)
+    params = apply_method(method, model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     cfg = model.config
     g = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ def test_methods_list_names_only_what_is_installed():
     names = bench_adapters.methods()
     assert names[:2] == ["full", "lora"] and names[-2:] == ["difffit", "fera"]
     with pytest.raises(ValueError, match="unknown method"):
-        bench_adapters._apply("nope", None)
+        bench_adapters.apply_method("nope", None)
 
 
 @pytest.mark.slow

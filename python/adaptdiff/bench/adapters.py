@@ -64,7 +64,9 @@ class Setup:
     threads: int | None
 
 
-def _apply(name: str, model):
+def apply_method(name: str, model):
+    """Puts method ``name`` (one of the module docstring's list) on ``model`` as the benchmark
+    configures it; returns the parameters it trains."""
     from adaptdiff import adapters
 
     if name == "full":
@@ -114,7 +116,7 @@ def build(name: str, setup: Setup):
     with device:  # built on the device: DiT-XL/2's initialisation on the CPU takes long
         model = create_dit(setup.model, time_scale=1000.0)
     n_total = sum(p.numel() for p in model.parameters())
-    params = _apply(name, model)
+    params = apply_method(name, model)
     if name == "full":
         model.requires_grad_(True)
     n_train = sum(p.numel() for p in params)
