@@ -180,6 +180,19 @@ __global__ void delta_kernel(const T* __restrict__ gout, const T* __restrict__ o
   }
 }
 
+// delta = rowsum(grad_out * out) in float32 over `rows` contiguous rows of D, for both
+// backward paths.
+void launch_delta(const at::Tensor& grad_out, const at::Tensor& out, at::Tensor& delta,
+                  int64_t rows, int64_t D) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), kName, [&] {
+    delta_kernel<scalar_t><<<cuda::blocks_for(rows * 32, kThreads), kThreads, 0,
+                             cuda::stream()>>>(grad_out.const_data_ptr<scalar_t>(),
+                                               out.const_data_ptr<scalar_t>(),
+                                               delta.mutable_data_ptr<float>(), rows, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // dQ per query tile: dS = P (dP - delta), dQ = scale * sum_j dS_j K_j.
 template <typename T, int DM>
 __global__ void __launch_bounds__(kThreads)
@@ -519,20 +532,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
   auto gq = at::empty(q.sizes(), qc.options());
   auto gk = at::empty(k.sizes(), kc.options());
   auto gv = at::empty(v.sizes(), vc.options());
-  const int64_t rows = a.B * a.H * a.spec.Lq;
   if (use_tensor_cores(a, q.scalar_type(), {&qc, &kc, &vc, &oc, &gc, &scratch, &gq, &gk, &gv})) {
     launch_forward_tc(qc, kc, vc, a, scratch, lse.mutable_data_ptr<float>());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kName, [&] {
-      delta_kernel<scalar_t><<<cuda::blocks_for(rows * 32, kThreads), kThreads, 0,
-                               cuda::stream()>>>(gc.const_data_ptr<scalar_t>(),
-                                                 oc.const_data_ptr<scalar_t>(),
-                                                 delta.mutable_data_ptr<float>(), rows, a.D);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_delta(gc, oc, delta, a.B * a.H * a.spec.Lq, a.D);
     launch_backward_tc(qc, kc, vc, gc, lse, delta, a, gq, gk, gv);
     return {gq, gk, gv};
   }
   launch_forward(op, qc, kc, vc, a, scratch, lse.mutable_data_ptr<float>());
+  launch_delta(gc, oc, delta, a.B * a.H * a.spec.Lq, a.D);
   const Geometry g = geometry(a);
   const int64_t q_tiles = (a.spec.Lq + kTile - 1) / kTile;
   static_assert(sizeof(Row) == 4 * sizeof(int64_t), "Row is four int64");
@@ -543,11 +550,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   with_head_dim(op, a.D, [&]<int DM>() {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kName, [&] {
-      delta_kernel<scalar_t><<<cuda::blocks_for(rows * 32, kThreads), kThreads, 0,
-                               cuda::stream()>>>(gc.const_data_ptr<scalar_t>(),
-                                                 oc.const_data_ptr<scalar_t>(),
-                                                 delta.mutable_data_ptr<float>(), rows, a.D);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       dq_kernel<scalar_t, DM><<<grid(a.spec.Lq, a.B * a.H), kThreads, 0, cuda::stream()>>>(
           qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
           vc.const_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
