@@ -42,11 +42,10 @@ ACCEL_PIPELINES = "accel-pipelines-cpu-2core-xeon-2026-12-03.jsonl"
 ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl"
 # `benchmarks/ras_step.py --before 5fa394a`: RAS vs dense, before and after the sync-free RAS step
 ACCEL_RAS_CPU = "accel-ras-cpu-2core-xeon-2026-12-03.jsonl"
-DEMO_MOE_ONE_SEED = "demo-moe-cpu-2core-epyc-2026-11-26.json"  # one noise seed, with MoE rows
 # `adaptdiff bench moe_layer --passes both --impls adaptdiff,dit-moe-mask`, 1 and 2 threads
 MOE_LAYER_CPU = "moe-cpu-2core-xeon-2026-12-03.jsonl"
-# `adaptdiff demo` (dense): mean ± std over 3 noise seeds of one trained model
-DEMO = "demo-cpu-2core-xeon-2026-12-03.json"
+# `adaptdiff demo --moe`: mean ± std over 3 noise seeds of one trained dense and one MoE model
+DEMO = "demo-moe-seeds-cpu-2core-xeon-2026-12-03.json"
 # `adaptdiff demo --seeds 3 --noise-seeds 1`: 3 trained models, noise seed 0 each
 DEMO_TRAINING_SEEDS = "demo-training-seeds-cpu-2core-xeon-2026-12-03.json"
 # `adaptdiff bench accel --models digits --seeds 3`: the trained digits DiT's quality rows,
@@ -645,7 +644,6 @@ def guidance_policy(record: str) -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
     "demo-headline": lambda: demo(lambda name: name in HEADLINE_DEMO, wall=False),
-    "demo-moe-one-seed": lambda: demo(record=DEMO_MOE_ONE_SEED),
     "demo-training-seeds": lambda: demo(record=DEMO_TRAINING_SEEDS),
     "accel-digits-seeds": lambda: accel_seeds(ACCEL_DIGITS_SEEDS),
     "accel-latent-seeds": lambda: accel_seeds(ACCEL_LATENT_SEEDS),

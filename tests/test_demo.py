@@ -101,16 +101,19 @@ def test_training_seeds_keep_the_evaluators_split_and_older_model_files_load(tmp
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_its_files(tmp_path, monkeypatch, capsys):
+def test_demo_quick_writes_its_files_and_moe_adds_rows(tmp_path, monkeypatch, capsys):
+    """One quick run with --moe (the slowest test: one run serves both checks)."""
     monkeypatch.setenv("ADAPTDIFF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    assert cli.main(["demo", "--quick", "--moe", "--out", str(out)]) == 0
     names = ("samples.png", "quality_vs_time.png", "results.json", "results.txt")
-    for name in names + ("preview_000100.png",):
+    for name in names + ("preview_000100.png", "moe/preview_000100.png"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     rows = results["rows"]
-    assert [(r["method"], r["steps"]) for r in rows] == [("euler", 8), ("dpmpp_2m", 8)]
+    assert [r["name"] for r in rows] == ["euler 8", "dpmpp_2m 8", "MoE euler 8", "MoE dpmpp_2m 8"]
+    assert [(r["method"], r["steps"]) for r in rows] == [("euler", 8), ("dpmpp_2m", 8)] * 2
+    assert len(results["moe_expert_load"]) > 0 and results["moe_train_seconds"] > 0
     for r in rows:
         assert r["nfe"] == 8  # a batched CFG call counts once; DPM-Solver++(2M) is one per step
         assert r["fd"] > 0 and 0.0 <= r["accuracy"] <= 1.0
@@ -136,12 +139,10 @@ def test_sample_without_a_run_explains(tmp_path, capsys):
     assert info.value.code == 2 and "train first" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_demo_quick_moe_adds_rows(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    out = tmp_path / "out"
-    assert cli.main(["demo", "--quick", "--moe", "--out", str(out)]) == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    names = [r["name"] for r in rows]
-    assert names == ["euler 8", "dpmpp_2m 8", "MoE euler 8", "MoE dpmpp_2m 8"]
-    assert (out / "moe" / "preview_000100.png").exists()
+def test_each_plotted_line_holds_one_setting_over_its_step_counts():
+    names = ["euler 4", "euler 16", "RAS 0.5 euler 16", "MoE euler 16", "MoE RAS 0.5 euler 32",
+             "euler 16 +AG", "MoE euler 32 +AG+SADA", "dpmpp_2m 8"]  # fmt: skip
+    assert [demo.plot_series(n) for n in names] == [
+        "euler", "euler", "RAS 0.5 euler", "MoE euler", "MoE RAS 0.5 euler", "euler +AG",
+        "MoE euler +AG+SADA", "dpmpp_2m",
+    ]  # fmt: skip

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run of the pipeline (300 steps, under a minute; too short to learn)",
+        help="a smoke run of the pipeline (300 steps, --moe's model 100; too short to learn)",
     )
     s.add_argument("--seed", type=int, default=0, help="the first training and noise seed")
     s.add_argument(

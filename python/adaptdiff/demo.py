@@ -160,18 +160,22 @@ def mean_rows(summary: Summary, rows: list[Row]) -> list[Row]:
     return out
 
 
+def plot_series(name: str) -> str:
+    """The line a row belongs to: its name without the step count ("MoE RAS 0.5 euler 16"
+    -> "MoE RAS 0.5 euler", "euler 16 +AG" -> "euler +AG")."""
+    head, plus, accelerators = name.partition(" +")
+    words = head.split(" ")
+    base = " ".join(words[:-1]) if len(words) > 1 and words[-1].isdigit() else head
+    return base + plus + accelerators
+
+
 def save_plot(rows: list[Row], path: Path, reference_fd: float | None) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
 
-    def series(r: Row) -> str:
-        prefix = r.name.split(" ")[0]
-        base = f"{prefix} {r.method}" if prefix in ("MoE", "RAS") else r.method
-        return f"{base} +{r.name.split(' +', 1)[1]}" if " +" in r.name else base  # accelerators
-
-    for method in dict.fromkeys(series(r) for r in rows):
-        pts = [r for r in rows if series(r) == method]
+    for method in dict.fromkeys(plot_series(r.name) for r in rows):
+        pts = [r for r in rows if plot_series(r.name) == method]
         yerr = [r.extra.get("std", {}).get("fd") or 0.0 for r in pts]  # over the runs
         ax.errorbar([r.seconds for r in pts], [r.fd for r in pts], yerr=yerr, fmt="o-",
                     capsize=3, label=method)  # fmt: skip
@@ -268,6 +272,8 @@ def run_demo(
         moe_model = None
         if moe:  # a DiT-MoE with the same recipe, its rows appended (prefixed "MoE ")
             moe_cfg = dataclasses.replace(cfg, model=MOE_MODEL_NAME, out_dir=str(folder / "moe"))
+            if quick:  # a smoke run of the MoE path: 100 steps (its training led the quick run)
+                moe_cfg = dataclasses.replace(moe_cfg, steps=100)
             print(f"      + training {moe_cfg.model} with the same recipe (--moe)")
             t0 = time.perf_counter()
             moe_model, _ = train_digits(moe_cfg)
