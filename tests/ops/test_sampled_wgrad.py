@@ -230,3 +230,42 @@ def test_auto_rule_on_the_cpu():
         )
     with torch.device("meta"):  # fake/meta tensors: never the host-planned GEMM path
         assert not use_gemm_path(torch.empty(8, 20), torch.empty(8, 10), dense.to("meta"))
+
+
+@pytest.mark.parametrize("rows", ["all", "some"])
+def test_gemm_path_plans_once_per_indices_tensor(rows, monkeypatch):
+    """The chunk plan (host reads of the indices: a device sync per call on CUDA) is kept for
+    the same indices tensor: a second call reads nothing on the host. An in-place change of
+    the indices or another chunk size plans again, and a dead tensor's plan goes."""
+    import gc
+    import sys
+
+    module = sys.modules["adaptdiff.ops.sampled_wgrad"]
+    g, x, idx = make(9, 37, 23, 0.5, torch.float32, "cpu")
+    if rows == "some":
+        idx = _row_sparse(idx, 23)
+    want = reference.sampled_wgrad(g, x, idx)
+    torch.testing.assert_close(sampled_wgrad_gemm(g, x, idx, chunk_rows=5), want)
+
+    def no_host_reads(*args, **kwargs):
+        raise AssertionError("the indices were read on the host again")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", no_host_reads)
+        m.setattr(torch.Tensor, "nonzero", no_host_reads)
+        m.setattr(module, "_check_index_values", lambda *a: None)  # the CPU-only checks
+        torch.testing.assert_close(sampled_wgrad_gemm(g, x, idx, chunk_rows=5), want)
+        with pytest.raises(AssertionError, match="read on the host again"):
+            sampled_wgrad_gemm(g, x, idx, chunk_rows=7)  # another chunk size: a new plan
+        with torch.no_grad():  # in place: the same tensor, other entries
+            idx.copy_(torch.randperm(37 * 23)[: idx.numel()].sort().values)
+        with pytest.raises(AssertionError, match="read on the host again"):
+            sampled_wgrad_gemm(g, x, idx, chunk_rows=5)
+    torch.testing.assert_close(
+        sampled_wgrad_gemm(g, x, idx, chunk_rows=5), reference.sampled_wgrad(g, x, idx)
+    )
+    key = id(idx)
+    assert key in module._PLANS
+    del idx
+    gc.collect()
+    assert key not in module._PLANS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import reference
@@ -147,17 +149,7 @@ def sampled_wgrad_gemm(
         x = x.contiguous()
     if not (grad_out.is_contiguous() or grad_out.t().is_contiguous()):
         grad_out = grad_out.contiguous()
-    # starts[r]: the first entry of row r (indices are sorted), starts[O] = nnz.
-    bounds = torch.arange(O + 1, device=indices.device, dtype=torch.int64).mul_(I)
-    starts = torch.searchsorted(indices, bounds)
-    del bounds
-    held = (starts[1:] > starts[:-1]).nonzero().reshape(-1)  # rows holding entries
-    R = held.numel()
-    if R == O:  # every row holds entries: contiguous row blocks, views of grad_out
-        cut = starts[::c].tolist() + ([nnz] if O % c else [])
-    else:  # only the rows holding entries, gathered from grad_out's columns
-        cut = starts.index_select(0, held[::c]).tolist() + [nnz]
-    del starts
+    held, R, cut = _chunk_plan(indices, O, I, c)
     # One buffer for the chunks' positions (fresh allocations per chunk cost page faults).
     most = max(k1 - k0 for k0, k1 in zip(cut[:-1], cut[1:], strict=True))
     local = torch.empty(most, dtype=torch.int64, device=indices.device)
@@ -179,6 +171,44 @@ def sampled_wgrad_gemm(
         torch.index_select(tile.view(-1), 0, pos, out=out.narrow(0, k0, n))
         del tile
     return out
+
+
+# Chunk plans by indices tensor. Planning reads the indices on the host (on CUDA a device sync
+# per call), while SaRA's indices stay the same tensor for many steps: a plan is kept while its
+# tensor lives (dropped with it) and is used only for the same tensor at the same version (an
+# in-place change plans again) and the same shapes.
+_PLANS: dict[int, tuple] = {}
+
+
+def _chunk_plan(
+    indices: torch.Tensor, O: int, I: int, c: int
+) -> tuple[torch.Tensor, int, list[int]]:
+    """(rows holding entries, their count R, entry offsets where each chunk starts + nnz)."""
+    try:
+        version = indices._version
+    except RuntimeError:  # an inference tensor keeps no version: plan every time
+        version = None
+    key = (O, I, c, version)
+    cached = _PLANS.get(id(indices))
+    if version is not None and cached is not None and cached[0]() is indices and cached[1] == key:
+        return cached[2]
+    nnz = indices.numel()
+    # starts[r]: the first entry of row r (indices are sorted), starts[O] = nnz.
+    bounds = torch.arange(O + 1, device=indices.device, dtype=torch.int64).mul_(I)
+    starts = torch.searchsorted(indices, bounds)
+    del bounds
+    held = (starts[1:] > starts[:-1]).nonzero().reshape(-1)  # rows holding entries
+    R = held.numel()
+    if R == O:  # every row holds entries: contiguous row blocks, views of grad_out
+        cut = starts[::c].tolist() + ([nnz] if O % c else [])
+    else:  # only the rows holding entries, gathered from grad_out's columns
+        cut = starts.index_select(0, held[::c]).tolist() + [nnz]
+    plan = (held, R, cut)
+    if version is not None:
+        if cached is None or cached[0]() is not indices:
+            weakref.finalize(indices, _PLANS.pop, id(indices), None)
+        _PLANS[id(indices)] = (weakref.ref(indices), key, plan)
+    return plan
 
 
 def _check_index_values(indices: torch.Tensor, numel: int) -> None:
