@@ -44,6 +44,8 @@ ACCEL_PIPELINES_MEDIUM = "accel-pipelines-medium-cpu-2core-xeon-2026-12-03.jsonl
 ACCEL_RAS_CPU = "accel-ras-cpu-2core-xeon-2026-12-03.jsonl"
 # `adaptdiff bench moe_layer --passes both --impls adaptdiff,dit-moe-mask`, 1 and 2 threads
 MOE_LAYER_CPU = "moe-cpu-2core-xeon-2026-12-03.jsonl"
+# the same at 2 threads on the idle machine (wall clock, 5 rounds): the two-thread figures
+MOE_LAYER_CPU_IDLE = "moe-cpu-2core-xeon-idle-2threads-2026-12-03.jsonl"
 # `adaptdiff demo --moe`: mean ± std over 3 noise seeds of one trained dense and one MoE model
 DEMO = "demo-moe-seeds-cpu-2core-xeon-2026-12-03.json"
 # `adaptdiff demo --seeds 3 --noise-seeds 1`: 3 trained models, noise seed 0 each
@@ -655,6 +657,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "moe-layer-cpu": lambda: moe_layer(KERNELS_CPU),
     "moe-layer-h100": lambda: moe_layer(MODELS_H100),
     "moe-layer-cpu-passes": lambda: moe_layer_passes(MOE_LAYER_CPU),
+    "moe-layer-cpu-idle": lambda: moe_layer_passes(MOE_LAYER_CPU_IDLE),
     "sampling-h100": sampling_h100,
     "block-attention-cpu": lambda: block_attention(BLOCK_ATTENTION_CPU),
     "block-attention-headline": lambda: block_attention(
