@@ -94,7 +94,8 @@ def add_calibrate_parser(sub, load_checkpoint) -> None:
     methods = "; ".join(f"{k}: {v.help}" for k, v in sorted(CALIBRATORS.items()))
     s = sub.add_parser(
         "calibrate",
-        help="fit cache coefficients (TeaCache, MagCache) or search schedules (BAC, ECAD)",
+        help="fit an accelerator's coefficients or search its schedule "
+        f"({', '.join(sorted(CALIBRATORS))})",
         description=f"Methods: {methods}",
     )
     s.add_argument("--method", required=True, help=f"one of {sorted(CALIBRATORS)}")
