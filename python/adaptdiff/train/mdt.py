@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..samplers.parameterization import append_dims, check_prediction, target
-from ..samplers.schedules import randn
+from ..samplers.parameterization import check_prediction
+from .objectives import noised_mse
 
 __all__ = ["MDTObjective"]
 
@@ -108,21 +108,13 @@ class MDTObjective:
         return full + self.masked_weight * masked
 
     def _term(self, model, x0, t, alpha, sigma, cond, generator, ratio):
-        eps = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * eps
-        if ratio is None:
-            out = model(x_t, t, **cond)
-        else:
-            out = model(x_t, t, **cond, mask_ratio=ratio, generator=generator)
-        if out.ndim >= 2 and out.shape[1] == 2 * x0.shape[1] and out.shape[2:] == x0.shape[2:]:
-            out = out[:, : x0.shape[1]]  # learned sigma: the prediction half only
-        if out.shape != x0.shape:
-            raise ValueError(
-                f"MDTObjective: model output must have shape {tuple(x0.shape)}, "
-                f"got {tuple(out.shape)}"
-            )
-        goal = target(x0, eps, alpha, sigma, self.prediction)
-        return (out.float() - goal.float()).pow(2).reshape(x0.shape[0], -1).mean(1).mean()
+        def call(x_t):
+            if ratio is None:
+                return model(x_t, t, **cond)
+            return model(x_t, t, **cond, mask_ratio=ratio, generator=generator)
+
+        who = "MDTObjective: "
+        return noised_mse(call, x0, alpha, sigma, self.prediction, generator, who).mean()
 
     def __call__(self, model, batch) -> torch.Tensor:
         """The :class:`~adaptdiff.train.Trainer` ``loss_fn``: ``batch`` is the clean images,

@@ -28,6 +28,31 @@ def _min_snr_weight(prediction: str, gamma: float):
     return weight
 
 
+def noised_mse(
+    call: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction: str,
+    generator: torch.Generator | None = None,
+    who: str = "",
+) -> torch.Tensor:
+    """Per-sample [B] mean squared error of ``call(x_t)`` against ``prediction``'s target, with
+    eps drawn from ``generator`` and ``x_t = alpha x0 + sigma eps``. An output of twice x0's
+    channels (DiT's learned sigma) is scored on its first half. ``who`` prefixes the error."""
+    eps = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * eps
+    out = call(x_t)
+    if out.ndim >= 2 and out.shape[1] == 2 * x0.shape[1] and out.shape[2:] == x0.shape[2:]:
+        out = out[:, : x0.shape[1]]
+    if out.shape != x0.shape:
+        raise ValueError(
+            f"{who}model output must have shape {tuple(x0.shape)}, got {tuple(out.shape)}"
+        )
+    goal = target(x0, eps, alpha, sigma, prediction)
+    return (out.float() - goal.float()).pow(2).reshape(x0.shape[0], -1).mean(1)
+
+
 class DiffusionObjective:
     """Mean squared error between a model's prediction and the target of ``prediction``.
 
@@ -75,20 +100,11 @@ class DiffusionObjective:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Scalar loss of ``model`` on the clean batch ``x0`` [B, ...]."""
-        b = x0.shape[0]
-        t = self.schedule.sample_t(b, generator=generator, device=x0.device)
-        eps = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self.schedule.sample_t(x0.shape[0], generator=generator, device=x0.device)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        x_t = append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * eps
-        out = model(x_t, t, **(cond or {}))
-        if out.ndim >= 2 and out.shape[1] == 2 * x0.shape[1] and out.shape[2:] == x0.shape[2:]:
-            out = out[:, : x0.shape[1]]
-        if out.shape != x0.shape:
-            raise ValueError(
-                f"model output must have shape {tuple(x0.shape)}, got {tuple(out.shape)}"
-            )
-        goal = target(x0, eps, alpha, sigma, self.prediction)
-        per_sample = (out.float() - goal.float()).pow(2).reshape(b, -1).mean(1)
+        per_sample = noised_mse(
+            lambda x_t: model(x_t, t, **(cond or {})), x0, alpha, sigma, self.prediction, generator
+        )
         if self.loss_weighting is not None:
             per_sample = per_sample * self.loss_weighting(alpha, sigma, t).to(per_sample)
         loss = per_sample.mean()
