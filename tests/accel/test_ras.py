@@ -356,3 +356,22 @@ def test_demo_rows_make_ras_per_run_and_take_it_off_after():
     x, info = generate(model, setting, torch.arange(4) % 10)
     assert x.shape == (4, 1, 16, 16) and info["nfe"] == 6
     assert all("forward" not in b.attn.__dict__ for b in model.blocks)
+
+
+@pytest.mark.parametrize("channels, metric, warns", [(1, "std", True), (1, "l2", False),
+                                                     (4, "std", False)])  # fmt: skip
+def test_std_metric_on_one_channel_samples_warns(channels, metric, warns):
+    """'std' is the spread across channels: on one-channel samples every score is 0 and the
+    selection falls to the starvation counts, which the user is told."""
+    import warnings
+
+    model = random_dit(in_channels=channels)
+    ras = RAS(model, sample_ratio=0.5, start_step=2, metric=metric)
+    y = torch.arange(2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sample(model, (2, channels, 8, 8), method="euler", steps=4, prediction="flow",
+               cond={"y": y}, accelerators=[ras], progress=False)  # fmt: skip
+    ras.remove()
+    hits = [w for w in seen if "one-channel" in str(w.message)]
+    assert len(hits) == (1 if warns else 0), [str(w.message) for w in seen]

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -542,6 +543,15 @@ class RAS(Accelerator):
             )
         if not self._installed:
             raise RuntimeError("RAS: remove() was called; create a new RAS for this model")
+        channels = x.shape[-1] if self.sequence else x.shape[1]
+        if self.config.metric == "std" and channels == 1:
+            warnings.warn(
+                "RAS: metric 'std' is the spread across channels, 0 for one-channel samples: "
+                "every patch scores 0, so the selection falls to the starvation counts and the "
+                "tie order ('l2' scores one channel)",
+                UserWarning,
+                stacklevel=2,
+            )
         p = self.patch_size
         self.grid = (x.shape[1], 1) if self.sequence else (x.shape[2] // p, x.shape[3] // p)
         n = self.grid[0] * self.grid[1]
